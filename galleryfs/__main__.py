@@ -1,0 +1,3 @@
+from galleryfs.cli import main
+
+raise SystemExit(main())

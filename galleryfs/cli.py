@@ -1,0 +1,361 @@
+"""The `galleryfs` command line: parse, connect, call `gallery`, print."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from . import __version__, credentials, gallery
+from .credentials import Credentials
+from .errors import GalleryError, UsageError
+from .progress import Progress
+from .reference import Reference, parse, parse_model
+from .registry import ClientOptions, RegistryClient
+
+log = logging.getLogger("galleryfs")
+T = TypeVar("T")
+
+
+def _connection_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("registry connection")
+    g.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
+    g.add_argument("--ca-file", metavar="PEM", help="trust this CA bundle for the registry's TLS")
+    g.add_argument("--username", "-u", help="registry user name (with --password-stdin)")
+    g.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    g.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give up on an unresponsive registry after this long (default 30)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="log what happens, to stderr")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    conn = _connection_parent()
+    parser = argparse.ArgumentParser(
+        prog="galleryfs",
+        description="A model gallery in an OCI registry: push, pull, list, and mount models.",
+        epilog="References look like HOST[:PORT]/GALLERY/MODEL[:TAG|@sha256:DIGEST].",
+    )
+    parser.add_argument("--version", action="version", version=f"galleryfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("push", parents=[conn], help="push a model directory as a revision")
+    p.add_argument("directory", type=Path)
+    p.add_argument("ref", metavar="REF", help="HOST/GALLERY/MODEL[:TAG] (tag defaults to latest)")
+    p.add_argument("--annotation", "-a", action="append", default=[], metavar="KEY=VALUE",
+                   help="annotate the revision (repeatable)")
+    p.add_argument("--created", metavar="TIMESTAMP",
+                   help="record a creation time (RFC 3339); off by default so pushes are reproducible")
+
+    p = sub.add_parser("pull", parents=[conn], help="download a revision into a new directory")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("directory", type=Path)
+
+    p = sub.add_parser("ls", parents=[conn], help="list galleries, models or revisions")
+    p.add_argument("ref", metavar="HOST[/GALLERY[/MODEL]]")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("tag", parents=[conn], help="add tags to a revision")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("tags", nargs="+", metavar="NEWTAG")
+
+    p = sub.add_parser("inspect", parents=[conn], help="show a revision as JSON")
+    p.add_argument("ref", metavar="REF")
+
+    p = sub.add_parser("rm", parents=[conn], help="remove a tag (REF:TAG) or a revision (REF@DIGEST)")
+    p.add_argument("ref", metavar="REF")
+
+    p = sub.add_parser("cp", parents=[conn], help="copy or promote a revision to another model or gallery")
+    p.add_argument("source", metavar="SRC_REF")
+    p.add_argument("target", metavar="DST_REF")
+
+    p = sub.add_parser("login", parents=[conn], help="store credentials for a registry (mode 0600)")
+    p.add_argument("host", metavar="HOST")
+
+    p = sub.add_parser("logout", parents=[conn], help="forget stored credentials for a registry")
+    p.add_argument("host", metavar="HOST")
+
+    p = sub.add_parser("mount", parents=[conn], help="mount a registry as a read-only file system")
+    p.add_argument("source", metavar="HOST[/GALLERY[/MODEL]]")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--cache-dir", metavar="DIR", help="disk cache (default ~/.cache/galleryfs)")
+    p.add_argument("--cache-size", default="10G", metavar="SIZE", help="disk cache bound (default 10G)")
+    p.add_argument("--refresh", type=float, default=30.0, metavar="SECONDS",
+                   help="how long listings and tags are trusted (default 30)")
+    p.add_argument("--chunk-size", default="4M", metavar="SIZE", help="range request size (default 4M)")
+
+    p = sub.add_parser("unmount", help="unmount a galleryfs mount")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r}: use e.g. 512M or 10G") from None
+    if value <= 0:
+        raise UsageError(f"invalid size {text!r}: must be positive")
+    return int(value * units[unit])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _credentials(args: argparse.Namespace, host: str) -> Credentials | None:
+    if args.password_stdin:
+        if not args.username:
+            raise UsageError("--password-stdin needs --username")
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise UsageError("no password on standard input")
+        return Credentials(args.username, password)
+    if args.username:
+        raise UsageError("--username needs --password-stdin (passwords are never taken as arguments)")
+    return credentials.lookup(host)
+
+
+def options_for(args: argparse.Namespace, host: str, creds: Credentials | None = None) -> ClientOptions:
+    if args.ca_file and not Path(args.ca_file).is_file():
+        raise UsageError(f"--ca-file {args.ca_file}: no such file")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    return ClientOptions(plain_http=args.plain_http, ca_file=args.ca_file,
+                         credentials=creds if creds is not None else _credentials(args, host),
+                         timeout=args.timeout)
+
+
+def _progress(args: argparse.Namespace) -> gallery.ProgressFactory:
+    return lambda total, label: Progress(total, label, quiet=args.quiet)
+
+
+async def _with_client(args: argparse.Namespace, ref: Reference,
+                       fn: Callable[[RegistryClient], Awaitable[T]]) -> T:
+    async with RegistryClient(ref.host, options_for(args, ref.host)) as client:
+        return await fn(client)
+
+
+def _annotations(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--annotation {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    ref = parse_model(args.ref)
+    annotations = _annotations(args.annotation)
+    result = trio.run(_with_client, args, ref, lambda c: gallery.push(
+        c, args.directory, ref, annotations=annotations, created=args.created,
+        progress=_progress(args)))
+    print(f"pushed {ref.host}/{ref.repository}@{result.digest} as :{result.tags[0]}")
+    print(f"  {len(result.uploaded)} uploaded ({human(result.bytes_uploaded)}), "
+          f"{len(result.mounted)} mounted from another model, {len(result.existing)} already there")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    ref = parse_model(args.ref)
+    revision = trio.run(_with_client, args, ref, lambda c: gallery.pull(
+        c, ref, args.directory, progress=_progress(args)))
+    print(f"pulled {ref.repository}@{revision.digest} into {args.directory} "
+          f"({len(revision.files)} files, {human(revision.size)})")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    ref = parse(args.ref)
+    if ref.tag or ref.digest:
+        raise UsageError("ls takes HOST, HOST/GALLERY or HOST/GALLERY/MODEL (no tag or digest)")
+
+    async def run(client: RegistryClient) -> object:
+        if not ref.repository:
+            return ("galleries", await gallery.list_galleries(client))
+        if "/" in ref.repository:
+            try:
+                return ("revisions", await gallery.list_revisions(client, ref.repository))
+            except GalleryError as exc:
+                if getattr(exc, "status", None) != 404:
+                    raise
+        models = await gallery.list_models(client, ref.repository)
+        if not models:
+            raise GalleryError(f"{ref}: no such gallery or model")
+        return ("models", models)
+
+    kind, data = trio.run(_with_client, args, ref, run)  # type: ignore[misc]
+    if kind == "galleries":
+        rows = [{"gallery": g, "models": n} for g, n in data.items()]
+        _table(args, rows, ["gallery", "models"])
+    elif kind == "models":
+        rows = [{"model": m.split("/", 1)[1]} for m in data]
+        _table(args, rows, ["model"])
+    else:
+        rows = [{"digest": r.digest, "tags": ",".join(r.tags), "size": r.size,
+                 "files": r.files, "created": r.created or "-"} for r in data]
+        if args.json:
+            _table(args, rows, [])
+        else:
+            _table(args, [{**r, "size": human(r["size"])} for r in rows],
+                   ["digest", "tags", "size", "files", "created"])
+    return 0
+
+
+def _table(args: argparse.Namespace, rows: list[dict], columns: list[str]) -> None:
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in columns).rstrip())
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    ref = parse_model(args.ref)
+    digest = trio.run(_with_client, args, ref, lambda c: gallery.tag(c, ref, args.tags))
+    print(f"tagged {ref.repository}@{digest} as {', '.join(args.tags)}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ref = parse_model(args.ref)
+    info = trio.run(_with_client, args, ref, lambda c: gallery.inspect(c, ref))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    ref = parse_model(args.ref)
+    message = trio.run(_with_client, args, ref, lambda c: gallery.remove(c, ref))
+    print(f"{ref}: {message}")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    src, dst = parse_model(args.source), parse_model(args.target)
+
+    async def run() -> str:
+        async with RegistryClient(src.host, options_for(args, src.host)) as s:
+            if dst.host == src.host:
+                return await gallery.copy(s, src, s, dst, _progress(args))
+            async with RegistryClient(dst.host, options_for(args, dst.host)) as d:
+                return await gallery.copy(s, src, d, dst, _progress(args))
+
+    digest = trio.run(run)
+    print(f"copied {src} to {dst.host}/{dst.repository}:{dst.tag or src.tag or gallery.DEFAULT_TAG} "
+          f"({digest})")
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    ref = parse(args.host)
+    if ref.repository:
+        raise UsageError("login takes a registry host, e.g. registry.example.com")
+    if args.password_stdin:
+        creds = _credentials(args, ref.host)
+    else:
+        if not sys.stdin.isatty():
+            raise UsageError("no terminal to ask for a password: use --username and --password-stdin")
+        user = args.username or input("Username: ")
+        creds = Credentials(user, getpass.getpass("Password: "))
+    assert creds is not None
+    # Check the credentials before storing them: a typo should not be saved.
+    trio.run(_ping, options_for(args, ref.host, creds), ref.host)
+    path = credentials.save(ref.host, creds)
+    print(f"login succeeded; credentials for {ref.host} stored in {path}")
+    return 0
+
+
+async def _ping(options: ClientOptions, host: str) -> None:
+    async with RegistryClient(host, options) as client:
+        await client.ping()
+        # A registry with token auth answers /v2/ only once a token was granted.
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    ref = parse(args.host)
+    if credentials.remove(ref.host):
+        print(f"removed credentials for {ref.host}")
+    else:
+        print(f"no stored credentials for {ref.host}")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import mount_main  # pyfuse3 is only needed for mounting
+
+    ref = parse(args.source)
+    if ref.tag or ref.digest:
+        raise UsageError("mount takes HOST, HOST/GALLERY or HOST/GALLERY/MODEL (no tag or digest)")
+    return mount_main(
+        args.source, str(args.mountpoint), foreground=args.foreground,
+        options=options_for(args, ref.host), cache_dir=args.cache_dir,
+        cache_size=parse_size(args.cache_size), refresh=args.refresh,
+        chunk_size=parse_size(args.chunk_size), debug=args.debug,
+    )
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from .mount import unmount_main
+
+    return unmount_main(str(args.mountpoint))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "push": cmd_push, "pull": cmd_pull, "ls": cmd_ls, "tag": cmd_tag, "inspect": cmd_inspect,
+    "rm": cmd_rm, "cp": cmd_cp, "login": cmd_login, "logout": cmd_logout,
+    "mount": cmd_mount, "unmount": cmd_unmount,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="galleryfs: %(levelname)s: %(name)s: %(message)s" if args.debug
+        else "galleryfs: %(levelname)s: %(message)s",
+    )
+    if not args.debug:
+        # httpx logs every request at INFO, with URLs: keep them out unless asked for.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except GalleryError as exc:
+        print(f"galleryfs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("galleryfs: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        # A local file problem (disk full, permission denied) is the user's to fix, not a crash.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"galleryfs: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1

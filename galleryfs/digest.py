@@ -1,0 +1,72 @@
+"""Content digests: validation before use, hashing while streaming."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .errors import DigestMismatch, InvalidReference
+
+# Only sha256 and sha512 are registered in the OCI image spec; anything else is refused
+# before it reaches a URL or a cache path, so a hostile manifest cannot steer either.
+_HEX_LEN = {"sha256": 64, "sha512": 128}
+_HEX = re.compile(r"^[a-f0-9]+$")
+
+
+def validate(digest: str) -> str:
+    algo, sep, hexpart = digest.partition(":")
+    if not sep or algo not in _HEX_LEN:
+        raise InvalidReference(f"unsupported digest {digest!r}: expected sha256:<64 hex>")
+    if len(hexpart) != _HEX_LEN[algo] or not _HEX.match(hexpart):
+        raise InvalidReference(f"malformed digest {digest!r}")
+    return digest
+
+
+def is_digest(text: str) -> bool:
+    try:
+        validate(text)
+    except InvalidReference:
+        return False
+    return True
+
+
+def of_bytes(data: bytes, algo: str = "sha256") -> str:
+    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+
+
+class Verifier:
+    """Hashes a stream as it passes and checks it against the expected digest."""
+
+    def __init__(self, digest: str, size: int | None = None) -> None:
+        self.digest = validate(digest)
+        self.algo = digest.split(":", 1)[0]
+        self.size = size
+        self._hash = hashlib.new(self.algo)
+        self.count = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.count += len(chunk)
+        if self.size is not None and self.count > self.size:
+            raise DigestMismatch(
+                f"{self.digest}: more than the expected {self.size} bytes received"
+            )
+        self._hash.update(chunk)
+
+    def check(self) -> None:
+        if self.size is not None and self.count != self.size:
+            raise DigestMismatch(
+                f"{self.digest}: got {self.count} bytes, expected {self.size}"
+            )
+        got = f"{self.algo}:{self._hash.hexdigest()}"
+        if got != self.digest:
+            raise DigestMismatch(f"content does not match its digest {self.digest} (got {got})")
+
+
+def file_digest(path: str, algo: str = "sha256") -> tuple[str, int]:
+    h = hashlib.new(algo)
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return f"{algo}:{h.hexdigest()}", size

@@ -1,0 +1,59 @@
+"""The galleryfs exception hierarchy.
+
+    GalleryError                  anything the CLI reports as a one-line error
+    ├── UsageError                bad input from the user (reference, path, option)
+    ├── InvalidReference          an unparseable reference or digest
+    ├── RegistryError             the registry answered, but not as hoped
+    │   ├── AuthError             401/403: credentials missing or wrong
+    │   ├── NotFound              404: unknown gallery, model, tag, blob
+    │   └── TooLarge              a manifest over the cap, a blob over its descriptor
+    ├── RegistryUnavailable       no answer: connection refused, TLS failure, timeout
+    ├── DigestMismatch            bytes that do not hash to the digest that named them
+    └── UnsupportedContent        a layer or manifest kind galleryfs cannot serve yet
+"""
+
+from __future__ import annotations
+
+
+class GalleryError(Exception):
+    """An error the user can act on; the CLI prints it on one line."""
+
+    exit_code = 1
+
+
+class UsageError(GalleryError):
+    exit_code = 2
+
+
+class InvalidReference(UsageError):
+    pass
+
+
+class RegistryError(GalleryError):
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthError(RegistryError):
+    pass
+
+
+class NotFound(RegistryError):
+    pass
+
+
+class TooLarge(RegistryError):
+    pass
+
+
+class RegistryUnavailable(GalleryError):
+    pass
+
+
+class DigestMismatch(GalleryError):
+    pass
+
+
+class UnsupportedContent(GalleryError):
+    pass

@@ -1,0 +1,203 @@
+"""The model-revision format: CNCF ModelPack manifests, written and read.
+
+Writing: one raw layer per file, sorted by path, no timestamps unless asked for, so the
+same files always give the same manifest digest (one revision per model content).
+Reading: ModelPack (and the older `vnd.cnai` names), and ORAS-style artifacts whose
+files are named by `org.opencontainers.image.title`. Paths from a manifest are treated
+as hostile: anything that could leave the revision folder is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from dataclasses import dataclass, field
+
+from . import digest as digests
+from .errors import UnsupportedContent
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_TYPE = "application/vnd.cncf.model.manifest.v1+json"
+CONFIG_TYPE = "application/vnd.cncf.model.config.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+ANNOTATION_FILEPATH = "org.cncf.model.filepath"
+ANNOTATION_TITLE = "org.opencontainers.image.title"
+ANNOTATION_CREATED = "org.opencontainers.image.created"
+KINDS = ("weight", "weight.config", "doc", "code", "dataset")
+
+# Larger than any model file we can imagine (1 PiB); a descriptor above it is hostile.
+MAX_LAYER_SIZE = 1 << 50
+MAX_PATH = 4096
+MAX_CONFIG_SIZE = 4 << 20
+
+_WEIGHT_EXT = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ggml", ".onnx", ".h5",
+               ".msgpack", ".ckpt", ".pkl", ".npz", ".tflite", ".mlmodel", ".pb"}
+_CODE_EXT = {".py", ".sh", ".ipynb", ".js", ".ts", ".c", ".cpp", ".cu", ".go", ".rs"}
+_DATA_EXT = {".csv", ".tsv", ".parquet", ".jsonl", ".arrow"}
+_DOC_EXT = {".md", ".rst", ".pdf", ".html"}
+_DOC_NAMES = {"readme", "license", "licence", "notice", "copying", "authors", "citation"}
+
+
+def layer_kind(path: str) -> str:
+    name = posixpath.basename(path).lower()
+    stem, ext = posixpath.splitext(name)
+    if ext in _WEIGHT_EXT:
+        return "weight"
+    if ext in _CODE_EXT:
+        return "code"
+    if ext in _DATA_EXT:
+        return "dataset"
+    if ext in _DOC_EXT or stem in _DOC_NAMES or name.startswith("."):
+        return "doc"
+    # Configs, tokenizers, vocabularies: what a loader reads beside the weights.
+    return "weight.config"
+
+
+def layer_media_type(kind: str) -> str:
+    return f"application/vnd.cncf.model.{kind}.v1.raw"
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out: dict = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            out["annotations"] = dict(sorted(self.annotations.items()))
+        return out
+
+
+def dumps(obj: object) -> bytes:
+    """Canonical JSON: the bytes, and so the digest, depend only on the content."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def build_manifest(config: Descriptor, layers: list[Descriptor],
+                   annotations: dict[str, str] | None = None) -> bytes:
+    manifest: dict = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": config.to_json(),
+        "layers": [layer.to_json() for layer in layers],
+    }
+    if annotations:
+        manifest["annotations"] = dict(sorted(annotations.items()))
+    return dumps(manifest)
+
+
+# ---- reading ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RevisionFile:
+    """One file of a revision, as the manifest describes it."""
+
+    path: str
+    digest: str
+    size: int
+    media_type: str
+    servable: bool = True
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Revision:
+    digest: str
+    manifest: dict
+    files: tuple[RevisionFile, ...]
+    skipped: tuple[str, ...]  # why layers were left out, one line each
+
+    @property
+    def config_descriptor(self) -> dict:
+        return self.manifest.get("config") or {}
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return self.manifest.get("annotations") or {}
+
+    @property
+    def created(self) -> str | None:
+        return self.annotations.get(ANNOTATION_CREATED)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def safe_path(raw: object) -> str | None:
+    """A relative POSIX path that stays inside the revision folder, or None."""
+    if not isinstance(raw, str) or not raw or len(raw) > MAX_PATH or "\x00" in raw:
+        return None
+    if raw.startswith("/") or "\\" in raw:
+        return None
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        return None
+    return "/".join(parts)
+
+
+def _is_tar(media_type: str) -> bool:
+    # ModelPack .tar/.tar+gzip, ORAS folders (tar+gzip), Docker rootfs (tar.gzip), KitOps.
+    return ".tar" in media_type or media_type.endswith(("+gzip", "+zstd", ".gzip", ".zstd"))
+
+
+def parse_manifest(digest: str, body: bytes, media_type: str = "") -> Revision:
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        raise UnsupportedContent(f"{digest}: manifest is not JSON") from None
+    if not isinstance(manifest, dict):
+        raise UnsupportedContent(f"{digest}: manifest is not a JSON object")
+    kind = manifest.get("mediaType") or media_type
+    if "index" in kind or "manifest.list" in kind or "manifests" in manifest:
+        raise UnsupportedContent(f"{digest}: is an index of several manifests, not a model revision")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise UnsupportedContent(f"{digest}: manifest has no layers")
+    files: list[RevisionFile] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict):
+            skipped.append(f"layer {i}: not an object")
+            continue
+        annotations = layer.get("annotations") or {}
+        raw_path = annotations.get(ANNOTATION_FILEPATH) or annotations.get(ANNOTATION_TITLE)
+        layer_digest = layer.get("digest")
+        size = layer.get("size")
+        layer_type = str(layer.get("mediaType") or "")
+        if not isinstance(layer_digest, str) or not digests.is_digest(layer_digest):
+            skipped.append(f"layer {i}: invalid digest")
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_LAYER_SIZE:
+            skipped.append(f"layer {i}: invalid size {size!r}")
+            continue
+        if raw_path is None:
+            # Unnamed layers (a container image, say) still show, named by digest.
+            raw_path = layer_digest.replace(":", "-")
+        path = safe_path(raw_path)
+        if path is None:
+            skipped.append(f"layer {i}: unsafe path {str(raw_path)[:100]!r}")
+            continue
+        if path in seen:
+            skipped.append(f"layer {i}: duplicate path {path!r}")
+            continue
+        if any(path.startswith(other + "/") or other.startswith(path + "/") for other in seen):
+            skipped.append(f"layer {i}: path {path!r} clashes with a folder of another file")
+            continue
+        seen.add(path)
+        if _is_tar(layer_type):
+            files.append(RevisionFile(path, layer_digest, size, layer_type, False,
+                                      f"packed layer ({layer_type}) is not supported yet"))
+        else:
+            files.append(RevisionFile(path, layer_digest, size, layer_type))
+    for line in skipped:
+        log.warning("%s: %s", digest, line)
+    return Revision(digest, manifest, tuple(files), tuple(skipped))

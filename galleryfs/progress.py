@@ -1,0 +1,25 @@
+"""Byte progress on a terminal (tqdm), silent otherwise."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+
+class Progress:
+    def __init__(self, total: int, label: str, quiet: bool = False) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+        self._bar: Any = None
+        if self.enabled:
+            self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True,
+                             unit_divisor=1024, file=sys.stderr, leave=False)
+
+    def __call__(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
