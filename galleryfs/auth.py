@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import trio
 
 from .credentials import Credentials
 
@@ -52,6 +53,19 @@ def scope_for(request: httpx.Request) -> str:
     return " ".join(scopes)
 
 
+def _token_from(response: httpx.Response) -> tuple[str, float] | None:
+    if response.status_code != 200:
+        log.debug("token service answered %s", response.status_code)
+        return None
+    try:
+        body = response.json()
+        token = body.get("token") or body.get("access_token")
+        expires_in = float(body.get("expires_in") or 60)
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return (token, expires_in) if isinstance(token, str) and token else None
+
+
 class TokenCache:
     def __init__(self) -> None:
         self._tokens: dict[str, tuple[str, float]] = {}
@@ -73,6 +87,7 @@ class RegistryAuth(httpx.Auth):
         self.tokens = TokenCache()
         self.scheme: str | None = None  # learned from the first challenge
         self.token_requests = 0
+        self._locks: dict[str, trio.Lock] = {}
 
     def _basic(self) -> str | None:
         if not self.credentials:
@@ -100,26 +115,23 @@ class RegistryAuth(httpx.Auth):
             want = scope or params.get("scope", "")
             if params.get("scope") and params["scope"] not in want.split(" "):
                 want = f"{want} {params['scope']}".strip()
-            token_request = self._token_request(params, want)
-            token_response = yield token_request
-            await token_response.aread()
-            self.token_requests += 1
-            if token_response.status_code != 200:
-                log.debug("token service answered %s", token_response.status_code)
-                return  # the original 401 stands
-            try:
-                body = token_response.json()
-                token = body.get("token") or body.get("access_token")
-                expires_in = float(body.get("expires_in") or 60)
-            except (ValueError, AttributeError):
-                return
-            if not token:
-                return
-            self.tokens.put(scope, token, expires_in)
+            # Concurrent requests of one scope share one token fetch. The lock is held
+            # across the yield: httpx drives this flow in the requesting task, so the
+            # owner is the task that took it.
+            async with self._locks.setdefault(scope, trio.Lock()):
+                token = self.tokens.get(scope)
+                if token is None or request.headers.get("authorization") == f"Bearer {token}":
+                    token_response = yield self._token_request(params, want)
+                    await token_response.aread()
+                    self.token_requests += 1
+                    token = _token_from(token_response)
+                    if token is None:
+                        return  # the original 401 stands
+                    self.tokens.put(scope, token[0], token[1])
+                    token = token[0]
             request.headers["Authorization"] = f"Bearer {token}"
         else:
             return
-        await response.aclose()
         yield request
 
     def _attach(self, request: httpx.Request, scope: str) -> None:

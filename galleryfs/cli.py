@@ -347,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         # httpx logs every request at INFO, with URLs: keep them out unless asked for.
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        except BaseExceptionGroup as group:
+            # Concurrent transfers run in trio nurseries, which group their failures; the
+            # user needs the first real cause, once.
+            raise _first_leaf(group) from None
     except GalleryError as exc:
         print(f"galleryfs: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -359,3 +364,21 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"galleryfs: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for preferred in (GalleryError, KeyboardInterrupt, OSError):
+        for leaf in leaves:
+            if isinstance(leaf, preferred):
+                return leaf
+    return leaves[0] if leaves else group

@@ -148,6 +148,16 @@ def _is_tar(media_type: str) -> bool:
     return ".tar" in media_type or media_type.endswith(("+gzip", "+zstd", ".gzip", ".zstd"))
 
 
+ORAS_UNPACK = "io.deis.oras.content.unpack"
+
+
+def _oras_plain_file(media_type: str, annotations: dict) -> bool:
+    # ORAS gives single files its default type `...layer.v1.tar` although the blob is the
+    # file itself; only folders are real archives, and those it marks for unpacking.
+    return (media_type == "application/vnd.oci.image.layer.v1.tar"
+            and ANNOTATION_TITLE in annotations and ORAS_UNPACK not in annotations)
+
+
 def parse_manifest(digest: str, body: bytes, media_type: str = "") -> Revision:
     try:
         manifest = json.loads(body)
@@ -193,7 +203,7 @@ def parse_manifest(digest: str, body: bytes, media_type: str = "") -> Revision:
             skipped.append(f"layer {i}: path {path!r} clashes with a folder of another file")
             continue
         seen.add(path)
-        if _is_tar(layer_type):
+        if _is_tar(layer_type) and not _oras_plain_file(layer_type, annotations):
             files.append(RevisionFile(path, layer_digest, size, layer_type, False,
                                       f"packed layer ({layer_type}) is not supported yet"))
         else:

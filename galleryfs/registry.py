@@ -456,14 +456,23 @@ class RegistryClient:
 # ---- helpers ---------------------------------------------------------------------------
 
 
+def _causes(exc: BaseException) -> str:
+    parts = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 6:
+        parts.append(f"{type(seen).__name__} {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return " ".join(parts)
+
+
 def _unavailable(host: str, exc: Exception) -> RegistryUnavailable:
-    if isinstance(exc, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+    if isinstance(exc, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in _causes(exc):
         return RegistryUnavailable(
             f"{host}: TLS certificate not trusted (use --ca-file, or --plain-http for HTTP registries)")
     if isinstance(exc, httpx.TimeoutException):
         return RegistryUnavailable(f"{host}: registry did not answer in time")
     reason = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectError) and not str(exc):
+    if isinstance(exc, httpx.ConnectError) and "SSL" in _causes(exc):
         # An HTTPS handshake against a plain-HTTP registry fails without a message.
         reason += " (TLS handshake failed: if the registry speaks plain HTTP, use --plain-http)"
     return RegistryUnavailable(f"cannot reach registry {host}: {reason}")

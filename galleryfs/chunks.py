@@ -1,0 +1,331 @@
+"""Chunked, cached, read-ahead reads of registry blobs. No FUSE here.
+
+A blob is read in fixed-size aligned chunks (Range requests). A chunk comes from, in
+order: the in-memory LRU (bounded in bytes), a fetch already in flight (two readers of
+one chunk cause one request), the disk cache, the registry. Every network fetch is
+bounded in time, so a dead registry turns into an error, not a hang.
+
+`BlobHandle` is one open file: it watches the access pattern and, when reads are
+sequential, fetches ahead in a window that starts at one chunk and doubles up to a cap
+for every chunk consumed. Kernel readahead and mmap faults arrive slightly out of
+order, so a forward skip of up to `SEQ_FORWARD` or a step back of up to `SEQ_BACK`
+does not break a stream. Random access fetches only what is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import cachetools
+import trio
+
+from .diskcache import DiskCache
+from .errors import DigestMismatch, RegistryUnavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 4 << 20
+DEFAULT_MEMORY = 256 << 20
+WINDOW_CAP = 64 << 20
+SEQ_FORWARD = 16 << 20
+SEQ_BACK = 1 << 20
+
+# (repo, digest, start, end) -> exactly bytes [start, end)
+Fetcher = Callable[[str, str, int, int], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    repo: str
+    digest: str
+    size: int
+
+
+@dataclass
+class ChunkStats:
+    memory_hits: int = 0
+    memory_misses: int = 0
+    disk_hits: int = 0
+    disk_misses: int = 0
+    fetches: int = 0
+    fetched_bytes: int = 0
+    coalesced: int = 0
+    prefetches: int = 0
+    digest_failures: int = 0
+
+
+class _Cancelled(Exception):
+    """The fetch a reader waited on was cancelled (a closed file's prefetch)."""
+
+
+@dataclass
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+class ChunkReader:
+    def __init__(
+        self,
+        fetch: Fetcher,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        memory_bytes: int = DEFAULT_MEMORY,
+        disk: DiskCache | None = None,
+        fetch_timeout: float = 60.0,
+        prefetch_concurrency: int = 4,
+        window_cap: int = WINDOW_CAP,
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk size must be positive")
+        if disk is not None and disk.chunk_size != chunk_size:
+            raise ValueError("disk cache and reader disagree on the chunk size")
+        self.fetch = fetch
+        self.chunk_size = chunk_size
+        self.memory: cachetools.LRUCache[tuple[str, int], bytes] = cachetools.LRUCache(
+            maxsize=memory_bytes, getsizeof=len)
+        self.disk = disk
+        self.fetch_timeout = fetch_timeout
+        self.window_cap = window_cap
+        self.prefetch_limiter = trio.CapacityLimiter(prefetch_concurrency)
+        self.stats = ChunkStats()
+        self._flights: dict[tuple[str, int], _Flight] = {}
+        self._handles: weakref.WeakSet[BlobHandle] = weakref.WeakSet()
+
+    def nchunks(self, blob: BlobRef) -> int:
+        return math.ceil(blob.size / self.chunk_size)
+
+    def cached_in_memory(self, blob: BlobRef, index: int) -> bool:
+        return (blob.digest, index) in self.memory
+
+    def in_flight(self, blob: BlobRef, index: int) -> bool:
+        return (blob.digest, index) in self._flights
+
+    async def chunk(self, blob: BlobRef, index: int) -> bytes:
+        key = (blob.digest, index)
+        while True:
+            data = self.memory.get(key)
+            if data is not None:
+                self.stats.memory_hits += 1
+                return data
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            self.stats.coalesced += 1
+            await flight.done.wait()
+            if flight.data is not None:
+                return flight.data
+            if not isinstance(flight.error, _Cancelled):
+                assert flight.error is not None
+                raise flight.error
+            # The owner was a cancelled prefetch: try again, as owner this time.
+        self.stats.memory_misses += 1
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            data = await self._load(blob, index)
+        except trio.Cancelled:
+            flight.error = _Cancelled()
+            raise
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            flight.data = data
+            try:
+                self.memory[key] = data
+            except ValueError:  # a chunk larger than the whole memory budget
+                pass
+            return data
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+    async def _load(self, blob: BlobRef, index: int) -> bytes:
+        start = index * self.chunk_size
+        end = min(blob.size, start + self.chunk_size)
+        disk = self.disk if self.disk is not None and DiskCache.cacheable(blob.digest) else None
+        if disk is not None:
+            try:
+                data = await trio.to_thread.run_sync(
+                    disk.read_chunk, blob.digest, blob.size, index)
+            except DigestMismatch:
+                self.stats.digest_failures += 1
+                raise
+            except OSError as exc:
+                log.warning("disk cache read of %s failed (%s); fetching", blob.digest, exc)
+                data = None
+            if data is not None:
+                self.stats.disk_hits += 1
+                return data
+            self.stats.disk_misses += 1
+        with trio.move_on_after(self.fetch_timeout) as scope:
+            data = await self.fetch(blob.repo, blob.digest, start, end)
+        if scope.cancelled_caught:
+            raise RegistryUnavailable(
+                f"{blob.repo}@{blob.digest}: no data within {self.fetch_timeout:g}s")
+        if len(data) != end - start:
+            raise RegistryUnavailable(
+                f"{blob.repo}@{blob.digest}: got {len(data)} bytes for a {end - start} byte range")
+        self.stats.fetches += 1
+        self.stats.fetched_bytes += len(data)
+        if disk is not None:
+            try:
+                await trio.to_thread.run_sync(
+                    disk.write_chunk, blob.digest, blob.size, index, data)
+            except DigestMismatch:
+                self.stats.digest_failures += 1
+                self._forget_memory(blob)
+                raise
+            except OSError as exc:
+                # A full or broken cache disk costs refetches, not reads.
+                log.warning("disk cache write of %s failed: %s", blob.digest, exc)
+        return data
+
+    def _forget_memory(self, blob: BlobRef) -> None:
+        for i in range(self.nchunks(blob)):
+            self.memory.pop((blob.digest, i), None)
+
+    async def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the blob, short only at its end."""
+        end = min(blob.size, offset + size)
+        if offset >= end:
+            return b""
+        first = offset // self.chunk_size
+        last = (end - 1) // self.chunk_size
+        if first == last:
+            chunks = [await self.chunk(blob, first)]
+        else:
+            found: dict[int, bytes] = {}
+
+            async def get(i: int) -> None:
+                found[i] = await self.chunk(blob, i)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(first, last + 1):
+                    nursery.start_soon(get, i)
+            chunks = [found[i] for i in range(first, last + 1)]
+        data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+        skip = offset - first * self.chunk_size
+        return data[skip: skip + end - offset]
+
+    def open(self, blob: BlobRef, nursery: trio.Nursery | None) -> BlobHandle:
+        handle = BlobHandle(self, blob, nursery)
+        self._handles.add(handle)
+        if self.disk is not None and DiskCache.cacheable(blob.digest):
+            self.disk.pin(blob.digest)
+        return handle
+
+    def windows(self) -> list[int]:
+        """The read-ahead window of every open handle, in bytes."""
+        return sorted((h.readahead.window for h in self._handles if not h.closed),
+                      reverse=True)
+
+    def snapshot(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.stats.__dict__)
+        out["memory_bytes"] = self.memory.currsize
+        out["memory_limit"] = self.memory.maxsize
+        out["in_flight"] = len(self._flights)
+        out["readahead_windows"] = self.windows()
+        if self.disk is not None:
+            out["disk_bytes"] = self.disk.used_bytes
+            out["disk_limit"] = self.disk.max_bytes
+            out["disk_evictions"] = self.disk.evictions
+        return out
+
+
+class ReadAhead:
+    """Sequential-access detection and window sizing for one open file (pure logic)."""
+
+    def __init__(self, chunk_size: int, cap: int = WINDOW_CAP) -> None:
+        self.chunk_size = chunk_size
+        self.cap = max(cap, chunk_size)
+        self.window = 0
+        self.last_end: int | None = None
+        self._grow_mark = -1  # chunk index where the window last grew
+
+    def observe(self, offset: int, size: int) -> int:
+        """Record a read; return the window to keep fetched beyond its end."""
+        end = offset + size
+        if self.last_end is not None and (
+                self.last_end - SEQ_BACK <= offset <= self.last_end + SEQ_FORWARD):
+            chunk = end // self.chunk_size
+            if self.window == 0:
+                self.window = self.chunk_size
+                self._grow_mark = chunk
+            elif chunk > self._grow_mark:
+                self.window = min(self.cap, self.window * 2)
+                self._grow_mark = chunk
+            self.last_end = max(self.last_end, end)
+        else:
+            # First read, or a jump: fetch only what is asked until a stream shows.
+            self.window = 0
+            self.last_end = end
+        return self.window
+
+
+class BlobHandle:
+    """One open file: reads through the ChunkReader, prefetching when sequential."""
+
+    def __init__(self, reader: ChunkReader, blob: BlobRef, nursery: trio.Nursery | None) -> None:
+        self.reader = reader
+        self.blob = blob
+        self.nursery = nursery
+        self.readahead = ReadAhead(reader.chunk_size, reader.window_cap)
+        self.closed = False
+        self._scopes: set[trio.CancelScope] = set()
+        self._scheduled: set[int] = set()
+
+    async def read(self, offset: int, size: int) -> bytes:
+        window = self.readahead.observe(offset, size)
+        data = await self.reader.read(self.blob, offset, size)
+        if window and self.nursery is not None and not self.closed:
+            self._schedule(offset + len(data), window)
+        return data
+
+    def _schedule(self, pos: int, window: int) -> None:
+        reader = self.reader
+        first = pos // reader.chunk_size
+        last = min(reader.nchunks(self.blob) - 1, (pos + window - 1) // reader.chunk_size)
+        # Forget what lies behind the stream so the set stays small.
+        self._scheduled = {i for i in self._scheduled if i >= first}
+        for i in range(first, last + 1):
+            if (i in self._scheduled or reader.cached_in_memory(self.blob, i)
+                    or reader.in_flight(self.blob, i)):
+                continue
+            self._scheduled.add(i)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._prefetch, i)
+
+    async def _prefetch(self, index: int) -> None:
+        if self.closed:
+            return
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                async with self.reader.prefetch_limiter:
+                    if self.reader.cached_in_memory(self.blob, index):
+                        return
+                    self.reader.stats.prefetches += 1
+                    await self.reader.chunk(self.blob, index)
+            except Exception as exc:  # noqa: BLE001 - never let a prefetch end the mount
+                # The foreground read of this chunk will fetch and report it.
+                log.debug("prefetch of %s chunk %d failed: %s", self.blob.digest, index, exc)
+            finally:
+                self._scopes.discard(scope)
+                self._scheduled.discard(index)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for scope in list(self._scopes):
+            scope.cancel()
+        disk = self.reader.disk
+        if disk is not None and DiskCache.cacheable(self.blob.digest):
+            disk.unpin(self.blob.digest)

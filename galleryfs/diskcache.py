@@ -1,0 +1,307 @@
+"""An on-disk, content-addressed cache of blob chunks, shared by every mount.
+
+Keyed by blob digest only, so a file unchanged between revisions (or present in two
+galleries) is fetched once. Layout under the cache root::
+
+    blobs/sha256/<hex>               a complete blob, verified against its digest
+    partial/sha256/<hex>.data        a sparse file holding the chunks fetched so far
+    partial/sha256/<hex>.chunks      16-byte header + one byte per chunk (1 = present)
+
+A chunk's data is written and synced before its byte in the `.chunks` record, so a
+crash leaves at worst a chunk that is fetched again, never a recorded chunk with
+missing data. The header carries the chunk size: a record written with another chunk
+size is dropped rather than misread.
+
+Chunks are hashed in blob order as they become contiguous; when the last one arrives
+the digest is compared and the blob is promoted to `blobs/` (a rename) or dropped. A
+complete blob found on disk is re-hashed once per process before it is served, so a
+file damaged on disk turns into DigestMismatch (and is removed), never wrong bytes.
+Chunks of a partial blob cannot be verified one by one yet; a per-chunk index bound
+to the revision digest would plug in at `read_chunk`/`write_chunk`.
+
+All methods are synchronous and thread-safe: callers run them in trio worker threads.
+Eviction is least-recently-used by whole blob, down to `max_bytes`, never touching a
+blob that is pinned (open in the mount).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import digest as digests
+from .errors import DigestMismatch
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"GFSC"
+_VERSION = 1
+_HEADER = struct.Struct("<4sIQ")  # magic, version, chunk size
+_HASH_PIECE = 8 << 20
+
+
+@dataclass
+class _Partial:
+    data_fd: int
+    map_fd: int
+    bitmap: bytearray
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    hashed: int = 0  # chunks fed to the hasher, in order
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def close(self) -> None:
+        for fd in (self.data_fd, self.map_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class DiskCache:
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int, chunk_size: int) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.chunk_size = chunk_size
+        self.complete_dir = self.root / "blobs" / "sha256"
+        self.partial_dir = self.root / "partial" / "sha256"
+        self.complete_dir.mkdir(parents=True, exist_ok=True)
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._partials: dict[str, _Partial] = {}
+        self._verified: set[str] = set()
+        self._pins: dict[str, int] = {}
+        # digest -> bytes on disk, oldest use first.
+        self._lru: OrderedDict[str, int] = OrderedDict()
+        self.evictions = 0
+        self._scan()
+
+    # ---- bookkeeping -------------------------------------------------------------
+
+    def _scan(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        for path in self.complete_dir.iterdir():
+            if digests.is_digest("sha256:" + path.name):
+                st = path.stat()
+                found.append((st.st_mtime, path.name, st.st_size))
+            elif path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+        for path in self.partial_dir.glob("*.data"):
+            hexpart = path.name[: -len(".data")]
+            if digests.is_digest("sha256:" + hexpart):
+                st = path.stat()
+                found.append((st.st_mtime, hexpart, st.st_blocks * 512))
+        for _, hexpart, size in sorted(found):
+            self._lru["sha256:" + hexpart] = self._lru.get("sha256:" + hexpart, 0) + size
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(self._lru.values())
+
+    def _touch(self, digest: str, added: int = 0) -> None:
+        with self._lock:
+            self._lru[digest] = self._lru.pop(digest, 0) + added
+
+    def pin(self, digest: str) -> None:
+        with self._lock:
+            self._pins[digest] = self._pins.get(digest, 0) + 1
+
+    def unpin(self, digest: str) -> None:
+        with self._lock:
+            n = self._pins.get(digest, 0) - 1
+            if n > 0:
+                self._pins[digest] = n
+            else:
+                self._pins.pop(digest, None)
+
+    def _paths(self, digest: str) -> tuple[Path, Path, Path]:
+        algo, _, hexpart = digests.validate(digest).partition(":")
+        if algo != "sha256":
+            raise ValueError(f"only sha256 blobs are cached, not {digest}")
+        return (self.complete_dir / hexpart, self.partial_dir / f"{hexpart}.data",
+                self.partial_dir / f"{hexpart}.chunks")
+
+    @staticmethod
+    def cacheable(digest: str) -> bool:
+        return digest.startswith("sha256:") and digests.is_digest(digest)
+
+    # ---- complete blobs ----------------------------------------------------------
+
+    def _complete_path(self, digest: str, size: int) -> Path | None:
+        """The verified complete file, or None; DigestMismatch if it is damaged."""
+        complete, _, _ = self._paths(digest)
+        try:
+            st = complete.stat()
+        except FileNotFoundError:
+            return None
+        if digest in self._verified:
+            return complete
+        if st.st_size != size:
+            self.drop(digest)
+            raise DigestMismatch(
+                f"cached {digest} has {st.st_size} bytes, expected {size}: dropped")
+        h = hashlib.sha256()
+        with open(complete, "rb") as f:
+            while piece := f.read(_HASH_PIECE):
+                h.update(piece)
+        if "sha256:" + h.hexdigest() != digest:
+            self.drop(digest)
+            raise DigestMismatch(f"cached {digest} does not match its digest: dropped")
+        self._verified.add(digest)
+        return complete
+
+    def read_chunk(self, digest: str, size: int, index: int) -> bytes | None:
+        """Chunk `index` of the blob if it is on disk, else None."""
+        start = index * self.chunk_size
+        length = min(self.chunk_size, size - start)
+        complete = self._complete_path(digest, size)
+        if complete is not None:
+            self._touch(digest)
+            with open(complete, "rb") as f:
+                return os.pread(f.fileno(), length, start)
+        part = self._partial(digest, size, create=False)
+        if part is None or not part.bitmap[index]:
+            return None
+        data = os.pread(part.data_fd, length, start)
+        if len(data) != length:
+            return None
+        self._touch(digest)
+        return data
+
+    def has_chunk(self, digest: str, size: int, index: int) -> bool:
+        complete, _, _ = self._paths(digest)
+        if digest in self._verified and complete.exists():
+            return True
+        with self._lock:
+            part = self._partials.get(digest)
+            return part is not None and bool(part.bitmap[index])
+
+    # ---- partial blobs -----------------------------------------------------------
+
+    def _nchunks(self, size: int) -> int:
+        return -(-size // self.chunk_size)
+
+    def _partial(self, digest: str, size: int, *, create: bool) -> _Partial | None:
+        with self._lock:
+            part = self._partials.get(digest)
+            if part is not None:
+                return part
+            _, data_path, map_path = self._paths(digest)
+            if not create and not map_path.exists():
+                return None
+            n = self._nchunks(size)
+            bitmap = bytearray(n)
+            try:
+                raw = map_path.read_bytes()
+                magic, version, chunk_size = _HEADER.unpack_from(raw)
+                if (magic, version, chunk_size) == (_MAGIC, _VERSION, self.chunk_size):
+                    got = raw[_HEADER.size:_HEADER.size + n]
+                    bitmap[: len(got)] = got
+                else:
+                    log.info("%s: cache record of another format or chunk size, dropped",
+                             digest)
+                    self._unlink_partial(digest)
+            except (OSError, struct.error):
+                pass
+            if not create and not any(bitmap):
+                return None
+            data_fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o600)
+            map_fd = os.open(map_path, os.O_RDWR | os.O_CREAT, 0o600)
+            if not any(bitmap):
+                os.pwrite(map_fd, _HEADER.pack(_MAGIC, _VERSION, self.chunk_size) + bytes(n), 0)
+            part = _Partial(data_fd, map_fd, bitmap)
+            self._partials[digest] = part
+            self._lru.setdefault(digest, 0)
+            return part
+
+    def write_chunk(self, digest: str, size: int, index: int, data: bytes) -> bool:
+        """Store a chunk fetched from the network. True when the blob became complete.
+
+        Raises DigestMismatch (after dropping the entry) when the last chunk arrives and
+        the whole does not hash to the digest.
+        """
+        complete, _, _ = self._paths(digest)
+        if complete.exists():
+            return False
+        part = self._partial(digest, size, create=True)
+        assert part is not None
+        with part.lock:
+            if part.bitmap[index]:
+                return False
+            os.pwrite(part.data_fd, data, index * self.chunk_size)
+            os.fdatasync(part.data_fd)
+            os.pwrite(part.map_fd, b"\x01", _HEADER.size + index)
+            part.bitmap[index] = 1
+            self._touch(digest, len(data))
+            # Hash what is contiguous from the start; chunks come mostly in order, so
+            # this reads back at most a few chunks (from the page cache).
+            n = len(part.bitmap)
+            while part.hashed < n and part.bitmap[part.hashed]:
+                start = part.hashed * self.chunk_size
+                length = min(self.chunk_size, size - start)
+                part.hasher.update(data if part.hashed == index
+                                   else os.pread(part.data_fd, length, start))
+                part.hashed += 1
+            done = part.hashed == n
+            got = "sha256:" + part.hasher.hexdigest() if done else ""
+        if not done:
+            if self.used_bytes > self.max_bytes:
+                self.evict(keep=digest)
+            return False
+        if got != digest:
+            self.drop(digest)
+            raise DigestMismatch(f"{digest}: fetched content hashes to {got}: dropped")
+        self._promote(digest)
+        self.evict()
+        return True
+
+    def _promote(self, digest: str) -> None:
+        complete, data_path, map_path = self._paths(digest)
+        with self._lock:
+            part = self._partials.pop(digest, None)
+            if part is not None:
+                os.fsync(part.data_fd)
+                part.close()
+            os.replace(data_path, complete)
+            map_path.unlink(missing_ok=True)
+            self._verified.add(digest)
+
+    def _unlink_partial(self, digest: str) -> None:
+        _, data_path, map_path = self._paths(digest)
+        map_path.unlink(missing_ok=True)
+        data_path.unlink(missing_ok=True)
+
+    def drop(self, digest: str) -> None:
+        complete, _, _ = self._paths(digest)
+        with self._lock:
+            part = self._partials.pop(digest, None)
+            if part is not None:
+                part.close()
+            self._unlink_partial(digest)
+            complete.unlink(missing_ok=True)
+            self._verified.discard(digest)
+            self._lru.pop(digest, None)
+
+    def evict(self, keep: str | None = None) -> None:
+        with self._lock:
+            total = sum(self._lru.values())
+            for digest in list(self._lru):
+                if total <= self.max_bytes:
+                    break
+                if digest in self._pins or digest == keep:
+                    continue
+                total -= self._lru[digest]
+                log.debug("evicting %s from the disk cache", digest)
+                self.drop(digest)
+                self.evictions += 1
+
+    def close(self) -> None:
+        with self._lock:
+            for part in self._partials.values():
+                part.close()
+            self._partials.clear()

@@ -1,0 +1,473 @@
+"""The directory tree of a galleryfs mount, as a pure model: no FUSE, no HTTP.
+
+Layout (relative to the mount root, which may be the registry, a gallery or a model)::
+
+    <gallery>/<model>/                 one folder per path segment of nested model names
+    <gallery>/<model>/<tag>            symlink -> sha256:<hex>   (tags move)
+    <gallery>/<model>/sha256:<hex>/    one revision: its files at their recorded paths
+
+A folder that stands for a repository-name prefix is a *namespace*. A namespace may
+itself be a repository (it then also holds tags and revisions) and may hold nested
+namespaces (`g/m` and `g/m/v2` are both repositories).
+
+Name collisions. A repository `g/m` with a tag `base` and a repository `g/m/base` both
+want the name `base` inside `g/m/`. Rule: **the nested model folder wins**; the tag is
+hidden from that folder and a warning is logged once per (repository, tag). The tag's
+revision stays reachable by its digest name, which cannot collide: tags and repository
+name segments never contain ':'. Revision folders are listed for every revision a
+current tag points to; any other revision of the repository is reachable (not listed)
+by looking up its `sha256:<hex>` name.
+
+When the mount is rooted at a model (`REGISTRY/GALLERY/MODEL`) no catalog is read, so
+models nested below the root model do not appear there (and no collision can arise).
+
+Freshness. Revision contents are immutable (named by digest): they are fetched once and
+kept. Namespace listings (catalog, tags, tag -> digest) are re-read when older than
+`refresh` seconds, on lookup/listing/readlink. When a refresh fails but an older
+listing exists, the old one is served (with a warning) rather than failing `ls`.
+
+Inodes are allocated on first sight of a name and kept for the mount's lifetime: keys
+are stable (repository, tag, digest, path), so a name always gets the same inode.
+Lookup counts are kept as the kernel requires; nothing is freed when they reach zero
+because names already seen are few and cheap, and an inode must not be reused while
+the kernel might still refer to it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import logging
+import math
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from . import digest as digests
+from .errors import GalleryError, NotFound, UnsupportedContent
+from .modelpack import Revision, RevisionFile, parse_manifest
+from .registry import RegistryClient
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+FILE_MODE = 0o444
+DIR_MODE = 0o555
+LINK_MODE = 0o777
+# Parallel manifest GETs when resolving the tags of one repository.
+RESOLVE_CONCURRENCY = 8
+
+
+class Source(Protocol):
+    """Where listings come from: a registry, or a fake in unit tests."""
+
+    async def catalog(self) -> list[str]: ...
+
+    async def tags(self, repo: str) -> list[str]: ...
+
+    async def manifest(self, repo: str, reference: str) -> Revision: ...
+
+
+class Kind(enum.Enum):
+    NAMESPACE = "namespace"
+    TAG = "tag"
+    REVISION = "revision"
+    FOLDER = "folder"
+    FILE = "file"
+
+
+@dataclass(eq=False)
+class Node:
+    inode: int
+    kind: Kind
+    name: str
+    parent: int
+    repo: str = ""
+    # TAG: the revision it points at; REVISION: the manifest digest.
+    digest: str = ""
+    # FOLDER/FILE: path inside the revision; REVISION: "".
+    path: str = ""
+    file: RevisionFile | None = None
+    revision: int = 0  # FOLDER/FILE: inode of the revision folder
+    mtime_ns: int = 0
+    children: dict[str, int] | None = None  # REVISION/FOLDER: fixed contents
+    lookups: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind in (Kind.NAMESPACE, Kind.REVISION, Kind.FOLDER)
+
+    @property
+    def immutable(self) -> bool:
+        """Revision folders and their contents never change (content-addressed)."""
+        return self.kind in (Kind.REVISION, Kind.FOLDER, Kind.FILE)
+
+
+@dataclass(frozen=True)
+class Attrs:
+    inode: int
+    mode: int
+    size: int
+    blocks: int
+    nlink: int
+    mtime_ns: int
+    immutable: bool
+
+
+@dataclass
+class _Listing:
+    entries: dict[str, int]
+    fetched_at: float
+
+
+@dataclass
+class _NamespaceState:
+    listing: _Listing | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class Tree:
+    """The mount's names and inodes, fed by a `Source`."""
+
+    def __init__(
+        self,
+        source: Source,
+        root_repo: str = "",
+        *,
+        refresh: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        mount_time_ns: int | None = None,
+    ) -> None:
+        self.source = source
+        self.root_repo = root_repo.strip("/")
+        self.refresh = refresh
+        self.clock = clock
+        self.mount_time_ns = mount_time_ns if mount_time_ns is not None else time.time_ns()
+        # At a model root the catalog is not needed (and may be forbidden to the user).
+        self.use_catalog = self.root_repo.count("/") == 0
+        self._nodes: dict[int, Node] = {}
+        self._keys: dict[tuple, int] = {}
+        self._namespaces: dict[int, _NamespaceState] = {}
+        self._revisions: dict[str, Revision] = {}  # by manifest digest, immutable
+        self._catalog: _Listing | None = None
+        self._catalog_repos: list[str] = []
+        self._catalog_lock = trio.Lock()
+        self._warned: set[tuple[str, str]] = set()
+        self._next_inode = ROOT_INODE
+        root = self._node(("ns", self.root_repo), Kind.NAMESPACE, "", ROOT_INODE,
+                          repo=self.root_repo)
+        assert root.inode == ROOT_INODE
+
+    # ---- inode table -------------------------------------------------------------
+
+    def _node(self, key: tuple, kind: Kind, name: str, parent: int, **fields: object) -> Node:
+        inode = self._keys.get(key)
+        if inode is not None:
+            return self._nodes[inode]
+        inode = self._next_inode
+        self._next_inode += 1
+        node = Node(inode, kind, name, parent, **fields)  # type: ignore[arg-type]
+        if not node.mtime_ns:
+            node.mtime_ns = self.mount_time_ns
+        self._nodes[inode] = node
+        self._keys[key] = inode
+        if kind is Kind.NAMESPACE:
+            self._namespaces[inode] = _NamespaceState()
+        return node
+
+    def get(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise NotFound(f"inode {inode} is unknown") from None
+
+    def count_lookup(self, inode: int, n: int = 1) -> None:
+        self._nodes[inode].lookups += n
+
+    def forget(self, inode: int, n: int) -> None:
+        node = self._nodes.get(inode)
+        if node is not None:
+            node.lookups = max(0, node.lookups - n)
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._nodes)
+
+    # ---- attributes --------------------------------------------------------------
+
+    def attrs(self, inode: int) -> Attrs:
+        node = self.get(inode)
+        if node.kind is Kind.FILE:
+            assert node.file is not None
+            size = node.file.size
+            # 512-byte units, as stat(2) defines st_blocks, so `du` adds up to the size.
+            return Attrs(inode, stat.S_IFREG | FILE_MODE, size, math.ceil(size / 512), 1,
+                         node.mtime_ns, True)
+        if node.kind is Kind.TAG:
+            size = len(node.digest)
+            return Attrs(inode, stat.S_IFLNK | LINK_MODE, size, 0, 1, node.mtime_ns, False)
+        if node.children is not None:
+            subdirs = sum(1 for c in node.children.values() if self._nodes[c].is_dir)
+            nlink = 2 + subdirs
+        else:
+            # A namespace's subfolders change with the catalog; 1 tells `find` not to
+            # use the link count to skip subdirectory checks.
+            nlink = 1
+        return Attrs(inode, stat.S_IFDIR | DIR_MODE, 0, 0, nlink, node.mtime_ns,
+                     node.immutable)
+
+    # ---- lookups -----------------------------------------------------------------
+
+    async def lookup(self, parent: int, name: str) -> Node:
+        """The child `name` of folder `parent`; counts one lookup."""
+        node = await self._child(parent, name)
+        node.lookups += 1
+        return node
+
+    async def _child(self, parent: int, name: str) -> Node:
+        folder = self.get(parent)
+        if not folder.is_dir:
+            raise NotFound(f"{name}: parent is not a folder")
+        if name in (".", ".."):
+            raise NotFound(name)  # the kernel resolves these itself
+        if folder.kind is Kind.NAMESPACE:
+            entries = await self._namespace_entries(folder)
+            inode = entries.get(name)
+            if inode is not None:
+                return self._nodes[inode]
+            if digests.is_digest(name) and await self._is_repo(folder):
+                # An untagged (or older) revision: reachable by name, not listed.
+                return await self._revision_node(folder, name)
+            raise NotFound(f"{self.display_path(parent)}/{name}: no such model, tag or revision")
+        folder = await self._expand(folder)
+        assert folder.children is not None
+        inode = folder.children.get(name)
+        if inode is None:
+            raise NotFound(f"{self.display_path(parent)}/{name}: no such file in the revision")
+        return self._nodes[inode]
+
+    async def listdir(self, inode: int) -> list[tuple[str, int]]:
+        """Sorted (name, inode) pairs of a folder: stable order for readdir offsets."""
+        folder = self.get(inode)
+        if not folder.is_dir:
+            raise NotADirectoryError(inode)
+        if folder.kind is Kind.NAMESPACE:
+            entries = await self._namespace_entries(folder)
+        else:
+            folder = await self._expand(folder)
+            assert folder.children is not None
+            entries = folder.children
+        return sorted(entries.items())
+
+    async def readlink(self, inode: int) -> str:
+        node = self.get(inode)
+        if node.kind is not Kind.TAG:
+            raise UnsupportedContent(f"inode {inode} is not a symlink")
+        # Tags move: refresh the owning listing when it is stale, so the link follows.
+        await self._namespace_entries(self._nodes[node.parent])
+        return node.digest
+
+    def display_path(self, inode: int) -> str:
+        parts: list[str] = []
+        node = self._nodes.get(inode)
+        while node is not None and node.inode != ROOT_INODE:
+            parts.append(node.name)
+            node = self._nodes.get(node.parent)
+        return "/" + "/".join(reversed(parts))
+
+    def revision_of(self, inode: int) -> Revision | None:
+        node = self.get(inode)
+        digest = node.digest if node.kind is Kind.REVISION else (
+            self._nodes[node.revision].digest if node.revision else "")
+        return self._revisions.get(digest)
+
+    # ---- namespaces --------------------------------------------------------------
+
+    async def check(self) -> None:
+        """Read the root listing once: fails early if the root does not exist."""
+        root = self._nodes[ROOT_INODE]
+        entries = await self._namespace_entries(root)
+        if self.root_repo and not entries and not await self._is_repo(root):
+            raise NotFound(f"{self.root_repo}: no such gallery or model")
+
+    async def _is_repo(self, folder: Node) -> bool:
+        if not folder.repo:
+            return False
+        if not self.use_catalog:
+            return True
+        repos = await self._catalog_list()
+        return folder.repo in repos
+
+    async def _catalog_list(self) -> list[str]:
+        async with self._catalog_lock:
+            if self._catalog is None or self.clock() - self._catalog.fetched_at >= self.refresh:
+                try:
+                    repos = await self.source.catalog()
+                except GalleryError as exc:
+                    if self._catalog is None:
+                        raise
+                    log.warning("catalog refresh failed, keeping the old listing: %s", exc)
+                    self._catalog.fetched_at = self.clock()
+                else:
+                    prefix = self.root_repo + "/" if self.root_repo else ""
+                    self._catalog_repos = sorted(
+                        r for r in repos if not prefix or r == self.root_repo
+                        or r.startswith(prefix))
+                    self._catalog = _Listing({}, self.clock())
+            return self._catalog_repos
+
+    async def _namespace_entries(self, folder: Node) -> dict[str, int]:
+        state = self._namespaces[folder.inode]
+        async with state.lock:
+            listing = state.listing
+            if listing is not None and self.clock() - listing.fetched_at < self.refresh:
+                return listing.entries
+            try:
+                entries = await self._build_namespace(folder)
+            except GalleryError as exc:
+                if listing is None:
+                    raise
+                log.warning("%s: refresh failed, keeping the old listing: %s",
+                            self.display_path(folder.inode), exc)
+                listing.fetched_at = self.clock()
+                return listing.entries
+            state.listing = _Listing(entries, self.clock())
+            return entries
+
+    async def _build_namespace(self, folder: Node) -> dict[str, int]:
+        entries: dict[str, int] = {}
+        is_repo = not self.use_catalog and bool(folder.repo)
+        if self.use_catalog:
+            prefix = folder.repo + "/" if folder.repo else ""
+            for repo in await self._catalog_list():
+                if repo == folder.repo:
+                    is_repo = True
+                elif repo.startswith(prefix):
+                    segment = repo[len(prefix):].split("/", 1)[0]
+                    child_repo = prefix + segment
+                    entries[segment] = self._node(
+                        ("ns", child_repo), Kind.NAMESPACE, segment, folder.inode,
+                        repo=child_repo).inode
+        if not is_repo:
+            return entries
+        tags = sorted(set(await self.source.tags(folder.repo)))
+        resolved: dict[str, str] = {}
+
+        async def resolve(tag: str, limiter: trio.CapacityLimiter) -> None:
+            async with limiter:
+                try:
+                    revision = await self.source.manifest(folder.repo, tag)
+                except (NotFound, UnsupportedContent) as exc:
+                    # A tag deleted since the listing, or an image index: leave it out
+                    # rather than break the whole folder.
+                    log.warning("%s:%s is left out: %s", folder.repo, tag, exc)
+                    return
+            self._revisions.setdefault(revision.digest, revision)
+            resolved[tag] = revision.digest
+
+        limiter = trio.CapacityLimiter(RESOLVE_CONCURRENCY)
+        async with trio.open_nursery() as nursery:
+            for tag in tags:
+                nursery.start_soon(resolve, tag, limiter)
+        for digest in sorted(set(resolved.values())):
+            entries[digest] = (await self._revision_node(folder, digest)).inode
+        for tag, digest in sorted(resolved.items()):
+            if tag in entries:
+                if (folder.repo, tag) not in self._warned:
+                    self._warned.add((folder.repo, tag))
+                    log.warning("%s: tag %r is hidden by the nested model %s/%s "
+                                "(its revision is still at %s)",
+                                folder.repo, tag, folder.repo, tag, digest)
+                continue
+            node = self._node(("tag", folder.repo, tag), Kind.TAG, tag, folder.inode,
+                              repo=folder.repo)
+            node.digest = digest
+            entries[tag] = node.inode
+        return entries
+
+    async def _revision_node(self, folder: Node, digest: str) -> Node:
+        key = ("rev", folder.repo, digest)
+        inode = self._keys.get(key)
+        if inode is not None:
+            return self._nodes[inode]
+        revision = self._revisions.get(digest)
+        if revision is None:
+            revision = await self.source.manifest(folder.repo, digest)
+            self._revisions[digest] = revision
+        return self._node(key, Kind.REVISION, digest, folder.inode, repo=folder.repo,
+                          digest=digest, mtime_ns=_created_ns(revision) or self.mount_time_ns)
+
+    async def _expand(self, folder: Node) -> Node:
+        """Give a revision folder (and its subfolders) their fixed children."""
+        if folder.children is not None:
+            return folder
+        if folder.kind is Kind.FOLDER:
+            # Subfolders are built together with their revision.
+            await self._expand(self._nodes[folder.revision])
+            return folder
+        revision = self._revisions.get(folder.digest)
+        if revision is None:
+            revision = await self.source.manifest(folder.repo, folder.digest)
+            self._revisions[folder.digest] = revision
+        self._build_revision(folder, revision)
+        return folder
+
+    def _build_revision(self, rev: Node, revision: Revision) -> None:
+        rev.children = {}
+        for f in revision.files:
+            parent = rev
+            parts = f.path.split("/")
+            for i, part in enumerate(parts[:-1]):
+                path = "/".join(parts[: i + 1])
+                sub = self._node(("path", rev.inode, path), Kind.FOLDER, part, parent.inode,
+                                 repo=rev.repo, path=path, revision=rev.inode,
+                                 mtime_ns=rev.mtime_ns)
+                if sub.children is None:
+                    sub.children = {}
+                assert parent.children is not None
+                parent.children[part] = sub.inode
+                parent = sub
+            leaf = self._node(("path", rev.inode, f.path), Kind.FILE, parts[-1], parent.inode,
+                              repo=rev.repo, digest=f.digest, path=f.path, file=f,
+                              revision=rev.inode, mtime_ns=rev.mtime_ns)
+            assert parent.children is not None
+            parent.children[parts[-1]] = leaf.inode
+
+
+def _created_ns(revision: Revision) -> int | None:
+    text = revision.created
+    if not text:
+        return None
+    try:
+        when = _dt.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        log.debug("%s: unreadable created annotation %r", revision.digest, text)
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.UTC)
+    return int(when.timestamp() * 1_000_000_000)
+
+
+class RegistrySource:
+    """A `Source` over a RegistryClient.
+
+    Galleries come from `/v2/_catalog`. Harbor lists projects at /api/v2.0/projects
+    instead: a Harbor source only needs to override `catalog`.
+    """
+
+    def __init__(self, client: RegistryClient) -> None:
+        self.client = client
+
+    async def catalog(self) -> list[str]:
+        return await self.client.catalog()
+
+    async def tags(self, repo: str) -> list[str]:
+        return await self.client.list_tags(repo)
+
+    async def manifest(self, repo: str, reference: str) -> Revision:
+        m = await self.client.get_manifest(repo, reference)
+        return parse_manifest(m.digest, m.body, m.media_type)
