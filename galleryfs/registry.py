@@ -204,15 +204,15 @@ class RegistryClient:
         digests.validate(digest)
         await self._request("DELETE", f"/v2/{repo}/manifests/{digest}", f"{self.host}/{repo}@{digest}")
 
-    async def list_tags(self, repo: str) -> list[str]:
+    async def list_tags(self, repo: str, page_size: int = 1000) -> list[str]:
         tags: list[str] = []
-        async for page in self._paginate(f"/v2/{repo}/tags/list?n=1000", f"{self.host}/{repo}"):
+        async for page in self._paginate(f"/v2/{repo}/tags/list?n={page_size}", f"{self.host}/{repo}"):
             tags.extend(page.get("tags") or [])
         return tags
 
-    async def catalog(self) -> list[str]:
+    async def catalog(self, page_size: int = 1000) -> list[str]:
         repos: list[str] = []
-        async for page in self._paginate("/v2/_catalog?n=1000", f"catalog of {self.host}"):
+        async for page in self._paginate(f"/v2/_catalog?n={page_size}", f"catalog of {self.host}"):
             repos.extend(page.get("repositories") or [])
         return repos
 

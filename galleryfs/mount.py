@@ -1,0 +1,364 @@
+"""Running the mount: checks, the trio/pyfuse3 main loop, daemonising, unmounting.
+
+`mount_main` checks its input and the registry in the calling process, so bad input
+fails fast with a one-line message. In the background mode it then re-executes
+itself (`python -m galleryfs.mount --child`, the configuration with any credentials on
+stdin, never in argv) and returns once the child reports the mount ready on a pipe,
+or fails with the tail of the child's log if the child dies first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .chunks import DEFAULT_CHUNK, DEFAULT_MEMORY, ChunkReader
+from .credentials import Credentials
+from .diskcache import DiskCache
+from .errors import GalleryError, UsageError
+from .fs import Operations
+from .reference import parse
+from .registry import ClientOptions, RegistryClient
+from .retry import RetryPolicy
+from .tree import RegistrySource, Tree
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+DEFAULT_READ_AHEAD_KB = 1024
+DEFAULT_CACHE_SIZE = 10 << 30
+
+
+@dataclass
+class MountConfig:
+    source: str
+    mountpoint: str
+    options: ClientOptions
+    cache_dir: str
+    cache_size: int = DEFAULT_CACHE_SIZE
+    refresh: float = 30.0
+    chunk_size: int = DEFAULT_CHUNK
+    memory_size: int = DEFAULT_MEMORY
+    debug: bool = False
+    read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "galleryfs")
+
+
+# ---- checks --------------------------------------------------------------------------
+
+
+def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["fusermount3", *args], capture_output=True, text=True,
+                              timeout=30)
+    except FileNotFoundError:
+        raise GalleryError("fusermount3 not found: install fuse3") from None
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse what cannot be mounted on; recover a mountpoint left by a dead daemon."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            print(f"galleryfs: {mountpoint}: cleaning up after a galleryfs that died "
+                  "(transport endpoint is not connected)", file=sys.stderr)
+            _fusermount("-uz", mountpoint)
+        elif exc.errno == errno.ENOENT:
+            raise UsageError(f"mountpoint {mountpoint}: no such directory") from None
+        else:
+            raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is already a mount point")
+    if os.listdir(mountpoint):
+        raise UsageError(f"mountpoint {mountpoint} is not empty")
+
+
+def _root_repo(source: str) -> tuple[str, str]:
+    ref = parse(source)
+    if ref.tag or ref.digest:
+        raise UsageError("mount takes REGISTRY, REGISTRY/GALLERY or REGISTRY/GALLERY/MODEL "
+                         "(no tag or digest)")
+    return ref.host, ref.repository
+
+
+async def _check_registry(config: MountConfig) -> None:
+    host, root = _root_repo(config.source)
+    async with RegistryClient(host, config.options) as client:
+        await client.ping()
+        await Tree(RegistrySource(client), root, refresh=config.refresh).check()
+
+
+# ---- the daemon ----------------------------------------------------------------------
+
+
+def _bdi_of(mountpoint: str) -> str | None:
+    """MAJ:MIN of the mount from /proc/self/mountinfo (stat would wait on ourselves)."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                mp = fields[4].encode().decode("unicode_escape")
+                if mp == target and " - fuse" in line:
+                    found = fields[2]
+    except OSError:
+        return None
+    return found
+
+
+def _raise_read_ahead(mountpoint: str, kb: int) -> None:
+    bdi = _bdi_of(mountpoint)
+    if not bdi:
+        log.debug("no bdi found for %s; kernel read-ahead left as is", mountpoint)
+        return
+    try:
+        Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").write_text(f"{kb}\n")
+        log.debug("read_ahead_kb of %s set to %d", bdi, kb)
+    except OSError as exc:
+        log.debug("cannot raise read_ahead_kb of %s: %s", bdi, exc)
+
+
+async def _serve(config: MountConfig, ready_fd: int | None) -> None:
+    host, root = _root_repo(config.source)
+    async with RegistryClient(host, config.options) as client:
+        tree = Tree(RegistrySource(client), root, refresh=config.refresh)
+        await tree.check()
+        disk = DiskCache(config.cache_dir, config.cache_size, config.chunk_size)
+        reader = ChunkReader(client.read_range, chunk_size=config.chunk_size,
+                             memory_bytes=config.memory_size, disk=disk,
+                             fetch_timeout=config.options.timeout * 2)
+
+        def counters() -> dict[str, object]:
+            return {"registry_bytes": client.bytes_received,
+                    "registry_requests": client.requests_sent}
+
+        ops = Operations(tree, reader, refresh=config.refresh, counters=counters)
+        options = {"fsname=galleryfs", "subtype=galleryfs", "ro", "default_permissions"}
+        if config.debug:
+            options.add("debug")
+        pyfuse3.init(ops, config.mountpoint, options)
+        try:
+            async with trio.open_nursery() as nursery:
+                ops.nursery = nursery
+                nursery.start_soon(_watch_signals)
+                nursery.start_soon(_announce, config, ready_fd)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            disk.close()
+    log.info("%s unmounted", config.mountpoint)
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce(config: MountConfig, ready_fd: int | None) -> None:
+    # A stat through the kernel answers only once the FUSE loop serves requests.
+    await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    _raise_read_ahead(config.mountpoint, config.read_ahead_kb)
+    log.info("%s mounted on %s", config.source, config.mountpoint)
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"ready\n")
+        finally:
+            os.close(ready_fd)
+
+
+def run_mount(config: MountConfig, ready_fd: int | None = None) -> None:
+    """Serve the mount in this process until unmounted or signalled."""
+    trio.run(_serve, config, ready_fd)
+
+
+# ---- entry points --------------------------------------------------------------------
+
+
+def mount_main(source: str, mountpoint: str, *, foreground: bool, options: ClientOptions,
+               cache_dir: str | None, cache_size: int, refresh: float, chunk_size: int,
+               debug: bool, ready_fd: int | None = None) -> int:
+    if refresh < 0:
+        raise UsageError("--refresh must not be negative")
+    if chunk_size < 4096 or chunk_size > 256 << 20:
+        raise UsageError("--chunk-size must be between 4K and 256M")
+    mountpoint = os.path.abspath(mountpoint)
+    config = MountConfig(source, mountpoint, options, cache_dir or default_cache_dir(),
+                         cache_size, refresh, chunk_size, debug=debug)
+    check_mountpoint(mountpoint)
+    Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
+    trio.run(_check_registry, config)
+    if foreground:
+        run_mount(config, ready_fd)
+        return 0
+    return _spawn(config)
+
+
+def _log_path(config: MountConfig) -> Path:
+    name = config.mountpoint.strip("/").replace("/", "_") or "root"
+    path = Path(config.cache_dir) / "logs" / f"mount-{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _spawn(config: MountConfig) -> int:
+    log_path = _log_path(config)
+    read_fd, write_fd = os.pipe()
+    payload = json.dumps(_config_to_json(config)).encode()
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "galleryfs.mount", "--child", str(write_fd)],
+            stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
+            pass_fds=(write_fd,), start_new_session=True)
+    os.close(write_fd)
+    try:
+        assert child.stdin is not None
+        child.stdin.write(payload)
+        child.stdin.close()
+        deadline = time.monotonic() + READY_TIMEOUT
+        got = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([read_fd], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            piece = os.read(read_fd, 64)
+            if not piece:
+                break  # the child closed the pipe: it died (or wrote "ready" before)
+            got += piece
+            if b"ready" in got:
+                return 0
+    finally:
+        os.close(read_fd)
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    tail = _tail(log_path)
+    raise GalleryError(f"the mount did not come up; log {log_path}:\n{tail}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+def _config_to_json(config: MountConfig) -> dict:
+    out = dataclasses.asdict(config)
+    opts = config.options
+    out["options"] = {
+        "plain_http": opts.plain_http, "ca_file": opts.ca_file, "insecure": opts.insecure,
+        "timeout": opts.timeout,
+        "credentials": (dataclasses.asdict(opts.credentials) if opts.credentials else None),
+        "retry": dataclasses.asdict(opts.retry) if opts.retry else None,
+    }
+    return out
+
+
+def _config_from_json(data: dict) -> MountConfig:
+    o = data.pop("options")
+    options = ClientOptions(
+        plain_http=o["plain_http"], ca_file=o["ca_file"], insecure=o["insecure"],
+        timeout=o["timeout"],
+        credentials=Credentials(**o["credentials"]) if o["credentials"] else None,
+        retry=RetryPolicy(**o["retry"]) if o["retry"] else None)
+    return MountConfig(options=options, **data)
+
+
+def unmount_main(mountpoint: str, *, lazy: bool = False) -> int:
+    mountpoint = os.path.abspath(mountpoint)
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise UsageError(f"{mountpoint}: {exc.strerror}") from None
+        lazy = True  # the daemon is gone; only a lazy unmount clears the entry
+    else:
+        if not os.path.ismount(mountpoint):
+            raise UsageError(f"{mountpoint} is not mounted")
+    result = _fusermount("-uz" if lazy else "-u", mountpoint)
+    if result.returncode != 0:
+        message = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"
+        if "busy" in message.lower():
+            raise GalleryError(f"{mountpoint} is busy: a process has files or its working "
+                               "directory there; close them and unmount again")
+        raise GalleryError(f"cannot unmount {mountpoint}: {message}")
+    return 0
+
+
+# ---- `python -m galleryfs.mount`: the daemon child, and a stand-alone runner ------------
+
+
+def _main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--child"]:
+        config = _config_from_json(json.loads(sys.stdin.read()))
+        _setup_logging(config.debug)
+        try:
+            run_mount(config, int(args[1]))
+        except GalleryError as exc:
+            log.error("%s", exc)
+            return exc.exit_code
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m galleryfs.mount")
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-f", "--foreground", action="store_true")
+    parser.add_argument("--plain-http", action="store_true")
+    parser.add_argument("--ca-file")
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE)
+    parser.add_argument("--refresh", type=float, default=30.0)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
+    parser.add_argument("--debug", action="store_true")
+    ns = parser.parse_args(args)
+    _setup_logging(ns.debug)
+    options = ClientOptions(plain_http=ns.plain_http, ca_file=ns.ca_file, timeout=ns.timeout)
+    try:
+        return mount_main(ns.source, ns.mountpoint, foreground=ns.foreground, options=options,
+                          cache_dir=ns.cache_dir, cache_size=ns.cache_size,
+                          refresh=ns.refresh, chunk_size=ns.chunk_size, debug=ns.debug)
+    except GalleryError as exc:
+        print(f"galleryfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s galleryfs: %(levelname)s: %(name)s: %(message)s")
+    if not debug:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,143 @@
+"""A fault-injecting HTTP proxy in front of a real registry (the registry is never mocked).
+
+Faults: answer the next N matching requests with a status (and Retry-After); redirect blob
+GETs to another origin. Everything else is forwarded as-is.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+        "proxy-authorization", "proxy-authenticate", "content-length", "host"}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.lock = threading.Lock()
+        self.faults: list[tuple[re.Pattern[str], int, dict[str, str]]] = []
+        self.redirect_blobs: str | None = None
+        self.seen: list[tuple[str, str, int]] = []
+        self.client = httpx.Client(timeout=30)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                proxy._serve(self)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.client.close()
+
+    def fail(self, pattern: str, times: int, status: int = 503, retry_after: str | None = None) -> None:
+        headers = {"Retry-After": retry_after} if retry_after is not None else {}
+        with self.lock:
+            self.faults.extend([(re.compile(pattern), status, headers)] * times)
+
+    def _take_fault(self, method: str, path: str) -> tuple[int, dict[str, str]] | None:
+        with self.lock:
+            for i, (pattern, status, headers) in enumerate(self.faults):
+                if pattern.search(f"{method} {path}"):
+                    del self.faults[i]
+                    return status, headers
+        return None
+
+    def _serve(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("content-length") or 0)
+        body = h.rfile.read(length) if length else b""
+        fault = self._take_fault(h.command, h.path)
+        if fault:
+            status, headers = fault
+            self._reply(h, status, {**headers, "Content-Type": "application/json"},
+                        b'{"errors":[{"code":"UNAVAILABLE","message":"injected"}]}')
+        elif self.redirect_blobs and h.command == "GET" and re.match(r"^/v2/.+/blobs/sha256:", h.path):
+            self._reply(h, 307, {"Location": self.redirect_blobs + h.path}, b"")
+            status = 307
+        else:
+            headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
+            r = self.client.request(h.command, self.upstream + h.path, headers=headers, content=body)
+            out = {k: v for k, v in r.headers.items() if k.lower() not in _HOP}
+            if "location" in r.headers and r.headers["location"].startswith(self.upstream):
+                out["location"] = r.headers["location"][len(self.upstream):]
+            status = r.status_code
+            self._reply(h, status, out, r.content, head_length=r.headers.get("content-length"))
+        with self.lock:
+            self.seen.append((h.command, h.path, status))
+
+    @staticmethod
+    def _reply(h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes,
+               head_length: str | None = None) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        length = head_length if h.command == "HEAD" and head_length else str(len(body))
+        h.send_header("Content-Length", length)
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(body)
+
+
+class HeaderRecorder:
+    """Another origin that serves blobs (by fetching them from the registry itself) and
+    records the Authorization headers it was sent: a stand-in for blob storage behind a 307."""
+
+    def __init__(self, upstream: str, auth: tuple[str, str] | None) -> None:
+        self.authorizations: list[str | None] = []
+        client = httpx.Client(timeout=30, auth=auth)
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                recorder.authorizations.append(self.headers.get("authorization"))
+                headers = {"Range": self.headers["range"]} if self.headers.get("range") else {}
+                r = client.get(upstream + self.path, headers=headers)
+                self.send_response(r.status_code)
+                for k in ("content-type", "content-range"):
+                    if k in r.headers:
+                        self.send_header(k, r.headers[k])
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+        self.client = client
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        # "localhost" rather than 127.0.0.1: a different origin from the registry's.
+        self.url = f"http://localhost:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> HeaderRecorder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.client.close()
