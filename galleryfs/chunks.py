@@ -8,8 +8,8 @@ bounded in time, so a dead registry turns into an error, not a hang.
 `BlobHandle` is one open file: it watches the access pattern and, when reads are
 sequential, fetches ahead in a window that starts at one chunk and doubles up to a cap
 for every chunk consumed. Kernel readahead and mmap faults arrive slightly out of
-order, so a forward skip of up to `SEQ_FORWARD` or a step back of up to `SEQ_BACK`
-does not break a stream. Random access fetches only what is asked for.
+order, so a forward skip of a few chunks or a step back of a quarter chunk does not
+break a stream. Random access fetches only what is asked for.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 4 << 20
 DEFAULT_MEMORY = 256 << 20
 WINDOW_CAP = 64 << 20
-SEQ_FORWARD = 16 << 20
-SEQ_BACK = 1 << 20
+# Stream tolerances, in chunks: with 4 MiB chunks a 16 MiB forward skip and a 1 MiB
+# step back keep a stream going (as in Mountpoint for S3).
+SEQ_FORWARD_CHUNKS = 4
+SEQ_BACK_FRACTION = 4
 
 # (repo, digest, start, end) -> exactly bytes [start, end)
 Fetcher = Callable[[str, str, int, int], Awaitable[bytes]]
@@ -56,6 +58,24 @@ class ChunkStats:
     coalesced: int = 0
     prefetches: int = 0
     digest_failures: int = 0
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real error of a nursery's exception group (not a Cancelled)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return leaves[0] if leaves else group
 
 
 class _Cancelled(Exception):
@@ -206,9 +226,13 @@ class ChunkReader:
             async def get(i: int) -> None:
                 found[i] = await self.chunk(blob, i)
 
-            async with trio.open_nursery() as nursery:
-                for i in range(first, last + 1):
-                    nursery.start_soon(get, i)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i in range(first, last + 1):
+                        nursery.start_soon(get, i)
+            except BaseExceptionGroup as group:
+                # Callers map single galleryfs errors to errno; a group would hide them.
+                raise first_error(group) from None
             chunks = [found[i] for i in range(first, last + 1)]
         data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
         skip = offset - first * self.chunk_size
@@ -246,6 +270,8 @@ class ReadAhead:
         self.chunk_size = chunk_size
         self.cap = max(cap, chunk_size)
         self.window = 0
+        self.forward = SEQ_FORWARD_CHUNKS * chunk_size
+        self.back = chunk_size // SEQ_BACK_FRACTION
         self.last_end: int | None = None
         self._grow_mark = -1  # chunk index where the window last grew
 
@@ -253,7 +279,7 @@ class ReadAhead:
         """Record a read; return the window to keep fetched beyond its end."""
         end = offset + size
         if self.last_end is not None and (
-                self.last_end - SEQ_BACK <= offset <= self.last_end + SEQ_FORWARD):
+                self.last_end - self.back <= offset <= self.last_end + self.forward):
             chunk = end // self.chunk_size
             if self.window == 0:
                 self.window = self.chunk_size

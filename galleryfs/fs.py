@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from .chunks import BlobHandle, BlobRef, ChunkReader
+from .chunks import BlobHandle, BlobRef, ChunkReader, first_error
 from .errors import (
     AuthError,
     DigestMismatch,
@@ -51,6 +51,8 @@ class NotServable(UnsupportedContent):
 
 
 def errno_for(exc: BaseException) -> int:
+    if isinstance(exc, BaseExceptionGroup):
+        exc = first_error(exc)
     if isinstance(exc, ReadOnly):
         return errno.EROFS
     if isinstance(exc, (NotFound, InvalidReference)):

@@ -73,19 +73,34 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
         raise GalleryError("fusermount3 not found: install fuse3") from None
 
 
+def _dead_mount(mountpoint: str) -> bool:
+    """True for a mount left by a daemon that died ("Transport endpoint is not connected").
+
+    A directory listing always reaches the (dead) connection; a stat may be answered
+    from the kernel's attribute cache, so it alone does not tell.
+    """
+    try:
+        os.listdir(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
 def check_mountpoint(mountpoint: str) -> None:
     """Refuse what cannot be mounted on; recover a mountpoint left by a dead daemon."""
     try:
         os.stat(mountpoint)
+        stale = os.path.ismount(mountpoint) and _dead_mount(mountpoint)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            print(f"galleryfs: {mountpoint}: cleaning up after a galleryfs that died "
-                  "(transport endpoint is not connected)", file=sys.stderr)
-            _fusermount("-uz", mountpoint)
-        elif exc.errno == errno.ENOENT:
+        if exc.errno == errno.ENOENT:
             raise UsageError(f"mountpoint {mountpoint}: no such directory") from None
-        else:
+        if exc.errno != errno.ENOTCONN:
             raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+        stale = True
+    if stale:
+        print(f"galleryfs: {mountpoint}: cleaning up after a galleryfs that died "
+              "(transport endpoint is not connected)", file=sys.stderr)
+        _fusermount("-uz", mountpoint)
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
@@ -297,13 +312,15 @@ def unmount_main(mountpoint: str, *, lazy: bool = False) -> int:
     mountpoint = os.path.abspath(mountpoint)
     try:
         os.stat(mountpoint)
+        mounted = os.path.ismount(mountpoint)
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise UsageError(f"{mountpoint}: {exc.strerror}") from None
+        mounted = True
+    if not mounted:
+        raise UsageError(f"{mountpoint} is not mounted")
+    if _dead_mount(mountpoint):
         lazy = True  # the daemon is gone; only a lazy unmount clears the entry
-    else:
-        if not os.path.ismount(mountpoint):
-            raise UsageError(f"{mountpoint} is not mounted")
     result = _fusermount("-uz" if lazy else "-u", mountpoint)
     if result.returncode != 0:
         message = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"

@@ -48,6 +48,7 @@ from typing import Protocol
 import trio
 
 from . import digest as digests
+from .chunks import first_error
 from .errors import GalleryError, NotFound, UnsupportedContent
 from .modelpack import Revision, RevisionFile, parse_manifest
 from .registry import RegistryClient
@@ -370,9 +371,12 @@ class Tree:
             resolved[tag] = revision.digest
 
         limiter = trio.CapacityLimiter(RESOLVE_CONCURRENCY)
-        async with trio.open_nursery() as nursery:
-            for tag in tags:
-                nursery.start_soon(resolve, tag, limiter)
+        try:
+            async with trio.open_nursery() as nursery:
+                for tag in tags:
+                    nursery.start_soon(resolve, tag, limiter)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
         for digest in sorted(set(resolved.values())):
             entries[digest] = (await self._revision_node(folder, digest)).inode
         for tag, digest in sorted(resolved.items()):

@@ -1,0 +1,232 @@
+"""The chunk reader and disk cache against a real registry (no mount)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from galleryfs.chunks import BlobRef, ChunkReader
+from galleryfs.diskcache import DiskCache
+from galleryfs.errors import DigestMismatch
+from galleryfs.registry import ClientOptions, RegistryClient
+
+pytestmark = pytest.mark.trio
+
+CHUNK = 64 << 10
+REPO = "chunks/blob"
+
+
+def push_blob(url: str, repo: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=url, timeout=30) as http:
+        r = http.post(f"/v2/{repo}/blobs/uploads/")
+        assert r.status_code == 202, r.text
+        location = r.headers["location"]
+        sep = "&" if "?" in location else "?"
+        r = http.put(f"{location}{sep}digest={digest}", content=data,
+                     headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 201, r.text
+    return digest
+
+
+@pytest.fixture
+def blob(registry) -> tuple[BlobRef, bytes]:  # noqa: ANN001 - harness fixture
+    data = os.urandom(10 * CHUNK + 1234)
+    digest = push_blob(registry.url, REPO, data)
+    return BlobRef(REPO, digest, len(data)), data
+
+
+class Counting:
+    """The real client's read_range, counting the requests that reach the registry."""
+
+    def __init__(self, client: RegistryClient) -> None:
+        self.client = client
+        self.calls: list[tuple[int, int]] = []
+        self.corrupt = False
+
+    async def __call__(self, repo: str, digest: str, start: int, end: int) -> bytes:
+        self.calls.append((start, end))
+        data = await self.client.read_range(repo, digest, start, end)
+        if self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return data
+
+
+def _client(registry) -> RegistryClient:  # noqa: ANN001
+    return RegistryClient(registry.host, ClientOptions(plain_http=True, timeout=10))
+
+
+async def test_concurrent_reads_of_one_chunk_cause_one_fetch(registry, blob, tmp_path) -> None:
+    ref, data = blob
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        reader = ChunkReader(fetch, chunk_size=CHUNK,
+                             disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        results: list[bytes] = []
+
+        async def one(offset: int) -> None:
+            results.append(await reader.read(ref, offset, 1000))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(one, 100 * i)
+        assert fetch.calls == [(0, CHUNK)]
+        assert sorted(results) == sorted(data[100 * i:100 * i + 1000] for i in range(8))
+        assert reader.stats.coalesced >= 1
+        # A read across a chunk boundary returns exactly the bytes asked for.
+        assert await reader.read(ref, CHUNK - 10, 30) == data[CHUNK - 10:CHUNK + 20]
+        assert await reader.read(ref, ref.size - 5, 100) == data[-5:]
+        assert await reader.read(ref, ref.size, 100) == b""
+
+
+async def test_disk_cache_survives_restart_and_verifies(registry, blob, tmp_path) -> None:
+    ref, data = blob
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        assert await reader.read(ref, 0, ref.size) == data
+        assert len(fetch.calls) == 11
+        hexpart = ref.digest.split(":")[1]
+        complete = tmp_path / "blobs" / "sha256" / hexpart
+        assert complete.read_bytes() == data  # all chunks arrived: verified and promoted
+        assert not (tmp_path / "partial" / "sha256" / f"{hexpart}.chunks").exists()
+
+        # A new reader and cache over the same directory: a restart.
+        fetch2 = Counting(client)
+        reader2 = ChunkReader(fetch2, chunk_size=CHUNK,
+                              disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        assert await reader2.read(ref, 3 * CHUNK + 7, 2 * CHUNK) == data[3 * CHUNK + 7:5 * CHUNK + 7]
+        assert fetch2.calls == []
+        assert reader2.stats.disk_hits == 3  # chunks 3, 4, 5
+
+        # Damage the cached file: the next process refuses it and drops it.
+        raw = bytearray(complete.read_bytes())
+        raw[12345] ^= 0x01
+        complete.write_bytes(bytes(raw))
+        fetch3 = Counting(client)
+        reader3 = ChunkReader(fetch3, chunk_size=CHUNK,
+                              disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        with pytest.raises(DigestMismatch):
+            await reader3.read(ref, 0, 100)
+        assert not complete.exists()
+        # The next read fetches from the registry again and gets the right bytes.
+        assert await reader3.read(ref, 0, 100) == data[:100]
+        assert fetch3.calls == [(0, CHUNK)]
+
+
+async def test_partial_cache_resumes_after_restart(registry, blob, tmp_path) -> None:
+    ref, data = blob
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        await reader.read(ref, 2 * CHUNK, CHUNK)
+        await reader.read(ref, 5 * CHUNK, 10)
+        fetch2 = Counting(client)
+        reader2 = ChunkReader(fetch2, chunk_size=CHUNK,
+                              disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        assert await reader2.read(ref, 0, ref.size) == data
+        # Chunks 2 and 5 came from disk; the blob was then hashed in order and promoted.
+        assert sorted(s // CHUNK for s, _ in fetch2.calls) == [0, 1, 3, 4, 6, 7, 8, 9, 10]
+        assert (tmp_path / "blobs" / "sha256" / ref.digest.split(":")[1]).exists()
+
+
+async def test_wrong_bytes_from_network_are_dropped_when_complete(registry, blob,
+                                                                  tmp_path) -> None:
+    ref, data = blob
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        fetch.corrupt = True
+        disk = DiskCache(tmp_path, 1 << 30, CHUNK)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, disk=disk)
+        with pytest.raises(DigestMismatch):
+            await reader.read(ref, 0, ref.size)
+        hexpart = ref.digest.split(":")[1]
+        assert not (tmp_path / "blobs" / "sha256" / hexpart).exists()
+        assert not (tmp_path / "partial" / "sha256" / f"{hexpart}.data").exists()
+        assert reader.memory.currsize == 0  # nothing of the bad blob stays in memory
+        fetch.corrupt = False
+        assert await reader.read(ref, 0, ref.size) == data
+
+
+async def test_readahead_grows_on_sequential_reads(registry, blob) -> None:
+    ref, data = blob
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, window_cap=4 * CHUNK)
+        windows = []
+        async with trio.open_nursery() as nursery:
+            handle = reader.open(ref, nursery)
+            out = bytearray()
+            for offset in range(0, ref.size, 16 << 10):
+                out += await handle.read(offset, 16 << 10)
+                windows.append(handle.readahead.window)
+            handle.close()
+        assert bytes(out) == data
+        assert windows[0] == 0 and windows[1] == CHUNK
+        assert max(windows) == 4 * CHUNK  # doubled up to the cap, not beyond
+        assert windows == sorted(windows)
+        assert reader.stats.prefetches > 0
+        # Prefetched chunks were fetched once each, not again by the foreground reads.
+        assert len(fetch.calls) == len(set(fetch.calls)) == 11
+
+
+async def test_no_readahead_on_random_reads(registry, blob) -> None:
+    ref, data = blob
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        reader = ChunkReader(fetch, chunk_size=CHUNK)
+        async with trio.open_nursery() as nursery:
+            handle = reader.open(ref, nursery)
+            for offset in (9 * CHUNK, 0, 5 * CHUNK + 3, 2 * CHUNK, 7 * CHUNK):
+                assert await handle.read(offset, 100) == data[offset:offset + 100]
+                assert handle.readahead.window == 0
+            handle.close()
+        assert reader.stats.prefetches == 0
+        assert sorted(s // CHUNK for s, _ in fetch.calls) == [0, 2, 5, 7, 9]
+
+
+async def test_small_jumps_do_not_reset_stream() -> None:
+    from galleryfs.chunks import ReadAhead
+
+    ra = ReadAhead(1 << 20, 64 << 20)
+    ra.observe(0, 128 << 10)
+    ra.observe(128 << 10, 128 << 10)
+    assert ra.window == 1 << 20
+    ra.observe(3 << 20, 128 << 10)  # kernel readahead ran ahead by a few MiB
+    ra.observe((3 << 20) + (64 << 10), 128 << 10)  # ... and a small step back
+    assert ra.window > 1 << 20
+    ra.observe(500 << 20, 4096)  # a real jump
+    assert ra.window == 0
+
+
+async def test_memory_lru_bound_in_bytes(registry, blob) -> None:
+    ref, data = blob
+    async with _client(registry) as client:
+        reader = ChunkReader(Counting(client), chunk_size=CHUNK, memory_bytes=3 * CHUNK)
+        for i in range(11):
+            assert await reader.read(ref, i * CHUNK, 10) == data[i * CHUNK:i * CHUNK + 10]
+            assert reader.memory.currsize <= 3 * CHUNK
+        assert len(reader.memory) == 3
+        assert reader.stats.memory_misses == 11
+
+
+async def test_disk_cache_evicts_least_recently_used(registry, tmp_path: Path) -> None:
+    blobs = []
+    for i in range(3):
+        data = bytes([i]) * (2 * CHUNK)
+        blobs.append((BlobRef(REPO, push_blob(registry.url, REPO, data), len(data)), data))
+    async with _client(registry) as client:
+        disk = DiskCache(tmp_path, 5 * CHUNK, CHUNK)
+        reader = ChunkReader(Counting(client), chunk_size=CHUNK, disk=disk)
+        for ref, data in blobs:
+            assert await reader.read(ref, 0, ref.size) == data
+            assert disk.used_bytes <= 5 * CHUNK
+        stored = {p.name for p in (tmp_path / "blobs" / "sha256").iterdir()}
+        assert blobs[0][0].digest.split(":")[1] not in stored
+        assert blobs[2][0].digest.split(":")[1] in stored
+        assert disk.evictions == 1

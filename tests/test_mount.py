@@ -1,0 +1,364 @@
+"""A real kernel mount of a real registry, served by a galleryfs subprocess."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from galleryfs import gallery
+from galleryfs.errors import UsageError
+from galleryfs.locations import BlobLocations
+from galleryfs.mount import mount_main, unmount_main
+from galleryfs.reference import parse
+from galleryfs.registry import ClientOptions, RegistryClient
+from tests.registry_harness import Registry
+
+
+def _fuse_available() -> bool:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except OSError:
+        return False
+    os.close(fd)
+    return shutil.which("fusermount3") is not None
+
+
+pytestmark = [pytest.mark.mount,
+              pytest.mark.skipif(not _fuse_available(), reason="/dev/fuse unavailable")]
+
+MOUNT_TIMEOUT = 30.0
+
+
+def push(registry: Registry, directory: Path, ref: str) -> str:
+    async def go() -> str:
+        options = ClientOptions(plain_http=True, timeout=30)
+        async with RegistryClient(registry.host, options) as client:
+            result = await gallery.push(client, directory, parse(f"{registry.host}/{ref}"),
+                                        locations=BlobLocations(directory / ".." / "loc.json"))
+            return result.digest
+
+    return trio.run(go)
+
+
+def move_tag(registry: Registry, repo: str, from_tag: str, to_tag: str) -> None:
+    accept = "application/vnd.oci.image.manifest.v1+json"
+    with httpx.Client(base_url=registry.url, timeout=30) as http:
+        r = http.get(f"/v2/{repo}/manifests/{from_tag}", headers={"Accept": accept})
+        r.raise_for_status()
+        r = http.put(f"/v2/{repo}/manifests/{to_tag}", content=r.content,
+                     headers={"Content-Type": r.headers["content-type"]})
+        assert r.status_code == 201, r.text
+
+
+def wait_for_mount(proc: subprocess.Popen[bytes] | None, mountpoint: Path, log: Path) -> None:
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint) and not _stale(mountpoint):
+            return
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"galleryfs exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"mount did not appear within {MOUNT_TIMEOUT}s:\n{log.read_text()[-3000:]}")
+
+
+def unmount(mountpoint: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
+    if os.path.ismount(mountpoint) or _stale(mountpoint):
+        r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+        if r.returncode != 0:
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+    if proc is not None:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        if os.path.ismount(mountpoint):  # it mounted after all, then was killed
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+
+
+def _stale(mountpoint: Path) -> bool:
+    try:
+        os.listdir(mountpoint)  # a stat could be answered from the attribute cache
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def start_foreground(source: str, mountpoint: Path, cache: Path, log: Path,
+                     *extra: str) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "galleryfs.mount", source, str(mountpoint), "-f",
+             "--plain-http", "--cache-dir", str(cache), "--timeout", "5", *extra],
+            stdout=out, stderr=out, cwd="/")
+
+
+def stats(mountpoint: Path) -> dict:
+    return json.loads(os.getxattr(mountpoint, "user.galleryfs.stats"))
+
+
+def files_of(root: Path) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Mounted:
+    registry: Registry
+    mnt: Path
+    model: Path
+    source: Path
+    digest: str
+    small_digest: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def revision(self) -> Path:
+        return self.model / self.digest
+
+
+@pytest.fixture(scope="module")
+def mounted(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounted]:
+    base = tmp_path_factory.mktemp("mount")
+    small = base / "small"
+    small.mkdir()
+    (small / "config.json").write_text('{"small": true}\n')
+    reg = Registry("plain")
+    reg.start()
+    mnt = base / "mnt"
+    mnt.mkdir()
+    log = base / "galleryfs.log"
+    proc = None
+    try:
+        digest = push(reg, model_dir, "team/minilm:latest")
+        move_tag(reg, "team/minilm", "latest", "stable")
+        small_digest = push(reg, small, "team/minilm:small")
+        push(reg, small, "team/minilm/base:latest")  # a nested model
+        proc = start_foreground(reg.host, mnt, base / "cache", log, "--refresh", "1")
+        wait_for_mount(proc, mnt, log)
+        yield Mounted(reg, mnt, mnt / "team" / "minilm", model_dir, digest, small_digest,
+                      proc, log)
+    finally:
+        unmount(mnt, proc)
+        reg.close()
+    assert not os.path.ismount(mnt)
+
+
+def test_safe_open_reads_one_tensor_lazily(mounted: Mounted) -> None:
+    from safetensors import safe_open
+
+    path = mounted.revision / "model.safetensors"
+    size = path.stat().st_size
+    before = stats(mounted.mnt)["registry_bytes"]
+    with safe_open(str(mounted.source / "model.safetensors"), framework="numpy") as src:
+        name = sorted(src.keys())[-1]
+        expected = src.get_tensor(name)
+    with safe_open(str(path), framework="numpy") as f:
+        got = f.get_tensor(name)
+    assert (got == expected).all()
+    served = stats(mounted.mnt)["registry_bytes"] - before
+    assert 0 < served < size / 3, (served, size)
+
+
+def test_tree_listing_and_attributes(mounted: Mounted) -> None:
+    mnt = mounted.mnt
+    assert sorted(os.listdir(mnt)) == ["team"]
+    assert sorted(os.listdir(mnt / "team")) == ["minilm"]
+    assert sorted(os.listdir(mounted.model)) == sorted(
+        ["base", "latest", "small", "stable", mounted.digest, mounted.small_digest])
+    assert sorted(os.listdir(mounted.model / "base")) == sorted(
+        ["latest", mounted.small_digest])
+    source_files = files_of(mounted.source)
+    mounted_files = files_of(mounted.revision)
+    assert sorted(mounted_files) == sorted(source_files)
+    for rel, path in mounted_files.items():
+        st = path.stat()
+        assert st.st_size == source_files[rel].stat().st_size
+        assert stat.S_IMODE(st.st_mode) == 0o444 and stat.S_ISREG(st.st_mode)
+        assert st.st_uid == os.getuid() and st.st_gid == os.getgid()
+        assert st.st_blocks == math.ceil(st.st_size / 512)
+    d = mounted.revision.stat()
+    assert stat.S_IMODE(d.st_mode) == 0o555 and stat.S_ISDIR(d.st_mode)
+    assert stat.S_IMODE(os.lstat(mounted.model / "latest").st_mode) == 0o777
+
+
+def test_shell_tools(mounted: Mounted, tmp_path: Path) -> None:
+    total = sum(p.stat().st_size for p in files_of(mounted.source).values())
+    du = subprocess.run(["du", "-sb", str(mounted.revision)], capture_output=True, text=True,
+                        check=True, timeout=60)
+    assert int(du.stdout.split()[0]) == total
+    found = subprocess.run(["find", str(mounted.revision), "-type", "f"], capture_output=True,
+                           text=True, check=True, timeout=60).stdout.split()
+    assert sorted(str(Path(p).relative_to(mounted.revision)) for p in found) == sorted(
+        files_of(mounted.source))
+    ls = subprocess.run(["ls", "-R", str(mounted.mnt)], capture_output=True, text=True,
+                        check=True, timeout=60).stdout
+    assert "model.safetensors" in ls and "1_Pooling" in ls
+    subprocess.run(["stat", str(mounted.revision / "config.json")], check=True,
+                   capture_output=True, timeout=30)
+    dest = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(mounted.revision), str(dest)], check=True, timeout=120)
+    for rel, src in files_of(mounted.source).items():
+        subprocess.run(["cmp", str(src), str(dest / rel)], check=True, timeout=60)
+        subprocess.run(["cmp", str(src), str(mounted.revision / rel)], check=True, timeout=60)
+    assert stats(mounted.mnt)["digest_failures"] == 0
+
+
+def test_full_mmap_load_equals_source(mounted: Mounted) -> None:
+    from safetensors.numpy import load_file
+
+    got = load_file(str(mounted.revision / "model.safetensors"))
+    expected = load_file(str(mounted.source / "model.safetensors"))
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert (got[name] == tensor).all(), name
+
+
+def test_tag_symlinks_and_moves(mounted: Mounted) -> None:
+    latest = mounted.model / "latest"
+    assert os.readlink(latest) == mounted.digest
+    assert (latest / "config.json").read_bytes() == (mounted.source / "config.json").read_bytes()
+    assert os.readlink(mounted.model / "stable") == mounted.digest
+    move_tag(mounted.registry, "team/minilm", "small", "stable")
+    deadline = time.monotonic() + 15
+    while os.readlink(mounted.model / "stable") != mounted.small_digest:
+        assert time.monotonic() < deadline, "moved tag did not show within the refresh bound"
+        time.sleep(0.2)
+    assert json.loads((mounted.model / "stable" / "config.json").read_text()) == {"small": True}
+
+
+def test_xattrs(mounted: Mounted) -> None:
+    f = mounted.revision / "config.json"
+    expected = "sha256:" + hashlib.sha256((mounted.source / "config.json").read_bytes()).hexdigest()
+    assert os.getxattr(f, "user.galleryfs.digest").decode() == expected
+    assert os.getxattr(f, "user.galleryfs.mediatype").decode().startswith(
+        "application/vnd.cncf.model.")
+    assert os.getxattr(mounted.revision, "user.galleryfs.digest").decode() == mounted.digest
+    out = subprocess.run(["getfattr", "-d", "-m", "-", str(f)], capture_output=True, text=True,
+                         timeout=30).stdout
+    assert "user.galleryfs.digest" in out and "user.galleryfs.mediatype" in out
+    s = stats(mounted.mnt)
+    for key in ("registry_bytes", "registry_requests", "memory_hits", "memory_misses",
+                "disk_hits", "disk_misses", "readahead_windows"):
+        assert key in s
+    with pytest.raises(OSError) as exc:
+        os.getxattr(f, "user.nothing")
+    assert exc.value.errno == errno.ENODATA
+
+
+def test_read_only_and_unknown_names(mounted: Mounted) -> None:
+    f = mounted.revision / "config.json"
+    attempts = [
+        lambda: open(f, "r+b"),
+        lambda: open(f, "ab"),
+        lambda: open(mounted.revision / "new.txt", "wb"),
+        lambda: os.mkdir(mounted.revision / "d"),
+        lambda: os.unlink(f),
+        lambda: os.rename(f, mounted.revision / "x"),
+        lambda: os.symlink("x", mounted.model / "link"),
+        lambda: os.chmod(f, 0o644),
+        lambda: os.setxattr(f, "user.x", b"1"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as exc:
+            attempt()
+        assert exc.value.errno == errno.EROFS
+    for missing in (mounted.mnt / "nope", mounted.model / "nosuchtag",
+                    mounted.model / ("sha256:" + "0" * 64), mounted.revision / "nope"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(missing)
+
+
+def test_outage_gives_eio_then_recovers_in_background_mode(
+        registry: Registry, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    payload = os.urandom(3 << 20)
+    (data / "weights.bin").write_bytes(payload)
+    push(registry, data, "g/outage:latest")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = tmp_path / "cache"
+    # Through mount_main in a subprocess, as the CLI calls it: returns once mounted.
+    code = (
+        "import sys; from galleryfs.mount import mount_main;"
+        "from galleryfs.registry import ClientOptions;"
+        f"sys.exit(mount_main({registry.host + '/g'!r}, {str(mnt)!r}, foreground=False,"
+        " options=ClientOptions(plain_http=True, timeout=3),"
+        f" cache_dir={str(cache)!r}, cache_size=1<<30, refresh=1.0, chunk_size=1<<20,"
+        " debug=False))")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert os.path.ismount(mnt)  # ready when mount_main returned
+        f = mnt / "outage" / "latest" / "weights.bin"
+        with open(f, "rb") as fh:
+            assert fh.read(4096) == payload[:4096]
+        registry.stop()
+        start = time.monotonic()
+        with pytest.raises(OSError) as exc, open(f, "rb") as fh:
+            fh.seek(2 << 20)
+            fh.read(4096)
+        assert exc.value.errno == errno.EIO
+        assert time.monotonic() - start < 20
+        registry.restart()
+        with open(f, "rb") as fh:
+            fh.seek(2 << 20)
+            assert fh.read(4096) == payload[2 << 20:(2 << 20) + 4096]
+        assert unmount_main(str(mnt)) == 0
+        deadline = time.monotonic() + 10
+        while os.path.ismount(mnt):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        unmount(mnt)
+
+
+def test_bad_mountpoints_and_stale_mount_recovery(registry: Registry, tmp_path: Path) -> None:
+    opts = ClientOptions(plain_http=True, timeout=3)
+    kwargs = dict(foreground=False, options=opts, cache_dir=str(tmp_path / "c"),
+                  cache_size=1 << 30, refresh=1.0, chunk_size=1 << 20, debug=False)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    with pytest.raises(UsageError, match="not empty"):
+        mount_main(registry.host, str(full), **kwargs)
+    with pytest.raises(UsageError, match="not a directory"):
+        mount_main(registry.host, str(full / "x"), **kwargs)
+    with pytest.raises(UsageError, match="no such directory"):
+        mount_main(registry.host, str(tmp_path / "absent"), **kwargs)
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "log"
+    proc = start_foreground(registry.host, mnt, tmp_path / "c", log)
+    try:
+        wait_for_mount(proc, mnt, log)
+        with pytest.raises(UsageError, match="already a mount point"):
+            mount_main(registry.host, str(mnt), **kwargs)
+        proc.kill()  # a crashed daemon leaves "Transport endpoint is not connected"
+        proc.wait(timeout=10)
+        assert _stale(mnt)
+        proc = start_foreground(registry.host, mnt, tmp_path / "c", log)
+        wait_for_mount(proc, mnt, log)
+        assert os.listdir(mnt) == []  # an empty registry
+        assert "cleaning up" in log.read_text()
+    finally:
+        unmount(mnt, proc)
+    assert not os.path.ismount(mnt) and not _stale(mnt)
