@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("unmount", help="unmount a galleryfs mount")
     p.add_argument("mountpoint", type=Path)
+    p.add_argument("--lazy", action="store_true",
+                   help="detach now even if files are open; unmount once they are closed")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -326,7 +328,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_unmount(args: argparse.Namespace) -> int:
     from .mount import unmount_main
 
-    return unmount_main(str(args.mountpoint))
+    return unmount_main(str(args.mountpoint), lazy=args.lazy)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
