@@ -64,8 +64,8 @@ def main() -> int:
         run("mount", reg.host, str(mnt), "--plain-http", "--cache-dir", str(work / "cache"))
         try:
             target = mnt / "team-a" / "minilm" / "v1" / "model.safetensors"
-            print(f"\n$ ls -l {target.parent}")
-            print(subprocess.run(["ls", "-l", str(target.parent)], text=True, capture_output=True).stdout)
+            print(f"\n$ ls -l {target.parent}/")
+            print(subprocess.run(["ls", "-l", f"{target.parent}/"], text=True, capture_output=True).stdout)
             start = time.monotonic()
             mounted, local = sha256(target), sha256(MODEL / "model.safetensors")
             took = time.monotonic() - start
