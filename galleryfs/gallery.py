@@ -309,7 +309,7 @@ class RevisionInfo:
 
 async def list_galleries(client: RegistryClient) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for repo in await client.catalog():
+    for repo in await client.repositories():
         if "/" in repo:
             gallery = repo.split("/", 1)[0]
             counts[gallery] = counts.get(gallery, 0) + 1
@@ -317,7 +317,7 @@ async def list_galleries(client: RegistryClient) -> dict[str, int]:
 
 
 async def list_models(client: RegistryClient, prefix: str) -> list[str]:
-    return sorted(r for r in await client.catalog() if r.startswith(prefix + "/"))
+    return sorted(r for r in await client.repositories() if r.startswith(prefix + "/"))
 
 
 async def list_revisions(client: RegistryClient, repo: str) -> list[RevisionInfo]:

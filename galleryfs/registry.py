@@ -74,6 +74,7 @@ class RegistryClient:
         self.auth = RegistryAuth(self.options.credentials)
         self.bytes_received = 0
         self.requests_sent = 0
+        self._harbor: bool | None = None  # learned on first use
         self._http = httpx.AsyncClient(
             base_url=self.base,
             auth=self.auth,
@@ -215,6 +216,62 @@ class RegistryClient:
         async for page in self._paginate(f"/v2/_catalog?n={page_size}", f"catalog of {self.host}"):
             repos.extend(page.get("repositories") or [])
         return repos
+
+    async def repositories(self) -> list[str]:
+        """Every repository the registry lets us see: Harbor's project API where the
+        registry is a Harbor (robot accounts often may not read the catalog), else
+        `/v2/_catalog`."""
+        if self._harbor is not False:
+            found = await self.harbor_repositories()
+            if found is not None:
+                return found
+        return await self.catalog()
+
+    async def harbor_repositories(self, page_size: int = 100) -> list[str] | None:
+        """Repositories from Harbor's REST API (`/api/v2.0`), or None if it is not there."""
+        what = f"Harbor projects of {self.host}"
+        auth = None
+        if self.options.credentials:
+            auth = httpx.BasicAuth(self.options.credentials.username, self.options.credentials.password)
+
+        async def pages(path: str) -> AsyncIterator[list]:
+            page = 1
+            while True:
+                async def once(page: int = page) -> httpx.Response:
+                    return await self._http.get(path, params={"page": page, "page_size": page_size},
+                                                auth=auth or httpx.USE_CLIENT_DEFAULT)
+
+                response = await self._retrying(what, once)
+                if response.status_code in (404, 405) or "json" not in response.headers.get(
+                        "content-type", ""):
+                    raise _NotHarbor
+                self._check(response, what)
+                try:
+                    items = response.json()
+                except ValueError:
+                    raise _NotHarbor from None
+                if not isinstance(items, list):
+                    raise _NotHarbor
+                yield items
+                if len(items) < page_size:
+                    return
+                page += 1
+
+        try:
+            projects: list[str] = []
+            async for items in pages("/api/v2.0/projects"):
+                projects += [p["name"] for p in items
+                             if isinstance(p, dict) and isinstance(p.get("name"), str)]
+            repos: list[str] = []
+            for project in projects:
+                async for items in pages(f"/api/v2.0/projects/{project}/repositories"):
+                    repos += [r["name"] for r in items
+                              if isinstance(r, dict) and isinstance(r.get("name"), str)]
+        except _NotHarbor:
+            self._harbor = False
+            return None
+        self._harbor = True
+        return sorted(repos)
 
     async def _paginate(self, url: str, what: str) -> AsyncIterator[dict]:
         seen: set[str] = set()
@@ -438,22 +495,36 @@ class RegistryClient:
         finally:
             await response.aclose()
 
-    async def read_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
+    async def read_range(self, repo: str, digest: str, start: int, end: int) -> bytearray:
         """Bytes [start, end) of a blob, exactly, retried as a whole on transient errors."""
         what = f"{self.host}/{repo}@{digest}[{start}:{end}]"
 
-        async def once() -> bytes:
-            async with self.open_blob(repo, digest, start, end) as response:
-                data = await response.aread()
-            if len(data) != end - start:
-                raise httpx.ReadError(f"short read: {len(data)} of {end - start} bytes")
-            self.bytes_received += len(data)
-            return data
+        async def once() -> bytearray:
+            # Pieces go straight into one buffer of the final size: no list of pieces
+            # plus a joined copy (twice the chunk in memory, one more copy).
+            buf = bytearray(end - start)
+            got = 0
+            with memoryview(buf) as view:
+                async with self.open_blob(repo, digest, start, end) as response:
+                    async for piece in response.aiter_bytes():
+                        n = len(piece)
+                        if got + n > len(buf):
+                            raise httpx.ReadError(f"long read: more than {len(buf)} bytes")
+                        view[got:got + n] = piece
+                        got += n
+            if got != len(buf):
+                raise httpx.ReadError(f"short read: {got} of {end - start} bytes")
+            self.bytes_received += got
+            return buf
 
         return await self._retrying(what, once)
 
 
 # ---- helpers ---------------------------------------------------------------------------
+
+
+class _NotHarbor(Exception):
+    pass
 
 
 def _causes(exc: BaseException) -> str:

@@ -459,15 +459,15 @@ def _created_ns(revision: Revision) -> int | None:
 class RegistrySource:
     """A `Source` over a RegistryClient.
 
-    Galleries come from `/v2/_catalog`. Harbor lists projects at /api/v2.0/projects
-    instead: a Harbor source only needs to override `catalog`.
+    Repositories come from Harbor's project API where the registry has it, else from
+    `/v2/_catalog` (see `RegistryClient.repositories`).
     """
 
     def __init__(self, client: RegistryClient) -> None:
         self.client = client
 
     async def catalog(self) -> list[str]:
-        return await self.client.catalog()
+        return await self.client.repositories()
 
     async def tags(self, repo: str) -> list[str]:
         return await self.client.list_tags(repo)

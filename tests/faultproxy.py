@@ -22,6 +22,11 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.faults: list[tuple[re.Pattern[str], int, dict[str, str]]] = []
         self.redirect_blobs: str | None = None
+        # A stand-in for Harbor's REST API, answered from the real registry's catalog; with
+        # `catalog_forbidden`, like a Harbor robot account that may not read the catalog.
+        self.harbor_api = False
+        self.catalog_forbidden = False
+        self.harbor_requests = 0
         self.seen: list[tuple[str, str, int]] = []
         self.client = httpx.Client(timeout=30)
         proxy = self
@@ -68,7 +73,13 @@ class FaultProxy:
         length = int(h.headers.get("content-length") or 0)
         body = h.rfile.read(length) if length else b""
         fault = self._take_fault(h.command, h.path)
-        if fault:
+        if self.harbor_api and h.path.startswith("/api/v2.0/"):
+            status = self._harbor(h)
+        elif self.catalog_forbidden and h.path.startswith("/v2/_catalog"):
+            status = 403
+            self._reply(h, status, {"Content-Type": "application/json"},
+                        b'{"errors":[{"code":"DENIED","message":"catalog not allowed"}]}')
+        elif fault:
             status, headers = fault
             self._reply(h, status, {**headers, "Content-Type": "application/json"},
                         b'{"errors":[{"code":"UNAVAILABLE","message":"injected"}]}')
@@ -85,6 +96,27 @@ class FaultProxy:
             self._reply(h, status, out, r.content, head_length=r.headers.get("content-length"))
         with self.lock:
             self.seen.append((h.command, h.path, status))
+
+    def _harbor(self, h: BaseHTTPRequestHandler) -> int:
+        import json
+        from urllib.parse import parse_qs, urlsplit
+
+        self.harbor_requests += 1
+        url = urlsplit(h.path)
+        query = parse_qs(url.query)
+        page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["10"])[0])
+        repos = self.client.get(self.upstream + "/v2/_catalog?n=1000").json()["repositories"]
+        if url.path == "/api/v2.0/projects":
+            items = [{"name": p} for p in sorted({r.split("/", 1)[0] for r in repos})]
+        else:
+            m = re.match(r"^/api/v2.0/projects/([^/]+)/repositories$", url.path)
+            if not m:
+                self._reply(h, 404, {}, b"")
+                return 404
+            items = [{"name": r} for r in repos if r.startswith(m.group(1) + "/")]
+        body = json.dumps(items[(page - 1) * size: page * size]).encode()
+        self._reply(h, 200, {"Content-Type": "application/json", "X-Total-Count": str(len(items))}, body)
+        return 200
 
     @staticmethod
     def _reply(h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes,

@@ -4,55 +4,26 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.mounting import galleryfs, isolated_env, mounted
 from tests.registry_harness import Registry
 
 pytestmark = pytest.mark.mount
 
 
-def _fuse_available() -> bool:
-    try:
-        fd = os.open("/dev/fuse", os.O_RDWR)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def _galleryfs(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "galleryfs", *args], capture_output=True, text=True,
-                          timeout=120, env=env, stdin=subprocess.DEVNULL)
-
-
 @pytest.fixture
 def mounted_model(registry: Registry, model_dir: Path, tmp_path: Path) -> Iterator[Path]:
-    if not _fuse_available():
-        pytest.skip("/dev/fuse cannot be opened")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"),
-           "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    pushed = _galleryfs("push", str(model_dir), f"{registry.host}/team-a/minilm:v1", "--plain-http",
-                        "--quiet", env=env)
+    env = isolated_env(tmp_path)
+    pushed = galleryfs("push", str(model_dir), f"{registry.host}/team-a/minilm:v1", "--plain-http",
+                       "--quiet", env=env)
     assert pushed.returncode == 0, pushed.stderr
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    result = _galleryfs("mount", registry.host, str(mnt), "--plain-http", "--cache-dir",
-                        str(tmp_path / "fscache"), env=env)
-    assert result.returncode == 0, result.stderr
-    try:
-        assert os.path.ismount(mnt)
+    with mounted(registry.host, tmp_path / "mnt", env, "--plain-http", "--cache-dir",
+                 str(tmp_path / "fscache")) as mnt:
         yield mnt / "team-a" / "minilm" / "v1"
-    finally:
-        done = _galleryfs("unmount", str(mnt), env=env)
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
-        assert done.returncode == 0, done.stderr
-        assert not os.path.ismount(mnt)
 
 
 def test_sentence_transformers_from_mount_matches_disk(mounted_model: Path, model_dir: Path) -> None:

@@ -100,3 +100,36 @@ def test_catalog_and_tags_paginate(registry: Registry, tmp_path: Path) -> None:
             assert sorted(tags) == ["t1", "t2", "t3", "t4", "v1"]
 
     trio.run(run)
+
+
+def test_harbor_projects_api_lists_galleries_without_catalog(registry: Registry, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    src = _model(tmp_path)
+    with FaultProxy(registry.url) as proxy:
+        for name in ("alpha/m1", "alpha/llm/base", "beta/m2"):
+            assert main(["push", str(src), f"{proxy.host}/{name}:v1", "--plain-http", "--quiet"]) == 0
+        capsys.readouterr()
+        proxy.harbor_api = True
+        proxy.catalog_forbidden = True
+        assert main(["ls", proxy.host, "--plain-http", "--json"]) == 0
+        import json
+
+        assert json.loads(capsys.readouterr().out) == [{"gallery": "alpha", "models": 2},
+                                                       {"gallery": "beta", "models": 1}]
+        assert main(["ls", f"{proxy.host}/alpha", "--plain-http"]) == 0
+        out = capsys.readouterr().out
+        assert "llm/base" in out and "m1" in out
+        assert proxy.harbor_requests >= 3
+        assert not any(path.startswith("/v2/_catalog") for _, path, _ in proxy.seen)
+
+
+def test_plain_registry_falls_back_to_catalog(registry: Registry, tmp_path: Path) -> None:
+    src = _model(tmp_path)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            await gallery.push(client, src, parse(f"{registry.host}/g/m:v1"))
+            assert await client.harbor_repositories() is None
+            assert await client.repositories() == ["g/m"]
+
+    trio.run(run)

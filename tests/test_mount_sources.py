@@ -1,0 +1,33 @@
+"""Where the mount's galleries come from: Harbor's project API when the catalog is closed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.faultproxy import FaultProxy
+from tests.mounting import galleryfs, isolated_env, mounted
+from tests.registry_harness import Registry
+
+pytestmark = pytest.mark.mount
+
+
+def test_mount_lists_harbor_projects_without_catalog(registry: Registry, tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    env = isolated_env(tmp_path)
+    with FaultProxy(registry.url) as proxy:
+        for name in ("alpha/m1", "alpha/llm/base", "beta/m2"):
+            r = galleryfs("push", str(src), f"{proxy.host}/{name}:v1", "--plain-http", "--quiet", env=env)
+            assert r.returncode == 0, r.stderr
+        proxy.harbor_api = True
+        proxy.catalog_forbidden = True
+        with mounted(proxy.host, tmp_path / "mnt", env, "--plain-http", "--cache-dir",
+                     str(tmp_path / "fscache")) as mnt:
+            assert sorted(os.listdir(mnt)) == ["alpha", "beta"]
+            assert sorted(os.listdir(mnt / "alpha")) == ["llm", "m1"]
+            assert (mnt / "alpha" / "llm" / "base" / "v1" / "config.json").read_text() == "{}"
+        assert not any(path.startswith("/v2/_catalog") for _, path, _ in proxy.seen)
