@@ -31,3 +31,45 @@ def test_mount_lists_harbor_projects_without_catalog(registry: Registry, tmp_pat
             assert sorted(os.listdir(mnt / "alpha")) == ["llm", "m1"]
             assert (mnt / "alpha" / "llm" / "base" / "v1" / "config.json").read_text() == "{}"
         assert not any(path.startswith("/v2/_catalog") for _, path, _ in proxy.seen)
+
+
+def _daemon_pids(marker: str) -> list[int]:
+    """The mount daemons started with our isolated environment (their argv names no path)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"galleryfs.mount" in cmdline and marker.encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_unmounts_cleanly(registry: Registry, tmp_path: Path, sig: str) -> None:
+    import signal
+    import subprocess
+    import time
+
+    env = isolated_env(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = galleryfs("mount", registry.host, str(mnt), "--plain-http", "--cache-dir", str(tmp_path / "c"),
+                  env=env)
+    assert r.returncode == 0, r.stderr
+    try:
+        pids = _daemon_pids(str(tmp_path))
+        assert len(pids) == 1
+        os.kill(pids[0], getattr(signal, sig))
+        deadline = time.monotonic() + 20
+        while os.path.ismount(mnt) or _daemon_pids(str(tmp_path)):
+            assert time.monotonic() < deadline, "daemon did not unmount and exit after the signal"
+            time.sleep(0.05)
+        assert os.listdir(mnt) == []  # the plain, empty directory is back
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
