@@ -15,7 +15,7 @@ import trio
 
 from . import __version__, credentials, gallery
 from .credentials import Credentials
-from .errors import GalleryError, UsageError
+from .errors import GalleryError, UsageError, first_error
 from .progress import Progress
 from .reference import Reference, parse, parse_model
 from .registry import ClientOptions, RegistryClient
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         except BaseExceptionGroup as group:
             # Concurrent transfers run in trio nurseries, which group their failures; the
             # user needs the first real cause, once.
-            raise _first_leaf(group) from None
+            raise first_error(group) from None
     except GalleryError as exc:
         print(f"galleryfs: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -367,20 +367,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"galleryfs: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
 
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for preferred in (GalleryError, KeyboardInterrupt, OSError):
-        for leaf in leaves:
-            if isinstance(leaf, preferred):
-                return leaf
-    return leaves[0] if leaves else group

@@ -57,3 +57,25 @@ class DigestMismatch(GalleryError):
 
 class UnsupportedContent(GalleryError):
     pass
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The cause to report from a nursery's exception group: the first GalleryError,
+    else the first leaf that is not a cancellation (trio groups concurrent failures)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, GalleryError):
+            return leaf
+    for leaf in leaves:
+        if type(leaf).__name__ != "Cancelled":  # trio.Cancelled, without importing trio here
+            return leaf
+    return leaves[0] if leaves else group
