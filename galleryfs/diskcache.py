@@ -6,18 +6,28 @@ galleries) is fetched once. Layout under the cache root::
     blobs/sha256/<hex>               a complete blob, verified against its digest
     partial/sha256/<hex>.data        a sparse file holding the chunks fetched so far
     partial/sha256/<hex>.chunks      16-byte header + one byte per chunk (1 = present)
+    verified/sha256/<hex>            stamp of a verified complete blob: size, mtime, inode
 
-A chunk's data is written and synced before its byte in the `.chunks` record, so a
-crash leaves at worst a chunk that is fetched again, never a recorded chunk with
-missing data. The header carries the chunk size: a record written with another chunk
-size is dropped rather than misread.
+A chunk's data is written before its byte in the `.chunks` record, but neither is
+synced: durability is not worth an fdatasync per chunk (it capped cold reads) in a cache
+whose every byte is checked against the digest before the blob is trusted. A crash can
+at worst leave a chunk recorded as present whose bytes did not reach the disk. Such a
+chunk of a partial blob may be served unverified, exactly like any partial chunk (they
+cannot be verified one by one yet; a per-chunk index bound to the revision digest would
+plug in at `read_chunk`/`write_chunk`), and when the blob completes the whole-blob hash
+fails, the entry is dropped (DigestMismatch) and its chunks are fetched again. The header
+carries the chunk size: a record written with another chunk size is dropped rather than
+misread.
 
 Chunks are hashed in blob order as they become contiguous; when the last one arrives
-the digest is compared and the blob is promoted to `blobs/` (a rename) or dropped. A
-complete blob found on disk is re-hashed once per process before it is served, so a
-file damaged on disk turns into DigestMismatch (and is removed), never wrong bytes.
-Chunks of a partial blob cannot be verified one by one yet; a per-chunk index bound
-to the revision digest would plug in at `read_chunk`/`write_chunk`.
+the digest is compared and the blob is promoted to `blobs/` (fsync, then a rename) or
+dropped. Promotion writes a stamp (size, mtime, inode of the verified file). A complete
+blob whose stamp matches is served without hashing it again: re-hashing on first open
+was a stall of seconds per GB before the first byte of every remount. Anything that
+rewrites or replaces the file through the file system changes its stamp; such a blob
+(or one without a stamp) is re-hashed before it is served, and a damaged one turns into
+DigestMismatch (and is removed), never wrong bytes. Silent media corruption under an
+unchanged stamp is left to the disk, as for any local file.
 
 All methods are synchronous and thread-safe: callers run them in trio worker threads.
 Eviction is least-recently-used by whole blob, down to `max_bytes`, never touching a
@@ -69,8 +79,10 @@ class DiskCache:
         self.chunk_size = chunk_size
         self.complete_dir = self.root / "blobs" / "sha256"
         self.partial_dir = self.root / "partial" / "sha256"
+        self.stamp_dir = self.root / "verified" / "sha256"
         self.complete_dir.mkdir(parents=True, exist_ok=True)
         self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self.stamp_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._partials: dict[str, _Partial] = {}
         self._verified: set[str] = set()
@@ -132,6 +144,29 @@ class DiskCache:
 
     # ---- complete blobs ----------------------------------------------------------
 
+    def _stamp_path(self, digest: str) -> Path:
+        return self.stamp_dir / digest.partition(":")[2]
+
+    @staticmethod
+    def _stamp_of(st: os.stat_result) -> str:
+        return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}\n"
+
+    def _stamped(self, digest: str, st: os.stat_result) -> bool:
+        """True when the file is the one verified at promotion (its stamp matches)."""
+        try:
+            return self._stamp_path(digest).read_text() == self._stamp_of(st)
+        except (OSError, ValueError):
+            return False
+
+    def _write_stamp(self, digest: str, path: Path) -> None:
+        stamp = self._stamp_path(digest)
+        tmp = stamp.with_name(stamp.name + ".tmp")
+        try:
+            tmp.write_text(self._stamp_of(path.stat()))
+            os.replace(tmp, stamp)
+        except OSError as exc:  # the blob is then re-hashed by the next process
+            log.debug("cannot stamp %s: %s", digest, exc)
+
     def _complete_path(self, digest: str, size: int) -> Path | None:
         """The verified complete file, or None; DigestMismatch if it is damaged."""
         complete, _, _ = self._paths(digest)
@@ -140,6 +175,9 @@ class DiskCache:
         except FileNotFoundError:
             return None
         if digest in self._verified:
+            return complete
+        if st.st_size == size and self._stamped(digest, st):
+            self._verified.add(digest)
             return complete
         if st.st_size != size:
             self.drop(digest)
@@ -153,6 +191,7 @@ class DiskCache:
             self.drop(digest)
             raise DigestMismatch(f"cached {digest} does not match its digest: dropped")
         self._verified.add(digest)
+        self._write_stamp(digest, complete)
         return complete
 
     def read_chunk(self, digest: str, size: int, index: int) -> bytes | None:
@@ -162,8 +201,11 @@ class DiskCache:
         complete = self._complete_path(digest, size)
         if complete is not None:
             self._touch(digest)
-            with open(complete, "rb") as f:
-                return os.pread(f.fileno(), length, start)
+            fd = os.open(complete, os.O_RDONLY)
+            try:
+                return os.pread(fd, length, start)
+            finally:
+                os.close(fd)
         part = self._partial(digest, size, create=False)
         if part is None or not part.bitmap[index]:
             return None
@@ -175,6 +217,14 @@ class DiskCache:
 
     def has_chunk(self, digest: str, size: int, index: int) -> bool:
         complete, _, _ = self._paths(digest)
+        if digest not in self._verified:
+            # Trusted without hashing only by a matching stamp (a stat and a tiny read).
+            try:
+                st = complete.stat()
+            except OSError:
+                st = None
+            if st is not None and st.st_size == size and self._stamped(digest, st):
+                self._verified.add(digest)
         if digest in self._verified and complete.exists():
             return True
         with self._lock:
@@ -233,8 +283,8 @@ class DiskCache:
         with part.lock:
             if part.bitmap[index]:
                 return False
+            # No fdatasync: see the module docstring for why a crash here is safe.
             os.pwrite(part.data_fd, data, index * self.chunk_size)
-            os.fdatasync(part.data_fd)
             os.pwrite(part.map_fd, b"\x01", _HEADER.size + index)
             part.bitmap[index] = 1
             self._touch(digest, len(data))
@@ -265,11 +315,14 @@ class DiskCache:
         with self._lock:
             part = self._partials.pop(digest, None)
             if part is not None:
+                # Once per blob: the stamp below makes later processes trust the file
+                # without hashing it, so its bytes must be on disk before the stamp.
                 os.fsync(part.data_fd)
                 part.close()
             os.replace(data_path, complete)
             map_path.unlink(missing_ok=True)
             self._verified.add(digest)
+            self._write_stamp(digest, complete)
 
     def _unlink_partial(self, digest: str) -> None:
         _, data_path, map_path = self._paths(digest)
@@ -284,6 +337,7 @@ class DiskCache:
                 part.close()
             self._unlink_partial(digest)
             complete.unlink(missing_ok=True)
+            self._stamp_path(digest).unlink(missing_ok=True)
             self._verified.discard(digest)
             self._lru.pop(digest, None)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .chunks import DEFAULT_CHUNK, DEFAULT_MEMORY, ChunkReader
+from .chunks import DEFAULT_CHUNK, DEFAULT_MEMORY, WINDOW_CAP, ChunkReader
 from .credentials import Credentials
 from .diskcache import DiskCache
 from .errors import GalleryError, UsageError
@@ -161,8 +161,11 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         tree = Tree(RegistrySource(client), root, refresh=config.refresh)
         await tree.check()
         disk = DiskCache(config.cache_dir, config.cache_size, config.chunk_size)
+        # The memory budget holds the read-ahead window and a chunk, whatever the
+        # chunk size (with less, prefetched chunks would be evicted before use).
+        memory = max(config.memory_size, WINDOW_CAP + config.chunk_size)
         reader = ChunkReader(client.read_range, chunk_size=config.chunk_size,
-                             memory_bytes=config.memory_size, disk=disk,
+                             memory_bytes=memory, disk=disk,
                              fetch_timeout=config.options.timeout * 2)
 
         def counters() -> dict[str, object]:

@@ -230,3 +230,41 @@ async def test_disk_cache_evicts_least_recently_used(registry, tmp_path: Path) -
         assert blobs[0][0].digest.split(":")[1] not in stored
         assert blobs[2][0].digest.split(":")[1] in stored
         assert disk.evictions == 1
+
+
+async def test_random_reads_fetch_only_their_bytes(registry, blob) -> None:
+    ref, data = blob
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        reader = ChunkReader(fetch, chunk_size=CHUNK)
+        async with trio.open_nursery() as nursery:
+            handle = reader.open(ref, nursery)
+            for offset in (9 * CHUNK + 5, 2 * CHUNK, 7 * CHUNK - 4096):
+                assert await handle.read(offset, 4096) == data[offset:offset + 4096]
+            handle.close()
+        # One Range request of exactly the bytes asked for, not a chunk each.
+        assert fetch.calls == [(9 * CHUNK + 5, 9 * CHUNK + 4101), (2 * CHUNK, 2 * CHUNK + 4096),
+                               (7 * CHUNK - 4096, 7 * CHUNK)]
+        assert reader.stats.prefetches == 0
+
+
+async def test_verified_blob_is_trusted_by_its_stamp(registry, blob, tmp_path) -> None:
+    ref, data = blob
+    hexpart = ref.digest.split(":")[1]
+    async with _client(registry) as client:
+        reader = ChunkReader(Counting(client), chunk_size=CHUNK,
+                             disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        assert await reader.read(ref, 0, ref.size) == data
+    assert (tmp_path / "verified" / "sha256" / hexpart).exists()
+    # A restart trusts the stamped blob without hashing it...
+    disk = DiskCache(tmp_path, 1 << 30, CHUNK)
+    assert disk.has_chunk(ref.digest, ref.size, 3)
+    # ... but not once the file changed under it: then it is hashed again (and, intact
+    # here, served and stamped anew).
+    complete = tmp_path / "blobs" / "sha256" / hexpart
+    st = complete.stat()
+    os.utime(complete, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    disk2 = DiskCache(tmp_path, 1 << 30, CHUNK)
+    assert not disk2.has_chunk(ref.digest, ref.size, 3)
+    assert disk2.read_chunk(ref.digest, ref.size, 3) == data[3 * CHUNK:4 * CHUNK]
+    assert DiskCache(tmp_path, 1 << 30, CHUNK).has_chunk(ref.digest, ref.size, 3)
