@@ -31,7 +31,7 @@ import cachetools
 import trio
 
 from .diskcache import DiskCache
-from .errors import DigestMismatch, RegistryUnavailable
+from .errors import DigestMismatch, RegistryUnavailable, first_error
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +75,6 @@ class ChunkStats:
     coalesced: int = 0
     prefetches: int = 0
     digest_failures: int = 0
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The first real error of a nursery's exception group (not a Cancelled)."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                walk(sub)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for exc in leaves:
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return leaves[0] if leaves else group
 
 
 class _Cancelled(Exception):

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from .chunks import BlobHandle, BlobRef, ChunkReader, first_error
+from .chunks import BlobHandle, BlobRef, ChunkReader
 from .errors import (
     AuthError,
     DigestMismatch,
@@ -27,6 +27,7 @@ from .errors import (
     RegistryError,
     RegistryUnavailable,
     UnsupportedContent,
+    first_error,
 )
 from .tree import ROOT_INODE, Kind, Tree
 

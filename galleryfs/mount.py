@@ -173,7 +173,8 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
                     "registry_requests": client.requests_sent}
 
         ops = Operations(tree, reader, refresh=config.refresh, counters=counters)
-        options = {"fsname=galleryfs", "subtype=galleryfs", "ro", "default_permissions"}
+        # A bare "galleryfs" fsname is resolved as a path when the cwd has such a folder.
+        options = {f"fsname=galleryfs:{config.source}", "subtype=galleryfs", "ro", "default_permissions"}
         if config.debug:
             options.add("debug")
         pyfuse3.init(ops, config.mountpoint, options)

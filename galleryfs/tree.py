@@ -48,8 +48,7 @@ from typing import Protocol
 import trio
 
 from . import digest as digests
-from .chunks import first_error
-from .errors import GalleryError, NotFound, UnsupportedContent
+from .errors import GalleryError, NotFound, UnsupportedContent, first_error
 from .modelpack import Revision, RevisionFile, parse_manifest
 from .registry import RegistryClient
 

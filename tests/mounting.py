@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ def fuse_available() -> bool:
     except OSError:
         return False
     os.close(fd)
-    return True
+    return shutil.which("fusermount3") is not None
 
 
 def galleryfs(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -26,20 +25,11 @@ from galleryfs.locations import BlobLocations
 from galleryfs.mount import mount_main, unmount_main
 from galleryfs.reference import parse
 from galleryfs.registry import ClientOptions, RegistryClient
+from tests.mounting import fuse_available
 from tests.registry_harness import Registry
 
-
-def _fuse_available() -> bool:
-    try:
-        fd = os.open("/dev/fuse", os.O_RDWR)
-    except OSError:
-        return False
-    os.close(fd)
-    return shutil.which("fusermount3") is not None
-
-
 pytestmark = [pytest.mark.mount,
-              pytest.mark.skipif(not _fuse_available(), reason="/dev/fuse unavailable")]
+              pytest.mark.skipif(not fuse_available(), reason="/dev/fuse unavailable")]
 
 MOUNT_TIMEOUT = 30.0
 
