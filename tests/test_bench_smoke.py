@@ -1,0 +1,57 @@
+"""Smoke test of scripts/bench.py: `--quick` runs end to end and reports every goal.
+
+No timing assertions: the machine is shared and the quick sizes say nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import fuse_available
+
+ROOT = Path(__file__).resolve().parent.parent
+GOALS = [f"G{i}" for i in range(1, 12)]
+
+
+def _galleryfs_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if " - fuse.galleryfs " in line]
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not fuse_available(), reason="/dev/fuse cannot be opened")
+def test_bench_quick(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run_dir = tmp_path / "work"
+    before = set(_galleryfs_mounts())
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", str(out),
+         "--workdir", str(run_dir)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr}"
+    left = [m for m in _galleryfs_mounts() if m not in before]
+    assert not left, f"the bench left mounts behind: {left}"
+    assert not list(run_dir.glob("run-*")), "the bench left its run directory behind"
+
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    for goal in GOALS:
+        mine = [r for r in rows if r["goal_id"] == goal]
+        assert mine, f"no row for {goal}"
+        for r in mine:
+            if r["na"] is not None:
+                assert isinstance(r["na"], str) and r["na"].strip(), f"{r['id']}: n/a without a reason"
+                assert r["met"] is None
+            else:
+                assert isinstance(r["galleryfs"], (int, float)), r
+                assert isinstance(r["met"], bool), r
+                if r["baseline"] is not None:
+                    assert isinstance(r["baseline"], (int, float)), r
+    for goal in GOALS:
+        assert goal in proc.stdout, f"{goal} missing from the printed table"
