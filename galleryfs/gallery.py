@@ -25,6 +25,7 @@ from .errors import (
     UnsupportedContent,
     UsageError,
 )
+from .hashcache import HashCache
 from .locations import BlobLocations
 from .modelpack import Descriptor, Revision
 from .reference import Reference, check_tag
@@ -87,18 +88,26 @@ def scan_directory(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
-async def hash_files(files: list[tuple[str, Path]]) -> list[LocalFile]:
+async def hash_files(files: list[tuple[str, Path]], cache: HashCache | None = None) -> list[LocalFile]:
     out: list[LocalFile] = [None] * len(files)  # type: ignore[list-item]
     limiter = trio.CapacityLimiter(2)
 
     async def one(i: int, rel: str, src: Path) -> None:
-        async with limiter:
-            d, size = await trio.to_thread.run_sync(digests.file_digest, str(src))
+        known = cache.get(src) if cache else None
+        if known:
+            d, size = known
+        else:
+            async with limiter:
+                d, size = await trio.to_thread.run_sync(digests.file_digest, str(src))
+            if cache:
+                cache.put(src, d, size)
         out[i] = LocalFile(rel, src, d, size)
 
     async with trio.open_nursery() as nursery:
         for i, (rel, src) in enumerate(files):
             nursery.start_soon(one, i, rel, src)
+    if cache:
+        cache.save()
     return out
 
 
@@ -137,7 +146,7 @@ async def push(client: RegistryClient, root: Path, ref: Reference, *,
         raise UsageError("push takes a tag, not a digest: the digest follows from the content")
     tag = check_tag(ref.tag or DEFAULT_TAG)
     scanned = await trio.to_thread.run_sync(scan_directory, root)
-    files = await hash_files(scanned)
+    files = await hash_files(scanned, HashCache())
     config_bytes = build_config(root, files, annotations, created)
     config = Descriptor(modelpack.CONFIG_TYPE, digests.of_bytes(config_bytes), len(config_bytes))
     layers = [
