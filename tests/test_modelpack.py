@@ -100,3 +100,12 @@ def test_safetensors_header_limit(tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((1 << 62).to_bytes(8, "little") + b"{}")
     assert metadata.safetensors_summary(bad) is None
+
+
+def test_older_cnai_media_types_are_read() -> None:
+    body = _manifest([
+        _layer("model.safetensors", media="application/vnd.cnai.model.weight.v1.raw"),
+        _layer("docs", digest=D2, media="application/vnd.cnai.model.doc.v1.tar"),
+    ])
+    rev = modelpack.parse_manifest(D2, body)
+    assert [(f.path, f.servable) for f in rev.files] == [("model.safetensors", True), ("docs", False)]
