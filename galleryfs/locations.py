@@ -7,46 +7,17 @@ failed mount attempt, after which the blob is uploaded.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-
-def _path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "galleryfs" / "blob-locations.json"
+from .hintfile import HintFile, cache_path
 
 
-class BlobLocations:
-    LIMIT = 20000
-
+class BlobLocations(HintFile):
     def __init__(self, path: Path | None = None) -> None:
-        self.path = path or _path()
-        try:
-            data = json.loads(self.path.read_text())
-            self._data: dict[str, str] = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            self._data = {}
-        self._dirty = False
+        super().__init__(path or cache_path("blob-locations.json"))
 
     def find(self, host: str, digest: str) -> str | None:
-        return self._data.get(f"{host} {digest}")
+        return self._get(f"{host} {digest}")
 
     def record(self, host: str, digest: str, repo: str) -> None:
-        key = f"{host} {digest}"
-        if self._data.get(key) != repo:
-            self._data.pop(key, None)
-            self._data[key] = repo
-            self._dirty = True
-
-    def save(self) -> None:
-        if not self._dirty:
-            return
-        items = list(self._data.items())[-self.LIMIT:]
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(dict(items)))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # a hint cache that cannot be written only costs future uploads
+        self._set(f"{host} {digest}", repo)
