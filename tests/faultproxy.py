@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 import httpx
 
@@ -16,7 +17,28 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgra
         "proxy-authorization", "proxy-authenticate", "content-length", "host"}
 
 
-class FaultProxy:
+class _ThreadedServer:
+    """A loopback HTTP server on a free port, served from a daemon thread while in `with`."""
+
+    client: httpx.Client
+
+    def _listen(self, handler: type[BaseHTTPRequestHandler]) -> int:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        return self.server.server_address[1]
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.client.close()
+
+
+class FaultProxy(_ThreadedServer):
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.lock = threading.Lock()
@@ -42,19 +64,7 @@ class FaultProxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FaultProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.client.close()
+        self.host = f"127.0.0.1:{self._listen(Handler)}"
 
     def fail(self, pattern: str, times: int, status: int = 503, retry_after: str | None = None) -> None:
         headers = {"Retry-After": retry_after} if retry_after is not None else {}
@@ -131,7 +141,7 @@ class FaultProxy:
             h.wfile.write(body)
 
 
-class HeaderRecorder:
+class HeaderRecorder(_ThreadedServer):
     """Another origin that serves blobs (by fetching them from the registry itself) and
     records the Authorization headers it was sent: a stand-in for blob storage behind a 307."""
 
@@ -159,17 +169,5 @@ class HeaderRecorder:
                 self.wfile.write(r.content)
 
         self.client = client
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
         # "localhost" rather than 127.0.0.1: a different origin from the registry's.
-        self.url = f"http://localhost:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> HeaderRecorder:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.client.close()
+        self.url = f"http://localhost:{self._listen(Handler)}"
