@@ -273,15 +273,6 @@ class Operations(pyfuse3.Operations):
     async def _refuse(self, *args: Any) -> Any:
         raise ReadOnly("the galleryfs mount is read-only")
 
-    setattr = fuse_errors(_refuse)
-    mknod = fuse_errors(_refuse)
-    mkdir = fuse_errors(_refuse)
-    unlink = fuse_errors(_refuse)
-    rmdir = fuse_errors(_refuse)
-    symlink = fuse_errors(_refuse)
-    rename = fuse_errors(_refuse)
-    link = fuse_errors(_refuse)
-    create = fuse_errors(_refuse)
-    write = fuse_errors(_refuse)
-    setxattr = fuse_errors(_refuse)
-    removexattr = fuse_errors(_refuse)
+    _refused = fuse_errors(_refuse)
+    setattr = mknod = mkdir = unlink = rmdir = symlink = _refused
+    rename = link = create = write = setxattr = removexattr = _refused
