@@ -144,6 +144,11 @@ class RegistryAuth(httpx.Auth):
             if token:
                 request.headers["Authorization"] = f"Bearer {token}"
 
+    def authorization(self, request: httpx.Request) -> str | None:
+        """The Authorization header this flow would send first for the request."""
+        self._attach(request, scope_for(request))
+        return request.headers.get("authorization")
+
     def _token_request(self, params: dict[str, str], scope: str) -> httpx.Request:
         query: list[tuple[str, str]] = []
         if params.get("service"):

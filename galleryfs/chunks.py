@@ -75,6 +75,7 @@ class ChunkStats:
     coalesced: int = 0
     prefetches: int = 0
     digest_failures: int = 0
+    stores_pending_max: int = 0
 
 
 class _Cancelled(Exception):
@@ -97,7 +98,7 @@ class ChunkReader:
         memory_bytes: int = DEFAULT_MEMORY,
         disk: DiskCache | None = None,
         fetch_timeout: float = 60.0,
-        prefetch_concurrency: int = 3,
+        prefetch_concurrency: int = 6,
         window_cap: int = WINDOW_CAP,
     ) -> None:
         if chunk_size <= 0:
@@ -114,6 +115,7 @@ class ChunkReader:
         self.prefetch_limiter = trio.CapacityLimiter(prefetch_concurrency)
         self.stats = ChunkStats()
         self._flights: dict[tuple[str, int], _Flight] = {}
+        self._storing = 0
         self._handles: weakref.WeakSet[BlobHandle] = weakref.WeakSet()
 
     def nchunks(self, blob: BlobRef) -> int:
@@ -125,18 +127,29 @@ class ChunkReader:
     def in_flight(self, blob: BlobRef, index: int) -> bool:
         return (blob.digest, index) in self._flights
 
-    def available(self, blob: BlobRef, index: int) -> bool:
-        """The chunk can be had without a network fetch of its own."""
+    def at_hand(self, blob: BlobRef, index: int) -> bool:
+        """The chunk is in memory or on its way there."""
         key = (blob.digest, index)
-        if key in self.memory or key in self._flights:
-            return True
+        return key in self.memory or key in self._flights
+
+    async def read_exact(self, blob: BlobRef, start: int, end: int) -> Chunk:
+        """Bytes [start, end) from the disk cache if it has them all, else the registry;
+        stored nowhere."""
         disk = self.disk
-        if disk is None or not DiskCache.cacheable(blob.digest):
-            return False
-        try:
-            return disk.has_chunk(blob.digest, blob.size, index)
-        except OSError:
-            return False
+        if disk is not None and DiskCache.cacheable(blob.digest):
+            try:
+                data = await trio.to_thread.run_sync(
+                    disk.read_range, blob.digest, blob.size, start, end)
+            except DigestMismatch:
+                self.stats.digest_failures += 1
+                raise
+            except OSError as exc:
+                log.warning("disk cache read of %s failed (%s); fetching", blob.digest, exc)
+                data = None
+            if data is not None:
+                self.stats.disk_hits += 1
+                return data
+        return await self.fetch_range(blob, start, end)
 
     async def fetch_range(self, blob: BlobRef, start: int, end: int) -> Chunk:
         """Bytes [start, end) straight from the registry, cached nowhere."""
@@ -213,6 +226,14 @@ class ChunkReader:
         disk = self.disk
         if disk is None or not DiskCache.cacheable(blob.digest):
             return
+        self._storing += 1
+        self.stats.stores_pending_max = max(self.stats.stores_pending_max, self._storing)
+        try:
+            await self._store_now(disk, blob, index, data)
+        finally:
+            self._storing -= 1
+
+    async def _store_now(self, disk: DiskCache, blob: BlobRef, index: int, data: Chunk) -> None:
         try:
             await trio.to_thread.run_sync(
                 disk.write_chunk, blob.digest, blob.size, index, data)
@@ -368,11 +389,12 @@ class BlobHandle:
         reader = self.reader
         end = min(self.blob.size, offset + size)
         if (not window and offset != 0 and offset < end
-                and not any(reader.available(self.blob, i) for i in range(
+                and not any(reader.at_hand(self.blob, i) for i in range(
                     offset // reader.chunk_size, (end - 1) // reader.chunk_size + 1))):
-            # Not a stream (offset 0 is taken as the start of one), and no chunk at hand:
-            # fetch just these bytes rather than a whole chunk.
-            return await reader.fetch_range(self.blob, offset, end)
+            # Not a stream (offset 0 is taken as the start of one), and no chunk in
+            # memory: read just these bytes, from disk or the registry, rather than a
+            # whole chunk (a hole in the kernel's cache costs a page, not 4 MiB).
+            return await reader.read_exact(self.blob, offset, end)
         data = await reader.read_view(self.blob, offset, size, self.nursery)
         if window and self.nursery is not None and not self.closed:
             self._schedule(offset + len(data), window)

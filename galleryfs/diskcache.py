@@ -29,6 +29,15 @@ rewrites or replaces the file through the file system changes its stamp; such a 
 DigestMismatch (and is removed), never wrong bytes. Silent media corruption under an
 unchanged stamp is left to the disk, as for any local file.
 
+Chunk data is written with O_DIRECT where the file system takes it: on the VMs this
+runs on, a buffered write of a fresh 4 MiB chunk costs ~10 ms of kernel CPU (page cache
+allocation and ext4 bookkeeping: 2.4 s per GiB on 2 cores shared with the reader and the
+network path), a direct one ~1 ms of CPU for the same wall time. The cache file's bytes
+are not wanted in the page cache anyway: the reader already has them in the FUSE file's
+page cache. Direct writes need aligned memory and lengths, so a chunk is copied, 1 MiB at
+a time, into a reused aligned buffer and the blob's last piece is padded to the block
+size; the file is cut to the blob's size when it is promoted.
+
 All methods are synchronous and thread-safe: callers run them in trio worker threads.
 Eviction is least-recently-used by whole blob, down to `max_bytes`, never touching a
 blob that is pinned (open in the mount).
@@ -37,8 +46,10 @@ blob that is pinned (open in the mount).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -55,6 +66,14 @@ _MAGIC = b"GFSC"
 _VERSION = 1
 _HEADER = struct.Struct("<4sIQ")  # magic, version, chunk size
 _HASH_PIECE = 8 << 20
+# O_DIRECT alignment of offsets, lengths and memory: the page size covers every
+# logical block size in use (512 or 4096).
+_ALIGN = mmap.PAGESIZE
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_DIRECT_PIECE = 1 << 20  # bounds the aligned copy buffers
+_HASH_AHEAD = 4  # out-of-order chunks kept in memory for the hasher (~ fetches in flight)
+
+Chunk = bytes | bytearray | memoryview
 
 
 @dataclass
@@ -62,14 +81,22 @@ class _Partial:
     data_fd: int
     map_fd: int
     bitmap: bytearray
+    direct_fd: int | None = None  # the data file again, opened O_DIRECT
+    direct_ok: bool = True
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     hashed: int = 0  # chunks fed to the hasher, in order
+    ahead: dict[int, Chunk] = field(default_factory=dict)  # written, not yet hashed
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    closed: bool = False
+
     def close(self) -> None:
-        for fd in (self.data_fd, self.map_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Close the files; under `lock`, so no write is halfway through them."""
+        self.closed = True
+        for fd in (self.data_fd, self.map_fd, self.direct_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 class DiskCache:
@@ -90,6 +117,9 @@ class DiskCache:
         # digest -> bytes on disk, oldest use first.
         self._lru: OrderedDict[str, int] = OrderedDict()
         self.evictions = 0
+        # Off when the chunk size is not aligned, or once the file system refuses it.
+        self.direct = bool(_O_DIRECT) and chunk_size % _ALIGN == 0 and not os.environ.get("XNODIRECT")
+        self._buffers: list[mmap.mmap] = []  # aligned buffers for unaligned chunks
         self._scan()
 
     # ---- bookkeeping -------------------------------------------------------------
@@ -215,6 +245,28 @@ class DiskCache:
         self._touch(digest)
         return data
 
+    def read_range(self, digest: str, size: int, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) of the blob if every chunk they touch is on disk, else None."""
+        complete = self._complete_path(digest, size)
+        if complete is not None:
+            path_or_fd: Path | int = complete
+        else:
+            part = self._partial(digest, size, create=False)
+            first, last = start // self.chunk_size, (end - 1) // self.chunk_size
+            if part is None or not all(part.bitmap[first:last + 1]):
+                return None
+            path_or_fd = part.data_fd
+        self._touch(digest)
+        if isinstance(path_or_fd, int):
+            data = os.pread(path_or_fd, end - start, start)
+        else:
+            fd = os.open(path_or_fd, os.O_RDONLY)
+            try:
+                data = os.pread(fd, end - start, start)
+            finally:
+                os.close(fd)
+        return data if len(data) == end - start else None
+
     def has_chunk(self, digest: str, size: int, index: int) -> bool:
         complete, _, _ = self._paths(digest)
         if digest not in self._verified:
@@ -264,12 +316,60 @@ class DiskCache:
             map_fd = os.open(map_path, os.O_RDWR | os.O_CREAT, 0o600)
             if not any(bitmap):
                 os.pwrite(map_fd, _HEADER.pack(_MAGIC, _VERSION, self.chunk_size) + bytes(n), 0)
-            part = _Partial(data_fd, map_fd, bitmap)
+            part = _Partial(data_fd, map_fd, bitmap, self._open_direct(data_path))
             self._partials[digest] = part
             self._lru.setdefault(digest, 0)
             return part
 
-    def write_chunk(self, digest: str, size: int, index: int, data: bytes) -> bool:
+    def _open_direct(self, path: Path) -> int | None:
+        if not self.direct:
+            return None
+        try:
+            return os.open(path, os.O_WRONLY | _O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.info("%s does not take O_DIRECT: buffered cache writes", self.root)
+            self.direct = False
+            return None
+
+    def _take_buffer(self) -> mmap.mmap:
+        with self._lock:
+            if self._buffers:
+                return self._buffers.pop()
+        return mmap.mmap(-1, _DIRECT_PIECE)  # page-aligned memory
+
+    def _write_data(self, part: _Partial, data: Chunk, offset: int) -> None:
+        if part.direct_fd is None or not part.direct_ok:
+            os.pwrite(part.data_fd, data, offset)
+            return
+        # Copied piece by piece into a reused aligned buffer (fresh pages cost a fault
+        # each: fetching into page-aligned memory instead was slower); the last piece is
+        # zero-padded to the block size.
+        buf = self._take_buffer()
+        src = memoryview(data)
+        try:
+            with memoryview(buf) as view:
+                for pos in range(0, len(data), _DIRECT_PIECE):
+                    n = min(_DIRECT_PIECE, len(data) - pos)
+                    padded = -(-n // _ALIGN) * _ALIGN
+                    view[:n] = src[pos:pos + n]
+                    view[n:padded] = bytes(padded - n)
+                    os.pwrite(part.direct_fd, view[:padded], offset + pos)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.info("%s refused an O_DIRECT write: buffered cache writes", self.root)
+            self.direct = False
+            part.direct_ok = False  # the fd stays open: another thread may use it
+            os.pwrite(part.data_fd, data, offset)
+        finally:
+            src.release()
+            with self._lock:
+                # As many as there are concurrent writers (a few).
+                self._buffers.append(buf)
+
+    def write_chunk(self, digest: str, size: int, index: int, data: Chunk) -> bool:
         """Store a chunk fetched from the network. True when the blob became complete.
 
         Raises DigestMismatch (after dropping the entry) when the last chunk arrives and
@@ -281,21 +381,29 @@ class DiskCache:
         part = self._partial(digest, size, create=True)
         assert part is not None
         with part.lock:
-            if part.bitmap[index]:
+            if part.closed or part.bitmap[index]:
                 return False
             # No fdatasync: see the module docstring for why a crash here is safe.
-            os.pwrite(part.data_fd, data, index * self.chunk_size)
+            self._write_data(part, data, index * self.chunk_size)
             os.pwrite(part.map_fd, b"\x01", _HEADER.size + index)
             part.bitmap[index] = 1
             self._touch(digest, len(data))
-            # Hash what is contiguous from the start; chunks come mostly in order, so
-            # this reads back at most a few chunks (from the page cache).
+            # Hash what is contiguous from the start. Chunks ahead of that are kept in
+            # memory until their turn (a few: the fetches in flight finish out of
+            # order); reading them back would hit the disk, as they bypass its cache.
             n = len(part.bitmap)
+            if index > part.hashed and len(part.ahead) < _HASH_AHEAD:
+                part.ahead[index] = data
             while part.hashed < n and part.bitmap[part.hashed]:
-                start = part.hashed * self.chunk_size
-                length = min(self.chunk_size, size - start)
-                part.hasher.update(data if part.hashed == index
-                                   else os.pread(part.data_fd, length, start))
+                i = part.hashed
+                if i == index:
+                    piece = data
+                elif i in part.ahead:
+                    piece = part.ahead.pop(i)
+                else:  # written by an earlier process, or not kept
+                    start = i * self.chunk_size
+                    piece = os.pread(part.data_fd, min(self.chunk_size, size - start), start)
+                part.hasher.update(piece)
                 part.hashed += 1
             done = part.hashed == n
             got = "sha256:" + part.hasher.hexdigest() if done else ""
@@ -306,15 +414,17 @@ class DiskCache:
         if got != digest:
             self.drop(digest)
             raise DigestMismatch(f"{digest}: fetched content hashes to {got}: dropped")
-        self._promote(digest)
+        self._promote(digest, size)
         self.evict()
         return True
 
-    def _promote(self, digest: str) -> None:
+    def _promote(self, digest: str, size: int) -> None:
         complete, data_path, map_path = self._paths(digest)
         with self._lock:
             part = self._partials.pop(digest, None)
             if part is not None:
+                # A padded last chunk (direct writes) overshoots the blob's size.
+                os.ftruncate(part.data_fd, size)
                 # Once per blob: the stamp below makes later processes trust the file
                 # without hashing it, so its bytes must be on disk before the stamp.
                 os.fsync(part.data_fd)
@@ -333,15 +443,18 @@ class DiskCache:
         complete, _, _ = self._paths(digest)
         with self._lock:
             part = self._partials.pop(digest, None)
-            if part is not None:
-                part.close()
             self._unlink_partial(digest)
             complete.unlink(missing_ok=True)
             self._stamp_path(digest).unlink(missing_ok=True)
             self._verified.discard(digest)
             self._lru.pop(digest, None)
+        if part is not None:
+            # Outside the cache lock (a writer holds part.lock and then takes it).
+            with part.lock:
+                part.close()
 
     def evict(self, keep: str | None = None) -> None:
+        victims = []
         with self._lock:
             total = sum(self._lru.values())
             for digest in list(self._lru):
@@ -350,9 +463,13 @@ class DiskCache:
                 if digest in self._pins or digest == keep:
                     continue
                 total -= self._lru[digest]
-                log.debug("evicting %s from the disk cache", digest)
-                self.drop(digest)
-                self.evictions += 1
+                victims.append(digest)
+        # Dropped outside the cache lock: drop() waits for a writer of the blob, and a
+        # writer takes the cache lock.
+        for digest in victims:
+            log.debug("evicting %s from the disk cache", digest)
+            self.drop(digest)
+            self.evictions += 1
 
     def close(self) -> None:
         with self._lock:

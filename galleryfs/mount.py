@@ -10,6 +10,8 @@ or fails with the tail of the child's log if the child dies first.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import errno
 import json
@@ -31,6 +33,7 @@ from .credentials import Credentials
 from .diskcache import DiskCache
 from .errors import GalleryError, UsageError
 from .fs import Operations
+from .rangeread import DirectRanges
 from .reference import parse
 from .registry import ClientOptions, RegistryClient
 from .retry import RetryPolicy
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 30.0
 DEFAULT_READ_AHEAD_KB = 1024
 DEFAULT_CACHE_SIZE = 10 << 30
+SWITCH_INTERVAL = 0.0005
+_M_ARENA_MAX = -8  # glibc malloc.h
 
 
 @dataclass
@@ -164,13 +169,16 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         # The memory budget holds the read-ahead window and a chunk, whatever the
         # chunk size (with less, prefetched chunks would be evicted before use).
         memory = max(config.memory_size, WINDOW_CAP + config.chunk_size)
-        reader = ChunkReader(client.read_range, chunk_size=config.chunk_size,
+        ranges = DirectRanges(client)
+        reader = ChunkReader(ranges, chunk_size=config.chunk_size,
                              memory_bytes=memory, disk=disk,
                              fetch_timeout=config.options.timeout * 2)
 
         def counters() -> dict[str, object]:
             return {"registry_bytes": client.bytes_received,
-                    "registry_requests": client.requests_sent}
+                    "registry_requests": client.requests_sent,
+                    "direct_ranges": ranges.stats.direct,
+                    "direct_fallbacks": ranges.stats.fallbacks}
 
         ops = Operations(tree, reader, refresh=config.refresh, counters=counters)
         # A bare "galleryfs" fsname is resolved as a path when the cwd has such a folder.
@@ -187,6 +195,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
+            ranges.close()
             disk.close()
     log.info("%s unmounted", config.mountpoint)
 
@@ -211,8 +220,29 @@ async def _announce(config: MountConfig, ready_fd: int | None) -> None:
             os.close(ready_fd)
 
 
+def _limit_malloc_arenas() -> None:
+    """Two glibc malloc arenas instead of one per thread (8 per core).
+
+    Chunk buffers are allocated in fetch threads and freed in others; with an arena per
+    thread the freed megabytes stayed spread over arenas, and the daemon's peak RSS
+    during one cold read varied from 80 to 190 MiB (scripts/bench G9). Must run before
+    the first worker thread starts.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def run_mount(config: MountConfig, ready_fd: int | None = None) -> None:
     """Serve the mount in this process until unmounted or signalled."""
+    # The trio thread is busy with FUSE requests and HTTP bodies during a cold read;
+    # at the default 5 ms switch interval, a disk cache writer waited up to that long
+    # for the GIL after each of its syscalls, and stores fell to a third of the disk's
+    # speed. 0.5 ms let them keep up (scripts/bench G1).
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    _limit_malloc_arenas()
     trio.run(_serve, config, ready_fd)
 
 

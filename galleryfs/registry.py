@@ -97,7 +97,7 @@ class RegistryClient:
         self._http = httpx.AsyncClient(
             base_url=self.base,
             auth=self.auth,
-            verify=self._verify(),
+            verify=self.tls_verify(),
             follow_redirects=True,
             timeout=httpx.Timeout(self.options.timeout, connect=min(10.0, self.options.timeout)),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
@@ -105,7 +105,8 @@ class RegistryClient:
             event_hooks={"request": [self._count_request]},
         )
 
-    def _verify(self) -> ssl.SSLContext | bool:
+    def tls_verify(self) -> ssl.SSLContext | bool:
+        """httpx's `verify`: the TLS context for the registry, False for plain/insecure."""
         if self.options.plain_http or self.options.insecure:
             return False
         ctx = ssl.create_default_context()

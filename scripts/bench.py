@@ -783,9 +783,12 @@ class Bench:
             (["G7", "G8"], self.g7_g8),
             (["G11"], self.g11),
         ]
+        only = set(self.args.only or GOALS)
         for goals, fn in steps:
             t0 = time.monotonic()
             if goals == ["G6"] and "G6" in self.failed:
+                continue
+            if not only.intersection(goals):
                 continue
             self.section(goals, fn)
             log(f"{'/'.join(goals)} done ({time.monotonic() - t0:.1f}s)")
@@ -921,6 +924,14 @@ class Bench:
         }
 
 
+def goal_list(text: str) -> list[str]:
+    goals = [g.strip().upper() for g in text.split(",") if g.strip()]
+    unknown = [g for g in goals if g not in GOALS]
+    if not goals or unknown:
+        raise argparse.ArgumentTypeError(f"expected goals among G1..G11, got {text!r}")
+    return goals
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke test)")
@@ -931,6 +942,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the run directory (mounts, caches)")
     p.add_argument("--fresh-registry", action="store_true",
                    help="empty the registry storage kept under the work directory first")
+    p.add_argument("--only", metavar="G1,G10", type=goal_list,
+                   help="run only the measurements these goals need (rows of others: not measured)")
     args = p.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         p.error("--repeat must be at least 1")

@@ -268,3 +268,38 @@ async def test_verified_blob_is_trusted_by_its_stamp(registry, blob, tmp_path) -
     assert not disk2.has_chunk(ref.digest, ref.size, 3)
     assert disk2.read_chunk(ref.digest, ref.size, 3) == data[3 * CHUNK:4 * CHUNK]
     assert DiskCache(tmp_path, 1 << 30, CHUNK).has_chunk(ref.digest, ref.size, 3)
+
+
+@pytest.mark.parametrize("refuse_direct", [False, True])
+async def test_disk_cache_writes_direct_or_falls_back(tmp_path, monkeypatch, refuse_direct) -> None:
+    """Chunks (the last one unaligned) are written with O_DIRECT where the file system
+    takes it; a refusal (EINVAL) falls back to buffered writes without losing a chunk."""
+    import errno
+
+    from galleryfs import diskcache
+
+    data = os.urandom(3 * CHUNK + 999)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    cache = DiskCache(tmp_path, 1 << 30, CHUNK)
+    real_pwrite = os.pwrite
+    direct_writes: list[int] = []
+
+    def pwrite(fd: int, buf, offset: int) -> int:  # noqa: ANN001
+        if any(p.direct_fd == fd for p in cache._partials.values()):
+            direct_writes.append(offset)
+            if refuse_direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(diskcache.os, "pwrite", pwrite)
+    # Out of order, as prefetches complete: the blob is hashed once contiguous.
+    for index in (1, 0, 3):
+        assert cache.write_chunk(digest, len(data), index, data[index * CHUNK:(index + 1) * CHUNK]) is False
+    assert cache.write_chunk(digest, len(data), 2, data[2 * CHUNK:3 * CHUNK]) is True
+    complete = tmp_path / "blobs" / "sha256" / digest.split(":")[1]
+    assert complete.read_bytes() == data  # the padded last chunk was cut back
+    if refuse_direct:
+        assert direct_writes == [CHUNK] and cache.direct is False  # tried once, then buffered
+    else:
+        assert sorted(direct_writes) == [0, CHUNK, 2 * CHUNK, 3 * CHUNK]
+    assert cache.read_chunk(digest, len(data), 3) == data[3 * CHUNK:]

@@ -1,0 +1,160 @@
+"""Direct range reads (http.client in threads) against real registries, and their
+fall-back to the httpx path for whatever they do not handle."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from galleryfs.credentials import Credentials
+from galleryfs.rangeread import DirectRanges
+from galleryfs.registry import ClientOptions, RegistryClient
+from tests.faultproxy import FaultProxy
+from tests.registry_harness import Registry
+from tests.test_chunks import push_blob
+
+REPO = "direct/blob"
+SIZE = 3 * 65536 + 77
+RANGES = [(0, 1), (0, 65536), (65536, 3 * 65536), (SIZE - 77, SIZE), (1000, 1000 + 4096)]
+
+
+def _push(registry: Registry, data: bytes) -> str:
+    """Into a plain registry (token and TLS tests push with the galleryfs client)."""
+    return push_blob(registry.url, REPO, data)
+
+
+async def _read_all(ranges: DirectRanges, digest: str, data: bytes) -> None:
+    for start, end in RANGES:
+        got = await ranges(REPO, digest, start, end)
+        assert bytes(got) == data[start:end]
+
+
+def test_plain_registry_reads_directly(registry: Registry) -> None:
+    data = os.urandom(SIZE)
+    digest = _push(registry, data)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges = DirectRanges(client)
+            await _read_all(ranges, digest, data)
+            assert ranges.stats.direct == len(RANGES) and ranges.stats.fallbacks == 0
+            assert client.bytes_received == sum(e - s for s, e in RANGES)
+            assert client.requests_sent == len(RANGES)
+            assert len(ranges._idle) == 1  # one keep-alive connection served them all
+            ranges.close()
+
+    trio.run(run)
+
+
+async def _push_with(client: RegistryClient, data: bytes) -> str:
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    await client.upload_blob_bytes(REPO, digest, data)
+    return digest
+
+
+def test_token_registry_falls_back_until_a_token_is_held(token_registry: Registry) -> None:
+    reg = token_registry
+    data = os.urandom(SIZE)
+    creds = Credentials(reg.username, reg.password)
+
+    async def run() -> None:
+        async with RegistryClient(reg.host, ClientOptions(plain_http=True, credentials=creds)) as client:
+            digest = await _push_with(client, data)
+            # A fresh client has seen no challenge: the first read goes through httpx,
+            # which fetches the pull token; the rest reuse it directly.
+        async with RegistryClient(reg.host, ClientOptions(plain_http=True, credentials=creds)) as client:
+            ranges = DirectRanges(client)
+            await _read_all(ranges, digest, data)
+            assert ranges.stats.fallbacks == 1
+            assert ranges.stats.direct == len(RANGES) - 1
+            ranges.close()
+
+    trio.run(run)
+
+
+def test_tls_registry_reads_directly_with_its_ca(tls_registry: Registry) -> None:
+    reg = tls_registry
+    data = os.urandom(SIZE)
+
+    async def run() -> None:
+        async with RegistryClient(reg.host, ClientOptions(ca_file=reg.ca_file)) as client:
+            digest = await _push_with(client, data)
+            ranges = DirectRanges(client)
+            await _read_all(ranges, digest, data)
+            assert ranges.stats.direct == len(RANGES) and ranges.stats.fallbacks == 0
+            ranges.close()
+
+    trio.run(run)
+
+
+def test_redirects_and_errors_fall_back_to_httpx(registry: Registry) -> None:
+    data = os.urandom(SIZE)
+    digest = _push(registry, data)
+
+    async def run() -> None:
+        with FaultProxy(registry.url) as proxy:
+            async with RegistryClient(proxy.host, ClientOptions(plain_http=True)) as client:
+                ranges = DirectRanges(client)
+                # Storage redirects (Harbor with S3): httpx follows them.
+                proxy.redirect_blobs = registry.url
+                await _read_all(ranges, digest, data)
+                assert ranges.stats.direct == 0 and ranges.stats.fallbacks == len(RANGES)
+                # A 503 to the direct request: httpx retries (its own request sees the
+                # second fault and retries again).
+                proxy.redirect_blobs = None
+                proxy.fail(r"^GET /v2/direct/blob/blobs/", 2, 503)
+                got = await ranges(REPO, digest, 10, 20)
+                assert bytes(got) == data[10:20]
+                assert proxy.faults == []
+                assert ranges.stats.fallbacks == len(RANGES) + 1
+                # And the next read is direct again.
+                assert bytes(await ranges(REPO, digest, 0, 5)) == data[:5]
+                assert ranges.stats.direct == 1
+                ranges.close()
+
+    trio.run(run)
+
+
+def test_cancelled_read_leaves_the_reader_usable(registry: Registry) -> None:
+    data = os.urandom(SIZE)
+    digest = _push(registry, data)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges = DirectRanges(client, connections=1)
+            with trio.CancelScope() as scope:
+                scope.cancel()  # cancelled before the worker thread gets going
+                await ranges(REPO, digest, 0, SIZE)
+            assert scope.cancelled_caught
+            with trio.fail_after(30):
+                assert bytes(await ranges(REPO, digest, 0, SIZE)) == data
+            ranges.close()
+
+    trio.run(run)
+
+
+@pytest.mark.parametrize("no_proxy", [None, "127.0.0.1"])
+def test_environment_proxy_decides_the_direct_path(registry: Registry, monkeypatch,
+                                                   no_proxy: str | None) -> None:
+    """httpx honours proxy variables; the direct path must not go around the proxy."""
+    data = os.urandom(SIZE)
+    digest = _push(registry, data)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    if no_proxy:
+        monkeypatch.setenv("no_proxy", no_proxy)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges = DirectRanges(client)
+            assert ranges.enabled is bool(no_proxy)
+            if no_proxy:
+                assert bytes(await ranges(REPO, digest, 0, 100)) == data[:100]
+                assert ranges.stats.direct == 1
+
+    trio.run(run)
