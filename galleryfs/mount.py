@@ -178,7 +178,8 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
             return {"registry_bytes": client.bytes_received,
                     "registry_requests": client.requests_sent,
                     "direct_ranges": ranges.stats.direct,
-                    "direct_fallbacks": ranges.stats.fallbacks}
+                    "direct_fallbacks": ranges.stats.fallbacks,
+                    "listings_prefetched": tree.prefetched_listings}
 
         ops = Operations(tree, reader, refresh=config.refresh, counters=counters)
         # A bare "galleryfs" fsname is resolved as a path when the cwd has such a folder.
@@ -189,6 +190,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 ops.nursery = nursery
+                tree.spawn = nursery
                 nursery.start_soon(_watch_signals)
                 nursery.start_soon(_announce, config, ready_fd)
                 await pyfuse3.main()

@@ -60,6 +60,12 @@ DIR_MODE = 0o555
 LINK_MODE = 0o777
 # Parallel manifest GETs when resolving the tags of one repository.
 RESOLVE_CONCURRENCY = 8
+# Listing a namespace folder starts listing its child folders in the background (with
+# `Tree.spawn`), a few at a time: `ls -R`, `find` or a loader walking a gallery then
+# finds each model's tags resolved instead of waiting for them one model after another.
+# Not beyond this many children: a registry root can hold thousands.
+PREFETCH_LISTINGS = 4
+PREFETCH_MAX_CHILDREN = 1000
 
 
 class Source(Protocol):
@@ -128,6 +134,7 @@ class _Listing:
 class _NamespaceState:
     listing: _Listing | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
+    prefetching: bool = False
 
 
 class Tree:
@@ -158,6 +165,10 @@ class Tree:
         self._catalog_lock = trio.Lock()
         self._warned: set[tuple[str, str]] = set()
         self._next_inode = ROOT_INODE
+        # Where background listings run (the mount's nursery); None: never.
+        self.spawn: trio.Nursery | None = None
+        self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_LISTINGS)
+        self.prefetched_listings = 0
         root = self._node(("ns", self.root_repo), Kind.NAMESPACE, "", ROOT_INODE,
                           repo=self.root_repo)
         assert root.inode == ROOT_INODE
@@ -257,11 +268,42 @@ class Tree:
             raise NotADirectoryError(inode)
         if folder.kind is Kind.NAMESPACE:
             entries = await self._namespace_entries(folder)
+            self._prefetch_children(entries)
         else:
             folder = await self._expand(folder)
             assert folder.children is not None
             entries = folder.children
         return sorted(entries.items())
+
+    def _prefetch_children(self, entries: dict[str, int]) -> None:
+        if self.spawn is None:
+            return
+        children = [self._nodes[i] for i in entries.values()]
+        stale = [n for n in children if n.kind is Kind.NAMESPACE and not self._listed(n)]
+        if len(stale) > PREFETCH_MAX_CHILDREN:
+            return
+        for node in stale:
+            state = self._namespaces[node.inode]
+            if state.prefetching:
+                continue
+            state.prefetching = True
+            self.spawn.start_soon(self._prefetch_listing, node)
+
+    def _listed(self, folder: Node) -> bool:
+        listing = self._namespaces[folder.inode].listing
+        return listing is not None and self.clock() - listing.fetched_at < self.refresh
+
+    async def _prefetch_listing(self, folder: Node) -> None:
+        state = self._namespaces[folder.inode]
+        try:
+            async with self._prefetch_limiter:
+                if not self._listed(folder):
+                    await self._namespace_entries(folder)
+                    self.prefetched_listings += 1
+        except GalleryError as exc:  # the foreground listing will report it
+            log.debug("background listing of %s failed: %s", self.display_path(folder.inode), exc)
+        finally:
+            state.prefetching = False
 
     async def readlink(self, inode: int) -> str:
         node = self.get(inode)

@@ -245,3 +245,32 @@ async def test_concurrent_listings_share_one_fetch() -> None:
         for _ in range(5):
             nursery.start_soon(tree.listdir, ROOT_INODE)
     assert src.calls.count(("tags", "g/m")) == 1
+
+
+async def test_listing_a_folder_lists_its_child_folders_in_the_background() -> None:
+    src = _source()
+    tree = Tree(src, clock=Clock())
+    async with trio.open_nursery() as nursery:
+        tree.spawn = nursery
+        assert await _names(tree, "g") == ["deep", "m"]
+    # The nursery waited for the background listings: g/m's tags are resolved already.
+    assert tree.prefetched_listings == 2  # g/deep (from the catalog alone) and g/m
+    assert ("tags", "g/m") in src.calls
+    before = list(src.calls)
+    tree.spawn = None
+    names = await _names(tree, "g/m")
+    assert "latest" in names and REV1.digest in names
+    assert src.calls == before  # served from the background listing
+
+
+async def test_background_listing_failures_stay_in_the_background() -> None:
+    src = _source()
+    tree = Tree(src, clock=Clock())
+    await _names(tree, "g")  # no spawn: nothing in the background
+    assert ("tags", "g/m") not in src.calls
+    src.down = True
+    async with trio.open_nursery() as nursery:
+        tree.spawn = nursery
+        assert await _names(tree, "g") == ["deep", "m"]  # the catalog listing is still fresh
+    with pytest.raises(RegistryUnavailable):
+        await _names(tree, "g/m")  # the foreground reports what the background swallowed
