@@ -87,12 +87,24 @@ class _Partial:
     hashed: int = 0  # chunks fed to the hasher, in order
     ahead: dict[int, Chunk] = field(default_factory=dict)  # written, not yet hashed
     lock: threading.Lock = field(default_factory=threading.Lock)
-
+    # Chunk data is written outside `lock` (two writers keep the disk busy while one
+    # hashes); closing waits for those writes.
+    writing: int = 0
+    idle: threading.Condition = field(init=False)
     closed: bool = False
 
+    def __post_init__(self) -> None:
+        self.idle = threading.Condition(self.lock)
+
+    def wait_idle(self) -> None:
+        """Under `lock`: until no chunk write is halfway."""
+        while self.writing:
+            self.idle.wait()
+
     def close(self) -> None:
-        """Close the files; under `lock`, so no write is halfway through them."""
+        """Close the files; under `lock`, once no write is halfway through them."""
         self.closed = True
+        self.wait_idle()
         for fd in (self.data_fd, self.map_fd, self.direct_fd):
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -118,7 +130,7 @@ class DiskCache:
         self._lru: OrderedDict[str, int] = OrderedDict()
         self.evictions = 0
         # Off when the chunk size is not aligned, or once the file system refuses it.
-        self.direct = bool(_O_DIRECT) and chunk_size % _ALIGN == 0 and not os.environ.get("XNODIRECT")
+        self.direct = bool(_O_DIRECT) and chunk_size % _ALIGN == 0
         self._buffers: list[mmap.mmap] = []  # aligned buffers for unaligned chunks
         self._scan()
 
@@ -383,8 +395,17 @@ class DiskCache:
         with part.lock:
             if part.closed or part.bitmap[index]:
                 return False
+            part.writing += 1
+        try:
             # No fdatasync: see the module docstring for why a crash here is safe.
             self._write_data(part, data, index * self.chunk_size)
+        finally:
+            with part.lock:
+                part.writing -= 1
+                part.idle.notify_all()
+        with part.lock:
+            if part.closed or part.bitmap[index]:
+                return False
             os.pwrite(part.map_fd, b"\x01", _HEADER.size + index)
             part.bitmap[index] = 1
             self._touch(digest, len(data))
@@ -422,13 +443,18 @@ class DiskCache:
         complete, data_path, map_path = self._paths(digest)
         with self._lock:
             part = self._partials.pop(digest, None)
-            if part is not None:
+        if part is not None:
+            # Under the blob's lock and outside the cache lock (a writer holds the
+            # first and then takes the second); a duplicate write may still be going.
+            with part.lock:
+                part.wait_idle()
                 # A padded last chunk (direct writes) overshoots the blob's size.
                 os.ftruncate(part.data_fd, size)
                 # Once per blob: the stamp below makes later processes trust the file
                 # without hashing it, so its bytes must be on disk before the stamp.
                 os.fsync(part.data_fd)
                 part.close()
+        with self._lock:
             os.replace(data_path, complete)
             map_path.unlink(missing_ok=True)
             self._verified.add(digest)
@@ -473,6 +499,8 @@ class DiskCache:
 
     def close(self) -> None:
         with self._lock:
-            for part in self._partials.values():
-                part.close()
+            parts = list(self._partials.values())
             self._partials.clear()
+        for part in parts:
+            with part.lock:
+                part.close()

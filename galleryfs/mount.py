@@ -170,7 +170,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         # chunk size (with less, prefetched chunks would be evicted before use).
         memory = max(config.memory_size, WINDOW_CAP + config.chunk_size)
         ranges = DirectRanges(client)
-        reader = ChunkReader(ranges, chunk_size=config.chunk_size,
+        reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=config.chunk_size,
                              memory_bytes=memory, disk=disk,
                              fetch_timeout=config.options.timeout * 2)
 
@@ -191,6 +191,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
             async with trio.open_nursery() as nursery:
                 ops.nursery = nursery
                 tree.spawn = nursery
+                await nursery.start(reader.store_workers)
                 nursery.start_soon(_watch_signals)
                 nursery.start_soon(_announce, config, ready_fd)
                 await pyfuse3.main()
