@@ -56,7 +56,7 @@ SEQ_START_SLACK = 4096
 # Chunks waiting for the disk cache (besides those being written): with 4 MiB chunks
 # the backlog holds at most 16 MiB, wherever the disk stalls. Two writers: two blobs
 # (two readers) are written at once; chunks of one blob are written one at a time.
-STORE_QUEUE = 2
+STORE_QUEUE = 1
 STORE_WORKERS = 2
 
 # (repo, digest, start, end) -> exactly bytes [start, end)
@@ -117,7 +117,7 @@ class ChunkReader:
         memory_bytes: int = DEFAULT_MEMORY,
         disk: DiskCache | None = None,
         fetch_timeout: float = 60.0,
-        prefetch_concurrency: int = 4,
+        prefetch_concurrency: int = 2,
         window_cap: int = WINDOW_CAP,
         span_fetch: SpanFetcher | None = None,
     ) -> None:

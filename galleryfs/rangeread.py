@@ -49,7 +49,7 @@ class DirectStats:
 class DirectRanges:
     """A `Fetcher` for ChunkReader: (repo, digest, start, end) -> exactly those bytes."""
 
-    def __init__(self, client: RegistryClient, connections: int = 4) -> None:
+    def __init__(self, client: RegistryClient, connections: int = 2) -> None:
         self.client = client
         self.stats = DirectStats()
         self.limiter = trio.CapacityLimiter(connections)
