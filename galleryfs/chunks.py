@@ -7,11 +7,14 @@ bounded in time, so a dead registry turns into an error, not a hang.
 
 `BlobHandle` is one open file: it watches the access pattern and, when reads are
 sequential, fetches ahead in a window that starts at one chunk and doubles up to a cap
-for every chunk consumed. Kernel readahead and mmap faults arrive slightly out of
-order, so a forward skip of a few chunks or a step back of a quarter chunk does not
-break a stream. Random access fetches only what is asked for: a read that is not part of
-a stream and finds its chunk nowhere (memory, flight, disk) is one Range request of
-exactly its bytes, so 4 KiB random reads do not cost a chunk each.
+for every chunk consumed. With a span fetcher the window is refilled when half of it is
+left, the gap claimed at once and fetched with one Range request (`begin_span`,
+`run_span`); without one, chunk by chunk. Kernel readahead and mmap faults arrive
+slightly out of order, so a forward skip of a few chunks or a step back of a quarter
+chunk does not break a stream. Random access fetches only what is asked for: a read that
+is not part of a stream and finds its chunk in neither memory nor flight reads exactly
+its bytes, from the disk cache or the registry, so 4 KiB random reads (or a hole the
+kernel's page cache lost) do not cost a chunk each.
 
 The reply path does no disk work it can avoid: a fetched chunk is handed to waiting
 readers first, and its owner (usually a prefetch) then queues it for the store workers,
