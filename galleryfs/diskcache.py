@@ -280,20 +280,25 @@ class DiskCache:
         return data if len(data) == end - start else None
 
     def has_chunk(self, digest: str, size: int, index: int) -> bool:
-        complete, _, _ = self._paths(digest)
-        if digest not in self._verified:
-            # Trusted without hashing only by a matching stamp (a stat and a tiny read).
-            try:
-                st = complete.stat()
-            except OSError:
-                st = None
-            if st is not None and st.st_size == size and self._stamped(digest, st):
-                self._verified.add(digest)
-        if digest in self._verified and complete.exists():
-            return True
+        # Called for every read of a stream: the blob being filled is answered from
+        # its bitmap in memory, without touching the file system.
         with self._lock:
             part = self._partials.get(digest)
-            return part is not None and bool(part.bitmap[index])
+            if part is not None:
+                return bool(part.bitmap[index])
+            if digest in self._verified:
+                return True
+        complete, _, _ = self._paths(digest)
+        # Trusted without hashing only by a matching stamp (a stat and a tiny read).
+        try:
+            st = complete.stat()
+        except OSError:
+            return False
+        if st.st_size == size and self._stamped(digest, st):
+            with self._lock:
+                self._verified.add(digest)
+            return True
+        return False
 
     # ---- partial blobs -----------------------------------------------------------
 
