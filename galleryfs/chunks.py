@@ -167,19 +167,26 @@ class ChunkReader:
         stored nowhere."""
         disk = self.disk
         if disk is not None and DiskCache.cacheable(blob.digest):
-            try:
-                data = await trio.to_thread.run_sync(
-                    disk.read_range, blob.digest, blob.size, start, end)
-            except DigestMismatch:
-                self.stats.digest_failures += 1
-                raise
-            except OSError as exc:
-                log.warning("disk cache read of %s failed (%s); fetching", blob.digest, exc)
-                data = None
+            data = await self._from_disk(blob, disk.read_range, start, end)
             if data is not None:
-                self.stats.disk_hits += 1
                 return data
         return await self.fetch_range(blob, start, end)
+
+    async def _from_disk(self, blob: BlobRef, read: Callable[..., bytes | None],
+                         *args: int) -> bytes | None:
+        """`read(digest, size, *args)` of the disk cache in a thread; None when it has
+        not got the bytes or cannot read them (a broken cache disk costs a fetch)."""
+        try:
+            data = await trio.to_thread.run_sync(read, blob.digest, blob.size, *args)
+        except DigestMismatch:
+            self.stats.digest_failures += 1
+            raise
+        except OSError as exc:
+            log.warning("disk cache read of %s failed (%s); fetching", blob.digest, exc)
+            return None
+        if data is not None:
+            self.stats.disk_hits += 1
+        return data
 
     async def fetch_range(self, blob: BlobRef, start: int, end: int) -> Chunk:
         """Bytes [start, end) straight from the registry, cached nowhere."""
@@ -373,17 +380,8 @@ class ChunkReader:
         end = min(blob.size, start + self.chunk_size)
         disk = self.disk if self.disk is not None and DiskCache.cacheable(blob.digest) else None
         if disk is not None:
-            try:
-                data = await trio.to_thread.run_sync(
-                    disk.read_chunk, blob.digest, blob.size, index)
-            except DigestMismatch:
-                self.stats.digest_failures += 1
-                raise
-            except OSError as exc:
-                log.warning("disk cache read of %s failed (%s); fetching", blob.digest, exc)
-                data = None
+            data = await self._from_disk(blob, disk.read_chunk, index)
             if data is not None:
-                self.stats.disk_hits += 1
                 return data, False
             self.stats.disk_misses += 1
         return await self.fetch_range(blob, start, end), True

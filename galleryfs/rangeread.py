@@ -68,11 +68,7 @@ class DirectRanges:
 
     async def __call__(self, repo: str, digest: str, start: int, end: int) -> bytearray:
         if self.enabled and end > start:
-            path = f"/v2/{repo}/blobs/{digest}"
-            headers = {"Range": f"bytes={start}-{end - 1}", "User-Agent": "galleryfs"}
-            authorization = self._authorization(path)
-            if authorization:
-                headers["Authorization"] = authorization
+            path, headers = self._request(repo, digest, start, end)
             try:
                 # Abandoned on cancel (a closed file's prefetch): the thread finishes
                 # within the socket timeout and the bytes are dropped.
@@ -95,13 +91,9 @@ class DirectRanges:
         time as they arrive (each delivery waits for the previous one). Returns the
         offset reached: `end`, or less when the registry failed midway (the caller
         fetches the rest on its own)."""
-        path = f"/v2/{repo}/blobs/{digest}"
         reached = start
         if self.enabled:
-            headers = {"Range": f"bytes={start}-{end - 1}", "User-Agent": "galleryfs"}
-            authorization = self._authorization(path)
-            if authorization:
-                headers["Authorization"] = authorization
+            path, headers = self._request(repo, digest, start, end)
             stop = threading.Event()
             progress = [start]
 
@@ -135,6 +127,31 @@ class DirectRanges:
         self.client.bytes_received += len(data)
         await deliver(offset, data)
 
+    def _request(self, repo: str, digest: str, start: int, end: int
+                 ) -> tuple[str, dict[str, str]]:
+        """Path and headers of the Range GET of bytes [start, end) of a blob."""
+        path = f"/v2/{repo}/blobs/{digest}"
+        headers = {"Range": f"bytes={start}-{end - 1}", "User-Agent": "galleryfs"}
+        # Before any challenge, send nothing: httpx finds out what is needed.
+        if self.client.auth.scheme is not None:
+            authorization = self.client.auth.authorization(
+                httpx.Request("GET", self.client.base + path))
+            if authorization:
+                headers["Authorization"] = authorization
+        return path, headers
+
+    # ---- in a worker thread ------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        timeout = self.client.options.timeout
+        if self._tls is not None:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
+                                               context=self._tls)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
     def _span(self, path: str, headers: dict[str, str], start: int, end: int, piece: int,
               hand_over: Callable[[int, bytearray], None], stop: threading.Event) -> None:
         conn = self._connection()
@@ -158,44 +175,12 @@ class DirectRanges:
         with self._lock:
             self._idle.append(conn)
 
-    def _authorization(self, path: str) -> str | None:
-        auth = self.client.auth
-        if auth.scheme is None:
-            return None  # no challenge seen yet: let httpx find out what is needed
-        return auth.authorization(httpx.Request("GET", self.client.base + path))
-
-    # ---- in a worker thread ------------------------------------------------------
-
-    def _connection(self) -> http.client.HTTPConnection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        timeout = self.client.options.timeout
-        if self._tls is not None:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
-                                               context=self._tls)
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-
     def _get(self, path: str, headers: dict[str, str], start: int, end: int) -> bytearray:
-        conn = self._connection()
-        try:
-            data = self._exchange(conn, path, headers, start, end)
-        except BaseException:
-            conn.close()
-            raise
-        with self._lock:
-            self._idle.append(conn)
-        return data
-
-    def _exchange(self, conn: http.client.HTTPConnection, path: str,
-                  headers: dict[str, str], start: int, end: int) -> bytearray:
-        try:
-            conn.request("GET", path, headers=headers)
-            response = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Fallback(f"{type(exc).__name__}: {exc}") from None
-        _check_range(response, start, end)
-        return _receive(response, end - start)
+        """The whole range in one buffer: a span of one piece."""
+        got: list[bytearray] = []
+        self._span(path, headers, start, end, end - start,
+                   lambda _offset, data: got.append(data), threading.Event())
+        return got[0]
 
     def close(self) -> None:
         with self._lock:

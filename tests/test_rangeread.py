@@ -165,6 +165,23 @@ def test_environment_proxy_decides_the_direct_path(registry: Registry, monkeypat
 CHUNK = 65536
 
 
+def _pushed(registry: Registry, size: int):  # noqa: ANN202 - (bytes, BlobRef)
+    from galleryfs.chunks import BlobRef
+
+    data = os.urandom(size)
+    return data, BlobRef(REPO, push_blob(registry.url, REPO, data), size)
+
+
+def _span_reader(client: RegistryClient, window_chunks: int, disk=None):  # noqa: ANN001, ANN202
+    """A ChunkReader reading ahead in spans through a DirectRanges of `client`."""
+    from galleryfs.chunks import ChunkReader
+
+    ranges = DirectRanges(client)
+    reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=CHUNK,
+                         window_cap=window_chunks * CHUNK, disk=disk)
+    return ranges, reader
+
+
 async def _sequential(handle, size: int, piece: int = 16384) -> bytes:  # noqa: ANN001
     out = bytearray()
     while len(out) < size:
@@ -174,19 +191,14 @@ async def _sequential(handle, size: int, piece: int = 16384) -> bytes:  # noqa: 
 
 def test_sequential_reads_prefetch_in_spans_and_fill_the_disk_cache(registry: Registry,
                                                                     tmp_path) -> None:
-    from galleryfs.chunks import BlobRef, ChunkReader
     from galleryfs.diskcache import DiskCache
 
-    data = os.urandom(40 * CHUNK + 123)
-    digest = push_blob(registry.url, REPO, data)
-    blob = BlobRef(REPO, digest, len(data))
+    data, blob = _pushed(registry, 40 * CHUNK + 123)
+    digest = blob.digest
 
     async def run() -> None:
         async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
-            ranges = DirectRanges(client)
-            disk = DiskCache(tmp_path, 1 << 30, CHUNK)
-            reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=CHUNK,
-                                 window_cap=8 * CHUNK, disk=disk)
+            ranges, reader = _span_reader(client, 8, DiskCache(tmp_path, 1 << 30, CHUNK))
             async with trio.open_nursery() as nursery:
                 await nursery.start(reader.store_workers)
                 handle = reader.open(blob, nursery)
@@ -207,18 +219,12 @@ def test_sequential_reads_prefetch_in_spans_and_fill_the_disk_cache(registry: Re
 
 
 def test_a_failed_span_leaves_its_chunks_to_the_readers(registry: Registry) -> None:
-    from galleryfs.chunks import BlobRef, ChunkReader
-
-    data = os.urandom(24 * CHUNK)
-    digest = push_blob(registry.url, REPO, data)
-    blob = BlobRef(REPO, digest, len(data))
+    data, blob = _pushed(registry, 24 * CHUNK)
 
     async def run() -> None:
         with FaultProxy(registry.url) as proxy:
             async with RegistryClient(proxy.host, ClientOptions(plain_http=True)) as client:
-                ranges = DirectRanges(client)
-                reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=CHUNK,
-                                     window_cap=8 * CHUNK)
+                ranges, reader = _span_reader(client, 8)
                 # Every blob GET fails for a while: direct spans fall back to httpx,
                 # which retries; readers never see an error.
                 proxy.fail(r"^GET /v2/direct/blob/blobs/", 3, 503)
@@ -235,17 +241,11 @@ def test_a_failed_span_leaves_its_chunks_to_the_readers(registry: Registry) -> N
 
 
 def test_closing_a_file_mid_stream_releases_its_spans(registry: Registry) -> None:
-    from galleryfs.chunks import BlobRef, ChunkReader
-
-    data = os.urandom(64 * CHUNK)
-    digest = push_blob(registry.url, REPO, data)
-    blob = BlobRef(REPO, digest, len(data))
+    data, blob = _pushed(registry, 64 * CHUNK)
 
     async def run() -> None:
         async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
-            ranges = DirectRanges(client)
-            reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=CHUNK,
-                                 window_cap=16 * CHUNK)
+            ranges, reader = _span_reader(client, 16)
             async with trio.open_nursery() as nursery:
                 handle = reader.open(blob, nursery)
                 assert await _sequential(handle, 8 * CHUNK) == data[:8 * CHUNK]
