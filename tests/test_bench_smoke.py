@@ -55,3 +55,15 @@ def test_bench_quick(tmp_path: Path) -> None:
                     assert isinstance(r["baseline"], (int, float)), r
     for goal in GOALS:
         assert goal in proc.stdout, f"{goal} missing from the printed table"
+
+
+@pytest.mark.parametrize("only", ["G99", "G1,foo", ","])
+def test_bench_only_refuses_unknown_goals(tmp_path: Path, only: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--only", only,
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "expected goals among G1..G11" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before starting anything

@@ -303,3 +303,65 @@ async def test_disk_cache_writes_direct_or_falls_back(tmp_path, monkeypatch, ref
     else:
         assert sorted(direct_writes) == [0, CHUNK, 2 * CHUNK, 3 * CHUNK]
     assert cache.read_chunk(digest, len(data), 3) == data[3 * CHUNK:]
+
+
+async def test_holes_are_read_exactly_from_the_disk_cache(registry, blob, tmp_path) -> None:
+    """A read outside any stream (a page the kernel's cache lost) reads just its bytes from
+    a complete cached blob: no fetch, and no whole chunk pulled into memory."""
+    ref, data = blob
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        assert await reader.read(ref, 0, ref.size) == data  # fills the cache
+        reader.memory.clear()
+        calls, hits = len(fetch.calls), reader.stats.disk_hits
+        handle = reader.open(ref, None)
+        for offset in (5 * CHUNK + 100, 2 * CHUNK - 10):
+            assert bytes(await handle.read(offset, 4096)) == data[offset:offset + 4096]
+        handle.close()
+        assert len(fetch.calls) == calls
+        assert reader.stats.disk_hits == hits + 2
+        assert reader.memory.currsize == 0
+
+
+async def test_store_queue_holds_back_owners_when_the_disk_is_slow(tmp_path) -> None:
+    """Chunks waiting for the disk are bounded: past the queue and the writers, whoever
+    hands over another chunk waits (read-ahead slows down instead of memory growing)."""
+    import threading
+
+    from trio.testing import wait_all_tasks_blocked
+
+    from galleryfs.chunks import STORE_QUEUE, STORE_WORKERS
+
+    gate = threading.Event()
+
+    class SlowDisk(DiskCache):
+        def write_chunk(self, digest: str, size: int, index: int, data) -> bool:  # noqa: ANN001
+            gate.wait(30)
+            return super().write_chunk(digest, size, index, data)
+
+    data = os.urandom(10 * CHUNK)
+    ref = BlobRef(REPO, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+    async def never(*args: object) -> bytes:
+        raise AssertionError("no fetch expected")
+
+    reader = ChunkReader(never, chunk_size=CHUNK, disk=SlowDisk(tmp_path, 1 << 30, CHUNK))
+    handed: list[int] = []
+
+    async def hand(i: int) -> None:
+        await reader._queue_store(ref, i, data[i * CHUNK:(i + 1) * CHUNK])
+        handed.append(i)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.store_workers)
+        for i in range(10):
+            nursery.start_soon(hand, i)
+        await wait_all_tasks_blocked()
+        assert len(handed) == STORE_QUEUE + STORE_WORKERS  # the rest wait their turn
+        gate.set()
+        with trio.fail_after(30):
+            await reader.flush()  # every chunk counts as pending from the moment it is handed
+        assert sorted(handed) == list(range(10))
+        nursery.cancel_scope.cancel()
+    assert (tmp_path / "blobs" / "sha256" / ref.digest.split(":")[1]).read_bytes() == data

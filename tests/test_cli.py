@@ -297,3 +297,14 @@ def test_errors_are_one_line(registry: Registry, tmp_path: Path, args: list[str]
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_httpx_command_line_tool_is_not_imported() -> None:
+    """httpx imports its CLI (click, rich) when they are installed, as they are here;
+    galleryfs keeps it out of every command's start-up."""
+    code = ("import sys, galleryfs.cli, httpx; "
+            "print(sorted(m for m in ('click', 'rich') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
