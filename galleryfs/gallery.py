@@ -11,7 +11,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import trio
 
 from . import digest as digests
 from . import metadata, modelpack
+from .directupload import DirectUploads
 from .errors import (
     NotFound,
     RegistryError,
@@ -88,7 +89,12 @@ def scan_directory(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
-async def hash_files(files: list[tuple[str, Path]], cache: HashCache | None = None) -> list[LocalFile]:
+# Hashes a file its own way (while uploading it) and returns (digest, size), or None.
+Hasher = Callable[[Path], Awaitable[tuple[str, int] | None]]
+
+
+async def hash_files(files: list[tuple[str, Path]], cache: HashCache | None = None,
+                     hasher: Hasher | None = None) -> list[LocalFile]:
     out: list[LocalFile] = [None] * len(files)  # type: ignore[list-item]
     limiter = trio.CapacityLimiter(2)
 
@@ -97,8 +103,11 @@ async def hash_files(files: list[tuple[str, Path]], cache: HashCache | None = No
         if known:
             d, size = known
         else:
-            async with limiter:
-                d, size = await trio.to_thread.run_sync(digests.file_digest, str(src))
+            got = await hasher(src) if hasher else None
+            if got is None:
+                async with limiter:
+                    got = await trio.to_thread.run_sync(digests.file_digest, str(src))
+            d, size = got
             if cache:
                 cache.put(src, d, size)
         out[i] = LocalFile(rel, src, d, size)
@@ -146,61 +155,122 @@ async def push(client: RegistryClient, root: Path, ref: Reference, *,
         raise UsageError("push takes a tag, not a digest: the digest follows from the content")
     tag = check_tag(ref.tag or DEFAULT_TAG)
     scanned = await trio.to_thread.run_sync(scan_directory, root)
-    files = await hash_files(scanned, HashCache())
-    config_bytes = build_config(root, files, annotations, created)
-    config = Descriptor(modelpack.CONFIG_TYPE, digests.of_bytes(config_bytes), len(config_bytes))
-    layers = [
-        Descriptor(modelpack.layer_media_type(modelpack.layer_kind(f.path)), f.digest, f.size,
-                   {modelpack.ANNOTATION_FILEPATH: f.path, modelpack.ANNOTATION_TITLE: f.path})
-        for f in files
-    ]
-    manifest_annotations = dict(annotations)
-    if created:
-        manifest_annotations[modelpack.ANNOTATION_CREATED] = created
-    manifest = modelpack.build_manifest(config, layers, manifest_annotations)
-
-    result = PushResult(digest=digests.of_bytes(manifest), tags=[tag])
-    locations = locations if locations is not None else BlobLocations()
-    repo = ref.repository
-    # One blob per digest: a model may hold the same bytes twice.
-    unique: dict[str, LocalFile] = {}
-    for f in files:
-        unique.setdefault(f.digest, f)
-    total = sum(f.size for f in unique.values())
-    bar = progress(total, f"push {ref.model}") if progress else None
-    limiter = trio.CapacityLimiter(CONCURRENCY)
-
-    async def send(f: LocalFile) -> None:
-        async with limiter:
-            if await client.blob_size(repo, f.digest) is not None:
-                result.existing.append(f.path)
-            else:
-                source_repo = locations.find(client.host, f.digest)
-                if source_repo and source_repo != repo and await _try_mount(
-                        client, repo, f.digest, source_repo):
-                    result.mounted.append(f.path)
-                else:
-                    await client.upload_blob(repo, f.digest, f.size, str(f.source), bar)
-                    result.uploaded.append(f.path)
-                    result.bytes_uploaded += f.size
-                    locations.record(client.host, f.digest, repo)
-                    return
-            locations.record(client.host, f.digest, repo)
-            if bar:
-                bar(f.size)
-
+    sizes = await trio.to_thread.run_sync(lambda: [src.stat().st_size for _, src in scanned])
+    bar = progress(sum(sizes), f"push {ref.model}") if progress else None
+    job = _Push(client, ref.repository, locations if locations is not None else BlobLocations(),
+                bar)
     try:
-        async with trio.open_nursery() as nursery:
-            for f in unique.values():
-                nursery.start_soon(send, f)
-        if await client.blob_size(repo, config.digest) is None:
-            await client.upload_blob_bytes(repo, config.digest, config_bytes)
-        await client.put_manifest(repo, tag, manifest, modelpack.OCI_MANIFEST)
+        files = await hash_files(scanned, HashCache(), job.send_while_hashing)
+        config_bytes = build_config(root, files, annotations, created)
+        config = Descriptor(modelpack.CONFIG_TYPE, digests.of_bytes(config_bytes),
+                            len(config_bytes))
+        layers = [
+            Descriptor(modelpack.layer_media_type(modelpack.layer_kind(f.path)), f.digest,
+                       f.size,
+                       {modelpack.ANNOTATION_FILEPATH: f.path, modelpack.ANNOTATION_TITLE: f.path})
+            for f in files
+        ]
+        manifest_annotations = dict(annotations)
+        if created:
+            manifest_annotations[modelpack.ANNOTATION_CREATED] = created
+        manifest = modelpack.build_manifest(config, layers, manifest_annotations)
+        result = PushResult(digest=digests.of_bytes(manifest), tags=[tag])
+        await job.send_all(files, result)
+        if await client.blob_size(job.repo, config.digest) is None:
+            await client.upload_blob_bytes(job.repo, config.digest, config_bytes)
+        await client.put_manifest(job.repo, tag, manifest, modelpack.OCI_MANIFEST)
     finally:
-        locations.save()
+        job.locations.save()
         if bar and hasattr(bar, "close"):
             bar.close()  # type: ignore[attr-defined]
     return result
+
+
+class _Push:
+    """Getting a push's blobs into the registry, each the cheapest way."""
+
+    def __init__(self, client: RegistryClient, repo: str, locations: BlobLocations,
+                 bar: Callable[[int], None] | None) -> None:
+        self.client = client
+        self.repo = repo
+        self.locations = locations
+        self.bar = bar
+        self.uploads = DirectUploads(client)
+        self.limiter = trio.CapacityLimiter(CONCURRENCY)
+        # Blobs dealt with while their file was hashed: digest -> what needed() said.
+        self.settled: dict[str, str | None] = {}
+        self.sent_early: set[Path] = set()
+        self._asked: dict[str, trio.Event] = {}
+        self._answers: dict[str, str | None] = {}
+
+    async def needed(self, digest: str) -> str | None:
+        """How the registry gets the blob without an upload: "existing", "mounted", or
+        None (it must be sent). Asked once per digest: two files with the same bytes,
+        hashed at once, get the same answer."""
+        asked = self._asked.get(digest)
+        if asked is not None:
+            await asked.wait()
+            if digest in self._answers:
+                return self._answers[digest]
+        asked = self._asked[digest] = trio.Event()
+        try:
+            self._answers[digest] = answer = await self._ask(digest)
+        finally:
+            asked.set()
+        return answer
+
+    async def _ask(self, digest: str) -> str | None:
+        client, repo = self.client, self.repo
+        if await client.blob_size(repo, digest) is not None:
+            return "existing"
+        source_repo = self.locations.find(client.host, digest)
+        if source_repo and source_repo != repo and await _try_mount(
+                client, repo, digest, source_repo):
+            return "mounted"
+        return None
+
+    async def send_while_hashing(self, src: Path) -> tuple[str, int] | None:
+        """A `Hasher`: a large file whose digest is not known yet is sent while it is
+        hashed (the hash decides at the end whether the upload was needed)."""
+        size = (await trio.to_thread.run_sync(src.stat)).st_size
+        if not self.uploads.worth_it(size):
+            return None
+        async with self.limiter:
+            digest, outcome = await self.uploads.upload_hashing(
+                self.repo, str(src), size, self.needed, self.bar)
+        self.settled.setdefault(digest, outcome)
+        self.sent_early.add(src)
+        return digest, size
+
+    async def send_all(self, files: list[LocalFile], result: PushResult) -> None:
+        # One blob per digest: a model may hold the same bytes twice.
+        unique: dict[str, LocalFile] = {}
+        for f in files:
+            if unique.setdefault(f.digest, f) is not f and self.bar and f.source not in self.sent_early:
+                self.bar(f.size)  # the bar counts every file
+        async with trio.open_nursery() as nursery:
+            for f in unique.values():
+                nursery.start_soon(self._send, f, result)
+
+    async def _send(self, f: LocalFile, result: PushResult) -> None:
+        if f.digest in self.settled:
+            outcome = self.settled[f.digest]
+        else:
+            async with self.limiter:
+                outcome = await self.needed(f.digest)
+                if outcome is None:
+                    await self.uploads.upload(self.repo, f.digest, f.size, str(f.source),
+                                              self.bar)
+                elif self.bar:
+                    self.bar(f.size)
+        if outcome == "existing":
+            result.existing.append(f.path)
+        elif outcome == "mounted":
+            result.mounted.append(f.path)
+        else:
+            result.uploaded.append(f.path)
+            result.bytes_uploaded += f.size
+        self.locations.record(self.client.host, f.digest, self.repo)
 
 
 async def _try_mount(client: RegistryClient, repo: str, digest: str, source: str) -> bool:

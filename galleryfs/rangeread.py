@@ -53,7 +53,7 @@ class DirectRanges:
         self.client = client
         self.stats = DirectStats()
         self.limiter = trio.CapacityLimiter(connections)
-        self.enabled = _no_proxy_for(client.base)
+        self.enabled = no_proxy_for(client.base)
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         url = httpx.URL(client.base)
@@ -214,7 +214,7 @@ def _receive(response: http.client.HTTPResponse, n: int) -> bytearray:
     return buf
 
 
-def _no_proxy_for(base: str) -> bool:
+def no_proxy_for(base: str) -> bool:
     """False when the environment routes this registry through a proxy (httpx honours
     it; the direct path would not)."""
     proxies = urllib.request.getproxies()

@@ -334,6 +334,25 @@ class RegistryClient:
                 pass
         return False
 
+    async def start_upload(self, repo: str) -> str:
+        """Open an upload session; its absolute URL."""
+        what = f"start an upload to {self.host}/{repo}"
+        response = await self._request("POST", f"/v2/{repo}/blobs/uploads/", what)
+        return _location(response, self.base, what)
+
+    async def finish_upload(self, location: str, digest: str, what: str) -> str:
+        """Close an upload session whose bytes were all sent; the digest the registry
+        computed (empty when it does not say)."""
+        response = await self._request("PUT", with_digest(location, digest), what)
+        return response.headers.get("docker-content-digest", "")
+
+    async def cancel_upload(self, location: str) -> None:
+        """Drop an upload session (best effort: registries also expire them)."""
+        try:
+            await self._http.delete(location)
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"cancel upload {location}: {exc}") from None
+
     async def upload_blob(
         self, repo: str, digest: str, size: int, path: str,
         progress: ProgressFn | None = None, chunk_size: int = UPLOAD_CHUNK,
@@ -343,12 +362,11 @@ class RegistryClient:
         what = f"upload {digest} to {self.host}/{repo}"
 
         async def once() -> None:
-            response = await self._request("POST", f"/v2/{repo}/blobs/uploads/", what)
-            location = _location(response, self.base, what)
+            location = await self.start_upload(repo)
             if size <= MONOLITHIC_LIMIT:
                 data = await trio.to_thread.run_sync(_read_range, path, 0, size)
                 response = await self._request(
-                    "PUT", _with_digest(location, digest), what, content=data,
+                    "PUT", with_digest(location, digest), what, content=data,
                     headers={"Content-Type": "application/octet-stream"})
                 if progress:
                     progress(size)
@@ -368,7 +386,7 @@ class RegistryClient:
                     self._check(response, what)
                     location = _location(response, self.base, what)
                     offset += length
-                response = await self._request("PUT", _with_digest(location, digest), what)
+                response = await self._request("PUT", with_digest(location, digest), what)
             got = response.headers.get("docker-content-digest", digest)
             if got != digest:
                 raise DigestMismatch(f"{what}: registry computed {got}")
@@ -386,7 +404,7 @@ class RegistryClient:
         async def once() -> None:
             response = await self._request("POST", f"/v2/{repo}/blobs/uploads/", what)
             location = _location(response, self.base, what)
-            await self._request("PUT", _with_digest(location, digest), what, content=data,
+            await self._request("PUT", with_digest(location, digest), what, content=data,
                                 headers={"Content-Type": "application/octet-stream"})
 
         await self._retrying(what, once)
@@ -409,7 +427,7 @@ class RegistryClient:
         async def once() -> None:
             response = await self._request("POST", f"/v2/{repo}/blobs/uploads/", what)
             location = _location(response, self.base, what)
-            await self._request("PUT", _with_digest(location, digest), what, content=body(),
+            await self._request("PUT", with_digest(location, digest), what, content=body(),
                                 headers={"Content-Type": "application/octet-stream",
                                          "Content-Length": str(size)})
 
@@ -612,7 +630,7 @@ def _location(response: httpx.Response, base: str, what: str) -> str:
     return urljoin(str(response.request.url), location)
 
 
-def _with_digest(location: str, digest: str) -> str:
+def with_digest(location: str, digest: str) -> str:
     # The upload URL usually carries its own query (_state=...): httpx `params=` would
     # replace it, so the digest is appended by hand.
     return f"{location}{'&' if '?' in location else '?'}digest={digest}"

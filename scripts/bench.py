@@ -44,6 +44,8 @@ MB = 1e6
 STATS_XATTR = "user.galleryfs.stats"
 DEFAULT_READAHEAD_CAP = 64 * MiB
 GOALS = [f"G{i}" for i in range(1, 12)]
+# Warm passes per side and repeat for G3 (alternating galleryfs and the local file).
+G3_PASSES = 3
 RAND_RUNTIME = 10  # s: a cap on the random-read job (bytes are compared, not time)
 
 
@@ -570,18 +572,25 @@ class Bench:
             self.add("g9.cap", cap if cap is not None else DEFAULT_READAHEAD_CAP)
             if cap is None and i == 0:
                 self.notes.append("G9: the stats xattr has no read-ahead cap; used 64 MiB")
-            # G3: the same file again, from the kernel's page cache (keep_cache).
-            st0 = m.stats()
-            self.add("g3.gfs", fio_seq(path))
-            st1 = m.stats()
-            served = sum(int(st1.get(k, 0)) - int(st0.get(k, 0))
-                         for k in ("memory_hits", "memory_misses", "disk_hits", "fetches"))
-            if served > 0:
-                self.notes.append(f"G3 repeat {i + 1}: the daemon served {served} reads during the "
-                                  "warm re-read: the page cache did not hold the whole file (evicted, "
-                                  "or dropped by another process on this shared machine)")
-        fio_seq(local)  # into the page cache
-        self.add("g3.base", fio_seq(local))
+            # G3: the same file again, from the kernel's page cache (keep_cache). Passes
+            # alternate with passes over the local file (read once first, into the page
+            # cache), so both sides see the same moment of this shared machine; the median
+            # pass of each side counts. The first re-read is also reported on its own.
+            fio_seq(local)
+            gfs: list[float] = []
+            base: list[float] = []
+            for k in range(G3_PASSES):
+                st0 = m.stats()
+                gfs.append(fio_seq(path))
+                st1 = m.stats()
+                base.append(fio_seq(local))
+                if k == 0:
+                    served = sum(int(st1.get(c, 0)) - int(st0.get(c, 0)) for c in (
+                        "memory_hits", "memory_misses", "disk_hits", "fetches"))
+                    self.add("g3.first", gfs[0] / base[0])
+                    self.add("g3.first_served", served)
+            self.add("g3.gfs", statistics.median(gfs))
+            self.add("g3.base", statistics.median(base))
         # G1 baseline: one streaming GET of the blob, to memory, discarded.
         self.drop_caches()
         url = self.blob_url("bench/big", "model.safetensors")
@@ -598,6 +607,9 @@ class Bench:
         if got != size:
             raise BenchError(f"baseline GET read {got} of {size} bytes")
         self.add("g1.base", size / dt / MB)
+        # Context, not a goal: the same GET while fio writes to the same disk at the rate
+        # galleryfs read (and so wrote into its disk cache) in this repeat.
+        self.add("g1.contended", self.contended_get(url, size, self.samples["g1.gfs"][-1]))
         # G4: a new mount over the same (now full) disk cache, page cache dropped.
         with Mount(self, "seq", cache) as m:
             path = m.file("bench/big", "model.safetensors")
@@ -611,6 +623,47 @@ class Bench:
                                   "registry despite a full disk cache")
         self.drop_caches()
         self.add("g4.base", fio_seq(local))
+
+    def contended_get(self, url: str, size: int, rate_mb: float) -> float:
+        """MB/s of a cold streaming GET of the blob while an O_DIRECT writer puts
+        `rate_mb` MB/s on the disk of the registry's storage and the run's caches."""
+        import httpx
+
+        target = self.run_dir / "contend.dat"
+        self.drop_caches()
+        writer = subprocess.Popen(
+            ["fio", "--name=contend", f"--filename={_fio_name(str(target))}", f"--size={size}",
+             "--bs=1M", "--rw=write", "--direct=1", "--ioengine=psync",
+             f"--rate={max(1, int(rate_mb * MB))}", "--time_based", "--runtime=300",
+             "--output-format=terse"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            # Bounded wait for the writer to be writing.
+            deadline = time.monotonic() + 30
+            while not (target.exists() and target.stat().st_blocks):
+                if writer.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError("fio writer did not start: "
+                                     f"{first_line(writer.stderr.read() if writer.stderr else '')}")
+                time.sleep(0.01)
+            with httpx.Client(timeout=120) as client:
+                t0 = time.perf_counter()
+                got = 0
+                with client.stream("GET", url) as r:
+                    r.raise_for_status()
+                    for piece in r.iter_raw(MiB):
+                        got += len(piece)
+                dt = time.perf_counter() - t0
+        finally:
+            writer.terminate()
+            try:
+                writer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                writer.kill()
+                writer.wait()
+            target.unlink(missing_ok=True)
+        if got != size:
+            raise BenchError(f"contended GET read {got} of {size} bytes")
+        return size / dt / MB
 
     def g10(self, i: int) -> None:
         with Mount(self, "two", self.fresh_cache_dir()) as m:
@@ -851,12 +904,26 @@ class Bench:
             return x / y
 
         big = f"{self.sizes.big // MiB} MiB" if self.sizes.big < GiB else f"{self.sizes.big // GiB} GiB"
+        g1_note = ""
+        if s.get("g1.contended") and s.get("g1.gfs"):
+            ctx = statistics.median(s["g1.contended"])
+            vs = statistics.median(x / y for x, y in zip(s["g1.gfs"], s["g1.contended"], strict=False))
+            g1_note = (f"the same GET while fio wrote O_DIRECT to the same disk at galleryfs's rate "
+                       f"(as its disk cache did): {ctx:.0f} MB/s; galleryfs read at {vs:.2f}× that")
         row("G1", f"cold sequential read, {big} file, fio 1 MiB (vs httpx GET to memory)", "MB/s",
-            "≥ 0.7×", "g1.gfs", base="g1.base", ratio=div, check=lambda r: r.ratio >= 0.7)
+            "≥ 0.7×", "g1.gfs", base="g1.base", ratio=div, check=lambda r: r.ratio >= 0.7,
+            note=g1_note)
         row("G2", "read all files of a multi-file model, cold (vs oras pull to disk)", "s",
             "≤ 0.8× time", "g2.gfs", base="g2.base", ratio=div, check=lambda r: r.ratio <= 0.8)
+        g3_note = ""
+        if s.get("g3.first"):
+            g3_note = (f"median of {G3_PASSES} passes alternating with the local file; the first "
+                       f"re-read after the cold read ran at {statistics.median(s['g3.first']):.2f}× "
+                       f"(the daemon served {', '.join(str(int(x)) for x in s['g3.first_served'])} "
+                       "reads in it: page-cache holes)")
         row("G3", "warm re-read, kernel cache (vs local file in page cache)", "MB/s",
-            "≥ 0.8×", "g3.gfs", base="g3.base", ratio=div, check=lambda r: r.ratio >= 0.8)
+            "≥ 0.8×", "g3.gfs", base="g3.base", ratio=div, check=lambda r: r.ratio >= 0.8,
+            note=g3_note)
         row("G4", "remount, disk cache full, page cache dropped (vs cold local file)", "MB/s",
             "≥ 0.45×", "g4.gfs", base="g4.base", ratio=div, check=lambda r: r.ratio >= 0.45)
         row("G5.bytes", "get_tensor of one 4 MiB tensor, cold: registry bytes (vs file size)",

@@ -1,0 +1,290 @@
+"""Large blob uploads sent by the kernel (`sendfile`), off the trio thread, and sent
+while they are hashed.
+
+Through httpx, every byte of an upload is read into Python and passed through h11 and
+the trio socket on the event loop. `DirectUploads` sends a large file's bytes from a
+worker thread on a stdlib `http.client` connection with `socket.sendfile` (zero-copy
+over plain HTTP; TLS sockets fall back to sending in pieces, still off the event loop).
+
+A push first needs each file's digest (the manifest names blobs by digest, and a blob
+the registry has already is not sent), and hashing a 1 GiB file cold took about as long
+as a fifth of its upload here. `upload_hashing` therefore streams a file whose digest is
+not known yet into an upload session (one `PATCH`) while another thread hashes it; the
+session is closed with `PUT ?digest=` once the hash is known. If the hash shows that the
+registry has the blob already (or can mount it), the upload is abandoned.
+
+The session is opened (`POST`) through httpx, which negotiates credentials; the direct
+request carries the header the httpx client would send. Anything but the plain answer
+(a 401 from an expired token, a redirect, an error, a dropped connection, a proxy
+configured in the environment, an upload URL on another host) hands the blob to
+`RegistryClient.upload_blob`, which starts a new session with auth, retries and chunked
+`PATCH`es. The registry checks the digest of what it receives, so a half-sent body can
+never be stored under a digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import trio
+
+from . import digest as digests
+from .errors import RegistryError
+from .rangeread import no_proxy_for
+from .registry import ProgressFn, RegistryClient, with_digest
+
+log = logging.getLogger(__name__)
+
+# Smaller blobs go through httpx in one PUT already; the thread hop buys nothing there.
+DIRECT_MIN = 16 << 20
+# sendfile() calls of this size: progress is reported, and an abandon noticed, between them.
+_SEND_PIECE = 8 << 20
+_HASH_PIECE = 4 << 20
+
+# What a push does with a blob once its digest is known: "existing" or "mounted" when
+# the registry needs no upload for it, None to upload it.
+Outcome = str | None
+Decide = Callable[[str], Awaitable[Outcome]]
+
+
+class _Fallback(Exception):
+    """The direct path did not store the blob; httpx will."""
+
+
+class _Abandoned(Exception):
+    """The upload was stopped: the registry has the blob already."""
+
+
+@dataclass
+class UploadStats:
+    direct: int = 0
+    hashed_while_sent: int = 0
+    abandoned: int = 0
+    fallbacks: int = 0
+
+
+class DirectUploads:
+    def __init__(self, client: RegistryClient) -> None:
+        self.client = client
+        self.stats = UploadStats()
+        self.enabled = no_proxy_for(client.base)
+        self._scheme = httpx.URL(client.base).scheme
+        url = httpx.URL(client.base)
+        self._host, self._port = url.host, url.port or (443 if self._scheme == "https" else 80)
+        self._tls: ssl.SSLContext | None = None
+        if self._scheme == "https":
+            verify = client.tls_verify()
+            self._tls = (verify if isinstance(verify, ssl.SSLContext)
+                         else ssl._create_unverified_context())  # --insecure
+
+    def worth_it(self, size: int) -> bool:
+        return self.enabled and size >= DIRECT_MIN
+
+    async def upload(self, repo: str, digest: str, size: int, path: str,
+                     progress: ProgressFn | None = None) -> None:
+        """Store the file as blob `digest` of `repo`: one monolithic PUT."""
+        digests.validate(digest)
+        if self.worth_it(size):
+            bar = _Bar(progress)
+            try:
+                location = await self.client.start_upload(repo)
+                target, headers = self._target(location, digest, size)
+                status, got, _ = await self._in_thread(
+                    "PUT", target, headers, path, size, bar, threading.Event())
+                _check_stored(status, got, digest, repo)
+            except _Fallback as exc:
+                log.debug("direct upload of %s to %s: %s; via httpx", digest, repo, exc)
+                bar.undo()
+            else:
+                self.stats.direct += 1
+                return
+        self.stats.fallbacks += 1
+        await self.client.upload_blob(repo, digest, size, path, progress)
+
+    async def upload_hashing(self, repo: str, path: str, size: int, decide: Decide,
+                             progress: ProgressFn | None = None) -> tuple[str, Outcome]:
+        """Send the file to `repo` while hashing it. `decide(digest)` runs as soon as the
+        digest is known: "existing" or "mounted" stops the upload. Returns the digest
+        and what `decide` said (None: the blob was uploaded)."""
+        assert self.worth_it(size)
+        bar = _Bar(progress)
+        stop = threading.Event()
+        location = await self.client.start_upload(repo)
+        digest = ""
+        outcome: Outcome = None
+        sent: tuple[int, str, str] | BaseException | None = None
+
+        async def hash_then_decide() -> None:
+            nonlocal digest, outcome
+            digest = await trio.to_thread.run_sync(_file_digest, path, size,
+                                                   abandon_on_cancel=True)
+            outcome = await decide(digest)
+            if outcome is not None:
+                stop.set()
+
+        async def send() -> None:
+            nonlocal sent
+            try:
+                target, headers = self._target(location, None, size)
+                sent = await self._in_thread("PATCH", target, headers, path, size, bar, stop)
+            except (_Fallback, _Abandoned) as exc:
+                sent = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hash_then_decide)
+            nursery.start_soon(send)
+        if outcome is not None:
+            self.stats.abandoned += 1
+            bar.finish(size)  # nothing more to send for this file
+            await self._cancel(location)
+            return digest, outcome
+        if isinstance(sent, tuple) and sent[0] == 202 and sent[2]:
+            try:
+                done = await self.client.finish_upload(urljoin(location, sent[2]), digest,
+                                                       f"upload {digest} to {repo}")
+            except RegistryError as exc:
+                log.debug("closing the direct upload of %s failed: %s; via httpx", digest, exc)
+            else:
+                _check_stored(201, done, digest, repo)
+                self.stats.direct += 1
+                self.stats.hashed_while_sent += 1
+                return digest, None
+        else:
+            log.debug("direct upload of %s to %s: %s; via httpx", digest, repo,
+                      sent if isinstance(sent, BaseException) else f"HTTP {sent and sent[0]}")
+            await self._cancel(location)
+        bar.undo()
+        self.stats.fallbacks += 1
+        await self.client.upload_blob(repo, digest, size, path, progress)
+        return digest, None
+
+    # ---- helpers -----------------------------------------------------------------
+
+    def _target(self, location: str, digest: str | None, size: int
+                ) -> tuple[str, dict[str, str]]:
+        url = urlsplit(location)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        if (url.scheme, url.hostname, port) != (self._scheme, self._host, self._port):
+            raise _Fallback(f"upload location on another host: {url.netloc}")
+        target = url.path + (f"?{url.query}" if url.query else "")
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size),
+                   "User-Agent": "galleryfs"}
+        if digest is not None:
+            target = with_digest(target, digest)
+        else:
+            headers["Content-Range"] = f"0-{size - 1}"
+        authorization = self.client.auth.authorization(httpx.Request("PUT", location))
+        if authorization:
+            headers["Authorization"] = authorization
+        return target, headers
+
+    async def _in_thread(self, method: str, target: str, headers: dict[str, str], path: str,
+                         size: int, bar: _Bar, stop: threading.Event) -> tuple[int, str, str]:
+        token = trio.lowlevel.current_trio_token()
+
+        def progress(n: int) -> None:  # in the worker thread
+            trio.from_thread.run_sync(bar, n, trio_token=token)
+
+        try:
+            # Abandoned on cancel: the thread stops at its next piece (stop is set).
+            return await trio.to_thread.run_sync(
+                self._send, method, target, headers, path, size, progress, stop,
+                abandon_on_cancel=True)
+        finally:
+            stop.set()
+            self.client.requests_sent += 1
+
+    async def _cancel(self, location: str) -> None:
+        """Drop an upload session we will not finish (the registry would expire it)."""
+        try:
+            await self.client.cancel_upload(location)
+        except RegistryError as exc:
+            log.debug("cancelling upload session failed: %s", exc)
+
+    # ---- in a worker thread ------------------------------------------------------
+
+    def _send(self, method: str, target: str, headers: dict[str, str], path: str, size: int,
+              progress: ProgressFn, stop: threading.Event) -> tuple[int, str, str]:
+        """(status, Docker-Content-Digest, Location) of the request, its body the file."""
+        timeout = self.client.options.timeout
+        conn: http.client.HTTPConnection
+        if self._tls is not None:
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
+                                               context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != size:
+                    raise RegistryError(f"{path} changed size since it was listed")
+                conn.putrequest(method, target, skip_accept_encoding=True)
+                for name, value in headers.items():
+                    conn.putheader(name, value)
+                conn.endheaders()
+                assert conn.sock is not None
+                offset = 0
+                while offset < size:
+                    if stop.is_set():
+                        raise _Abandoned()
+                    n = conn.sock.sendfile(f, offset, min(_SEND_PIECE, size - offset))
+                    if not n:
+                        raise RegistryError(f"{path} shrank while it was being uploaded")
+                    offset += n
+                    progress(n)
+            response = conn.getresponse()
+            response.read()
+            return (response.status, response.getheader("Docker-Content-Digest") or "",
+                    response.getheader("Location") or "")
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Fallback(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            conn.close()
+
+
+class _Bar:
+    """Progress that can be taken back when an upload starts over."""
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self.progress = progress
+        self.sent = 0
+
+    def __call__(self, n: int) -> None:
+        self.sent += n
+        if self.progress:
+            self.progress(n)
+
+    def undo(self) -> None:
+        if self.progress and self.sent:
+            self.progress(-self.sent)
+        self.sent = 0
+
+    def finish(self, size: int) -> None:
+        self(size - self.sent)
+
+
+def _file_digest(path: str, size: int) -> str:
+    h = hashlib.sha256()
+    got = 0
+    with open(path, "rb") as f:
+        while piece := f.read(_HASH_PIECE):
+            h.update(piece)
+            got += len(piece)
+    if got != size:
+        raise RegistryError(f"{path} changed size while it was being hashed")
+    return f"sha256:{h.hexdigest()}"
+
+
+def _check_stored(status: int, got: str, digest: str, repo: str) -> None:
+    if status != 201:
+        raise _Fallback(f"HTTP {status}")
+    if got and got != digest:
+        raise RegistryError(f"upload of {digest} to {repo}: the registry computed {got}")

@@ -1,0 +1,191 @@
+"""Uploads sent with sendfile while they are hashed, against real registries, and their
+fall-back to the httpx path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from galleryfs import directupload, gallery
+from galleryfs.credentials import Credentials
+from galleryfs.directupload import DirectUploads
+from galleryfs.locations import BlobLocations
+from galleryfs.reference import parse
+from galleryfs.registry import ClientOptions, RegistryClient
+from tests.faultproxy import FaultProxy
+from tests.registry_harness import Registry
+
+SIZE = 3 * (1 << 20) + 12345  # a few sendfile pieces
+REPO = "up/blob"
+
+
+@pytest.fixture(autouse=True)
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Files of a few MiB take the direct path, in several sendfile() calls.
+    monkeypatch.setattr(directupload, "DIRECT_MIN", 1 << 20)
+    monkeypatch.setattr(directupload, "_SEND_PIECE", 1 << 20)
+
+
+@pytest.fixture
+def big_file(tmp_path: Path) -> tuple[Path, bytes, str]:
+    data = os.urandom(SIZE)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    return path, data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def _stored(client: RegistryClient, repo: str, digest: str, size: int) -> bytes:
+    return bytes(await client.read_blob(repo, digest, size))
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __call__(self, n: int) -> None:
+        self.total += n
+
+
+async def _never_there(digest: str) -> None:
+    return None
+
+
+def test_a_file_is_sent_while_it_is_hashed(registry: Registry, big_file) -> None:  # noqa: ANN001
+    path, data, digest = big_file
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            uploads = DirectUploads(client)
+            bar = Progress()
+            asked: list[str] = []
+
+            async def decide(d: str) -> None:
+                asked.append(d)
+
+            got, outcome = await uploads.upload_hashing(REPO, str(path), SIZE, decide, bar)
+            assert (got, outcome) == (digest, None) and asked == [digest]
+            assert uploads.stats.direct == uploads.stats.hashed_while_sent == 1
+            assert uploads.stats.fallbacks == 0
+            assert bar.total == SIZE
+            assert await _stored(client, REPO, digest, SIZE) == data
+
+    trio.run(run)
+
+
+def test_an_upload_the_registry_does_not_need_is_abandoned(registry: Registry,
+                                                           big_file) -> None:  # noqa: ANN001
+    path, data, digest = big_file
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            uploads = DirectUploads(client)
+            bar = Progress()
+
+            async def decide(d: str) -> str:
+                return "existing"
+
+            got, outcome = await uploads.upload_hashing(REPO, str(path), SIZE, decide, bar)
+            assert (got, outcome) == (digest, "existing")
+            assert uploads.stats.abandoned == 1 and uploads.stats.direct == 0
+            assert bar.total == SIZE  # the file counts as done
+            # Nothing was stored under the digest by the abandoned session.
+            assert await client.blob_size(REPO, digest) is None
+
+    trio.run(run)
+
+
+def test_a_known_digest_goes_up_in_one_direct_put(registry: Registry, big_file) -> None:  # noqa: ANN001
+    path, data, digest = big_file
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            uploads = DirectUploads(client)
+            await uploads.upload(REPO, digest, SIZE, str(path))
+            assert uploads.stats.direct == 1 and uploads.stats.fallbacks == 0
+            assert await _stored(client, REPO, digest, SIZE) == data
+
+    trio.run(run)
+
+
+def test_token_and_tls_registries_take_the_direct_path(token_registry: Registry,
+                                                       tls_registry: Registry,
+                                                       big_file) -> None:  # noqa: ANN001
+    path, data, digest = big_file
+    creds = Credentials(token_registry.username, token_registry.password)
+    for host, options in ((token_registry.host, ClientOptions(plain_http=True, credentials=creds)),
+                          (tls_registry.host, ClientOptions(ca_file=tls_registry.ca_file))):
+
+        async def run() -> None:
+            async with RegistryClient(host, options) as client:  # noqa: B023
+                uploads = DirectUploads(client)
+                got, _ = await uploads.upload_hashing(REPO, str(path), SIZE, _never_there)
+                assert got == digest
+                # The session was opened through httpx (which got the push token): the
+                # direct PATCH carried the same credentials.
+                assert uploads.stats.direct == 1 and uploads.stats.fallbacks == 0
+                assert await _stored(client, REPO, digest, SIZE) == data
+
+        trio.run(run)
+
+
+def test_a_failed_direct_upload_starts_over_through_httpx(registry: Registry,
+                                                          big_file) -> None:  # noqa: ANN001
+    path, data, digest = big_file
+
+    async def run() -> None:
+        with FaultProxy(registry.url) as proxy:
+            async with RegistryClient(proxy.host, ClientOptions(plain_http=True)) as client:
+                uploads = DirectUploads(client)
+                bar = Progress()
+                proxy.fail(r"^PATCH /v2/up/blob/blobs/uploads/", 1, 503)
+                got, outcome = await uploads.upload_hashing(REPO, str(path), SIZE,
+                                                            _never_there, bar)
+                assert (got, outcome) == (digest, None)
+                assert uploads.stats.fallbacks == 1 and uploads.stats.direct == 0
+                assert bar.total == SIZE  # taken back, then counted once by the new session
+                assert proxy.faults == []
+                assert await _stored(client, REPO, digest, SIZE) == data
+
+    trio.run(run)
+
+
+def test_push_sends_large_files_while_hashing_and_mounts_known_ones(
+        registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = os.urandom(SIZE)
+    (model / "model.safetensors").write_bytes(weights)
+    (model / "copy.safetensors").write_bytes(weights)  # the same bytes twice
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    locations = BlobLocations(tmp_path / "locations.json")
+
+    async def push(name: str) -> gallery.PushResult:
+        # A fresh digest cache each time: every file is hashed (and large ones sent) again.
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / f"xdg-{name}"))
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            return await gallery.push(client, model, parse(f"{registry.host}/{name}:v1"),
+                                      locations=locations)
+
+    first = trio.run(push, "g/a")
+    assert sorted(first.uploaded) == ["config.json", "model.safetensors"] or sorted(
+        first.uploaded) == ["config.json", "copy.safetensors"]
+    assert first.bytes_uploaded == SIZE + len('{"model_type": "bert"}')
+    # Same repository again: the hash finds the blob there, the upload is abandoned.
+    again = trio.run(push, "g/a")
+    assert again.digest == first.digest and again.uploaded == []
+    assert len(again.existing) == 2
+    # Another repository: the hint says where the blob is, so it is mounted.
+    other = trio.run(push, "g/b")
+    assert other.digest == first.digest and other.uploaded == []
+    assert len(other.mounted) == 2
+
+    async def pulled() -> bytes:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            digest = "sha256:" + hashlib.sha256(weights).hexdigest()
+            return await _stored(client, "g/b", digest, SIZE)
+
+    assert trio.run(pulled) == weights
