@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", type=Path)
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--cache-dir", metavar="DIR", help="disk cache (default ~/.cache/galleryfs)")
-    p.add_argument("--cache-size", default="10G", metavar="SIZE", help="disk cache bound (default 10G)")
+    p.add_argument("--cache-size", default="10G", metavar="SIZE",
+                   help="disk cache bound (default 10G; 0: no disk cache)")
     p.add_argument("--refresh", type=float, default=30.0, metavar="SECONDS",
                    help="how long listings and tags are trusted (default 30)")
     p.add_argument("--chunk-size", default="4M", metavar="SIZE", help="range request size (default 4M)")
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, *, zero: bool = False) -> int:
+    """Bytes of a size such as 512M or 10G; 0 only when `zero` allows it."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1:] if t[-1:] in units and t[-1:] else ""
@@ -110,7 +112,7 @@ def parse_size(text: str) -> int:
         value = float(t[: len(t) - len(unit)] if unit else t)
     except ValueError:
         raise UsageError(f"invalid size {text!r}: use e.g. 512M or 10G") from None
-    if value <= 0:
+    if value < 0 or value == 0 and not zero:
         raise UsageError(f"invalid size {text!r}: must be positive")
     return int(value * units[unit])
 
@@ -320,7 +322,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return mount_main(
         args.source, str(args.mountpoint), foreground=args.foreground,
         options=options_for(args, ref.host), cache_dir=args.cache_dir,
-        cache_size=parse_size(args.cache_size), refresh=args.refresh,
+        cache_size=parse_size(args.cache_size, zero=True), refresh=args.refresh,
         chunk_size=parse_size(args.chunk_size), debug=args.debug,
     )
 

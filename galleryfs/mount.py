@@ -165,7 +165,11 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
     async with RegistryClient(host, config.options) as client:
         tree = Tree(RegistrySource(client), root, refresh=config.refresh)
         await tree.check()
-        disk = DiskCache(config.cache_dir, config.cache_size, config.chunk_size)
+        # --cache-size 0: no disk cache. A cold read then writes nothing locally (where the
+        # cache shares a disk with the data being read, that write is what bounds it), and
+        # every remount fetches again.
+        disk = (DiskCache(config.cache_dir, config.cache_size, config.chunk_size)
+                if config.cache_size > 0 else None)
         # The memory budget holds the read-ahead window and a chunk, whatever the
         # chunk size (with less, prefetched chunks would be evicted before use).
         memory = max(config.memory_size, WINDOW_CAP + config.chunk_size)
@@ -199,7 +203,8 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         finally:
             pyfuse3.close(unmount=True)
             ranges.close()
-            disk.close()
+            if disk is not None:
+                disk.close()
     log.info("%s unmounted", config.mountpoint)
 
 

@@ -308,3 +308,14 @@ def test_httpx_command_line_tool_is_not_imported() -> None:
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_sizes_and_a_zero_cache_size() -> None:
+    from galleryfs.cli import parse_size
+    from galleryfs.errors import UsageError
+
+    assert parse_size("512M") == 512 << 20 and parse_size("10G") == 10 << 30
+    assert parse_size("0", zero=True) == 0
+    for bad, zero in (("0", False), ("-1G", True), ("lots", True)):
+        with pytest.raises(UsageError):
+            parse_size(bad, zero=zero)

@@ -352,3 +352,29 @@ def test_bad_mountpoints_and_stale_mount_recovery(registry: Registry, tmp_path: 
     finally:
         unmount(mnt, proc)
     assert not os.path.ismount(mnt) and not _stale(mnt)
+
+
+def test_cache_size_zero_reads_without_a_disk_cache(registry: Registry, tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    src.mkdir()
+    data = os.urandom((3 << 20) + 4321)
+    (src / "weights.bin").write_bytes(data)
+    push(registry, src, "g/m:v1")
+    mnt, cache, log = tmp_path / "mnt", tmp_path / "cache", tmp_path / "log"
+    mnt.mkdir()
+    proc = start_foreground(registry.host, mnt, cache, log, "--cache-size", "0")
+    try:
+        wait_for_mount(proc, mnt, log)
+        path = mnt / "g" / "m" / "v1" / "weights.bin"
+        assert path.read_bytes() == data
+        with open(path, "rb") as f:
+            f.seek(1 << 20)
+            assert f.read(100) == data[1 << 20:(1 << 20) + 100]
+        got = stats(mnt)
+        assert "disk_bytes" not in got and got["disk_hits"] == 0
+        assert got["registry_bytes"] >= len(data)
+    finally:
+        unmount(mnt, proc)
+    # Nothing of the blob was written under the cache directory (it holds only logs).
+    written = [p for p in cache.rglob("*") if p.is_file() and "logs" not in p.parts]
+    assert written == []
