@@ -25,13 +25,13 @@ never be stored under a digest.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import logging
 import os
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -39,8 +39,10 @@ import trio
 
 from . import digest as digests
 from .errors import RegistryError
-from .rangeread import no_proxy_for
-from .registry import ProgressFn, RegistryClient, with_digest
+from .registry import ProgressFn, RegistryClient, no_proxy_for, with_digest
+
+if TYPE_CHECKING:
+    import http.client
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +217,8 @@ class DirectUploads:
     def _send(self, method: str, target: str, headers: dict[str, str], path: str, size: int,
               progress: ProgressFn, stop: threading.Event) -> tuple[int, str, str]:
         """(status, Docker-Content-Digest, Location) of the request, its body the file."""
+        import http.client  # only large uploads need it: not at every command's start-up
+
         timeout = self.client.options.timeout
         conn: http.client.HTTPConnection
         if self._tls is not None:

@@ -175,10 +175,15 @@ async def push(client: RegistryClient, root: Path, ref: Reference, *,
             manifest_annotations[modelpack.ANNOTATION_CREATED] = created
         manifest = modelpack.build_manifest(config, layers, manifest_annotations)
         result = PushResult(digest=digests.of_bytes(manifest), tags=[tag])
-        await job.send_all(files, result)
-        if await client.blob_size(job.repo, config.digest) is None:
-            await client.upload_blob_bytes(job.repo, config.digest, config_bytes)
-        await client.put_manifest(job.repo, tag, manifest, modelpack.OCI_MANIFEST)
+        if not job.sent_early and await client.head_manifest(job.repo, tag) == result.digest:
+            # The tag names this very revision already, so the registry holds its blobs
+            # (a manifest is only stored once they are there): nothing to send.
+            job.all_there(files, result)
+        else:
+            await job.send_all(files, result)
+            if await client.blob_size(job.repo, config.digest) is None:
+                await client.upload_blob_bytes(job.repo, config.digest, config_bytes)
+            await client.put_manifest(job.repo, tag, manifest, modelpack.OCI_MANIFEST)
     finally:
         job.locations.save()
         if bar and hasattr(bar, "close"):
@@ -241,6 +246,16 @@ class _Push:
         self.settled.setdefault(digest, outcome)
         self.sent_early.add(src)
         return digest, size
+
+    def all_there(self, files: list[LocalFile], result: PushResult) -> None:
+        seen: set[str] = set()
+        for f in files:
+            if f.digest not in seen:  # one blob per digest, as in send_all
+                seen.add(f.digest)
+                result.existing.append(f.path)
+                self.locations.record(self.client.host, f.digest, self.repo)
+        if self.bar:
+            self.bar(sum(f.size for f in files))
 
     async def send_all(self, files: list[LocalFile], result: PushResult) -> None:
         # One blob per digest: a model may hold the same bytes twice.

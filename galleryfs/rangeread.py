@@ -22,14 +22,13 @@ import logging
 import re
 import ssl
 import threading
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 import trio
 
-from .registry import RegistryClient
+from .registry import RegistryClient, no_proxy_for
 
 log = logging.getLogger(__name__)
 
@@ -212,13 +211,3 @@ def _receive(response: http.client.HTTPResponse, n: int) -> bytearray:
     if got != n:
         raise _Fallback(f"short body: {got} of {n} bytes")
     return buf
-
-
-def no_proxy_for(base: str) -> bool:
-    """False when the environment routes this registry through a proxy (httpx honours
-    it; the direct path would not)."""
-    proxies = urllib.request.getproxies()
-    if not proxies:
-        return True
-    host = httpx.URL(base).host
-    return bool(urllib.request.proxy_bypass(host))

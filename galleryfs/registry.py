@@ -630,6 +630,17 @@ def _location(response: httpx.Response, base: str, what: str) -> str:
     return urljoin(str(response.request.url), location)
 
 
+def no_proxy_for(base: str) -> bool:
+    """False when the environment routes this registry through a proxy (httpx honours
+    it; the stdlib connections of the direct paths would not)."""
+    import urllib.request  # ~20 ms of start-up every CLI command would pay otherwise
+
+    proxies = urllib.request.getproxies()
+    if not proxies:
+        return True
+    return bool(urllib.request.proxy_bypass(httpx.URL(base).host))
+
+
 def with_digest(location: str, digest: str) -> str:
     # The upload URL usually carries its own query (_state=...): httpx `params=` would
     # replace it, so the digest is appended by hand.

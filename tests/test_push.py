@@ -31,15 +31,21 @@ def test_repeat_push_reuses_digests_and_sees_changes(registry: Registry, tmp_pat
 
     monkeypatch.setattr(digests, "file_digest", counting)
 
+    requests: list[int] = []
+
     async def push() -> gallery.PushResult:
         async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
-            return await gallery.push(client, src, parse(f"{registry.host}/g/m:v1"))
+            result = await gallery.push(client, src, parse(f"{registry.host}/g/m:v1"))
+            requests.append(client.requests_sent)
+            return result
 
     first = trio.run(push)
     assert sorted(hashed) == ["a.bin", "b.json"] and len(first.uploaded) == 2
     hashed.clear()
     again = trio.run(push)
     assert hashed == [] and again.digest == first.digest and again.uploaded == []
+    # The tag already names this revision: one HEAD of the manifest, nothing else.
+    assert requests[-1] == 1 and sorted(again.existing) == ["a.bin", "sub/b.json"]
     # Changed bytes change the file's metadata: it is hashed again and makes a new revision.
     (src / "a.bin").write_bytes(os.urandom(50_000))
     changed = trio.run(push)
