@@ -292,6 +292,16 @@ def _pid_alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
+def sectors_written(path: Path) -> int | None:
+    """Sectors written so far by the block device holding `path` (/sys/dev/block)."""
+    dev = path.stat().st_dev
+    try:
+        fields = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").read_text().split()
+        return int(fields[6])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def vm_hwm(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -612,7 +622,10 @@ class Bench:
         self.add("g1.base", size / dt / MB)
         # Context, not a goal: the same GET while fio writes to the same disk at the rate
         # galleryfs read (and so wrote into its disk cache) in this repeat.
-        self.add("g1.contended", self.contended_get(url, size, self.samples["g1.gfs"][-1]))
+        got_mb, wrote_mb = self.contended_get(url, size, self.samples["g1.gfs"][-1])
+        self.add("g1.contended", got_mb)
+        if wrote_mb is not None:
+            self.add("g1.contended_writes", wrote_mb)
         # ... and the same cold read with the disk cache off (--cache-size 0).
         with Mount(self, "nodisk", self.fresh_cache_dir(), extra=["--cache-size", "0"]) as m:
             path = m.file("bench/big", "model.safetensors")
@@ -633,9 +646,11 @@ class Bench:
         self.drop_caches()
         self.add("g4.base", fio_seq(local))
 
-    def contended_get(self, url: str, size: int, rate_mb: float) -> float:
-        """MB/s of a cold streaming GET of the blob while an O_DIRECT writer puts
-        `rate_mb` MB/s on the disk of the registry's storage and the run's caches."""
+    def contended_get(self, url: str, size: int, rate_mb: float) -> tuple[float, float | None]:
+        """MB/s of a cold streaming GET of the blob while an O_DIRECT writer asks for
+        `rate_mb` MB/s on the disk of the registry's storage and the run's caches, and
+        the MB/s the disk wrote meanwhile (None when the block device's counters are not
+        found): the scheduler favours reads, so the writer may get less than it asks."""
         import httpx
 
         target = self.run_dir / "contend.dat"
@@ -655,6 +670,7 @@ class Bench:
                                      f"{first_line(writer.stderr.read() if writer.stderr else '')}")
                 time.sleep(0.01)
             with httpx.Client(timeout=120) as client:
+                w0 = sectors_written(self.run_dir)
                 t0 = time.perf_counter()
                 got = 0
                 with client.stream("GET", url) as r:
@@ -662,6 +678,7 @@ class Bench:
                     for piece in r.iter_raw(MiB):
                         got += len(piece)
                 dt = time.perf_counter() - t0
+                w1 = sectors_written(self.run_dir)
         finally:
             writer.terminate()
             try:
@@ -672,7 +689,8 @@ class Bench:
             target.unlink(missing_ok=True)
         if got != size:
             raise BenchError(f"contended GET read {got} of {size} bytes")
-        return size / dt / MB
+        wrote = (w1 - w0) * 512 / dt / MB if w0 is not None and w1 is not None else None
+        return size / dt / MB, wrote
 
     def g10(self, i: int) -> None:
         with Mount(self, "two", self.fresh_cache_dir()) as m:
@@ -917,8 +935,11 @@ class Bench:
         if s.get("g1.contended") and s.get("g1.gfs"):
             ctx = statistics.median(s["g1.contended"])
             vs = statistics.median(x / y for x, y in zip(s["g1.gfs"], s["g1.contended"], strict=False))
-            g1_note = (f"the same GET while fio wrote O_DIRECT to the same disk at galleryfs's rate "
-                       f"(as its disk cache did): {ctx:.0f} MB/s; galleryfs read at {vs:.2f}× that")
+            writes = (f" ({statistics.median(s['g1.contended_writes']):.0f} MB/s written)"
+                      if s.get("g1.contended_writes") else "")
+            g1_note = (f"the same GET while fio wrote O_DIRECT to the same disk{writes}, asking for "
+                       f"galleryfs's rate (its disk cache writes as much as it reads): {ctx:.0f} MB/s; "
+                       f"galleryfs read at {vs:.2f}× that")
         if s.get("g1.nodisk") and s.get("g1.base"):
             nodisk = statistics.median(s["g1.nodisk"])
             vs = statistics.median(x / y for x, y in zip(s["g1.nodisk"], s["g1.base"], strict=False))
