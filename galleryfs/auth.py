@@ -42,7 +42,7 @@ def scope_for(request: httpx.Request) -> str:
     name = m.group(1)
     if request.method in ("GET", "HEAD"):
         actions = "pull"
-    elif request.method == "DELETE":
+    elif request.method == "DELETE" and "/blobs/uploads/" not in path:
         actions = "delete,pull"
     else:
         actions = "pull,push"

@@ -38,7 +38,7 @@ import httpx
 import trio
 
 from . import digest as digests
-from .errors import RegistryError
+from .errors import DigestMismatch, RegistryError
 from .registry import ProgressFn, RegistryClient, no_proxy_for, with_digest
 
 if TYPE_CHECKING:
@@ -97,8 +97,8 @@ class DirectUploads:
         digests.validate(digest)
         if self.worth_it(size):
             bar = _Bar(progress)
+            location = await self.client.start_upload(repo)
             try:
-                location = await self.client.start_upload(repo)
                 target, headers = self._target(location, digest, size)
                 status, got, _ = await self._in_thread(
                     "PUT", target, headers, path, size, bar, threading.Event())
@@ -106,6 +106,7 @@ class DirectUploads:
             except _Fallback as exc:
                 log.debug("direct upload of %s to %s: %s; via httpx", digest, repo, exc)
                 bar.undo()
+                await self._cancel(location)
             else:
                 self.stats.direct += 1
                 return
@@ -291,4 +292,4 @@ def _check_stored(status: int, got: str, digest: str, repo: str) -> None:
     if status != 201:
         raise _Fallback(f"HTTP {status}")
     if got and got != digest:
-        raise RegistryError(f"upload of {digest} to {repo}: the registry computed {got}")
+        raise DigestMismatch(f"upload of {digest} to {repo}: the registry computed {got}")

@@ -103,13 +103,14 @@ async def hash_files(files: list[tuple[str, Path]], cache: HashCache | None = No
         if known:
             d, size = known
         else:
+            before = await trio.to_thread.run_sync(src.stat)
             got = await hasher(src) if hasher else None
             if got is None:
                 async with limiter:
                     got = await trio.to_thread.run_sync(digests.file_digest, str(src))
             d, size = got
             if cache:
-                cache.put(src, d, size)
+                cache.put(src, d, size, before)
         out[i] = LocalFile(rel, src, d, size)
 
     async with trio.open_nursery() as nursery:
@@ -261,8 +262,12 @@ class _Push:
         # One blob per digest: a model may hold the same bytes twice.
         unique: dict[str, LocalFile] = {}
         for f in files:
-            if unique.setdefault(f.digest, f) is not f and self.bar and f.source not in self.sent_early:
-                self.bar(f.size)  # the bar counts every file
+            kept = unique.setdefault(f.digest, f) is f
+            # The bar counts every file once: a file sent while hashed counted itself;
+            # _send counts the one it decides about; the others are counted here.
+            if self.bar and f.source not in self.sent_early and (
+                    not kept or f.digest in self.settled):
+                self.bar(f.size)
         async with trio.open_nursery() as nursery:
             for f in unique.values():
                 nursery.start_soon(self._send, f, result)

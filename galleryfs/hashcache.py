@@ -29,7 +29,11 @@ class HashCache(HintFile):
         digest = self._get(_key(st))
         return (digest, st.st_size) if digest else None
 
-    def put(self, file: Path, digest: str, size: int) -> None:
+    def put(self, file: Path, digest: str, size: int, before: os.stat_result | None = None
+            ) -> None:
+        """Remember the digest, unless the file changed while it was hashed: `before` is
+        its stat from before the hash (a push may also upload it meanwhile)."""
         st = file.stat()
-        if st.st_size == size:  # the file did not change size while it was hashed
-            self._set(_key(st), digest)
+        if st.st_size != size or before is not None and _key(before) != _key(st):
+            return
+        self._set(_key(st), digest)

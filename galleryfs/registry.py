@@ -361,22 +361,31 @@ class RegistryClient:
         digests.validate(digest)
         what = f"upload {digest} to {self.host}/{repo}"
 
+        sent = [0]
+
+        def counted(n: int) -> None:
+            sent[0] += n
+            if progress:
+                progress(n)
+
         async def once() -> None:
+            if progress and sent[0]:
+                progress(-sent[0])  # a retry starts over: so does the bar
+            sent[0] = 0
             location = await self.start_upload(repo)
             if size <= MONOLITHIC_LIMIT:
                 data = await trio.to_thread.run_sync(_read_range, path, 0, size)
                 response = await self._request(
                     "PUT", with_digest(location, digest), what, content=data,
                     headers={"Content-Type": "application/octet-stream"})
-                if progress:
-                    progress(size)
+                counted(size)
             else:
                 offset = 0
                 while offset < size:
                     length = min(chunk_size, size - offset)
                     response = await self._http.patch(
                         location,
-                        content=_file_pieces(path, offset, length, progress),
+                        content=_file_pieces(path, offset, length, counted),
                         headers={
                             "Content-Type": "application/octet-stream",
                             "Content-Range": f"{offset}-{offset + length - 1}",

@@ -189,3 +189,84 @@ def test_push_sends_large_files_while_hashing_and_mounts_known_ones(
             return await _stored(client, "g/b", digest, SIZE)
 
     assert trio.run(pulled) == weights
+
+
+def test_the_bar_counts_every_file_once(registry: Registry, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = os.urandom(SIZE)
+    (model / "a.bin").write_bytes(weights)
+    bars: list[tuple[int, Progress]] = []
+
+    def factory(total: int, label: str) -> Progress:
+        bars.append((total, Progress()))
+        return bars[-1][1]
+
+    async def push() -> gallery.PushResult:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            return await gallery.push(client, model, parse(f"{registry.host}/g/m:v1"),
+                                      progress=factory,
+                                      locations=BlobLocations(tmp_path / "loc.json"))
+
+    trio.run(push)
+    # A copy of a file whose digest is remembered: the copy is sent while hashed (and
+    # abandoned, the blob is there), the original is decided without an upload.
+    (model / "b.bin").write_bytes(weights)
+    again = trio.run(push)
+    assert again.existing == ["a.bin"] and again.uploaded == []
+    for total, bar in bars:
+        assert bar.total == total
+
+
+def test_a_file_changed_while_hashed_is_not_remembered(tmp_path: Path) -> None:
+    from galleryfs.hashcache import HashCache
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 100)
+    before = f.stat()
+    f.write_bytes(b"b" * 100)  # same size, new content, during the hash
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    cache = HashCache(tmp_path / "digests.json")
+    cache.put(f, "sha256:" + "0" * 64, 100, before)
+    assert cache.get(f) is None
+    cache.put(f, "sha256:" + "1" * 64, 100, f.stat())
+    assert cache.get(f) == ("sha256:" + "1" * 64, 100)
+
+
+def test_upload_session_delete_asks_for_push_scope() -> None:
+    import httpx
+
+    from galleryfs.auth import scope_for
+
+    session = httpx.Request("DELETE", "https://r.example/v2/g/m/blobs/uploads/abc?_state=x")
+    manifest = httpx.Request("DELETE", "https://r.example/v2/g/m/manifests/sha256:00")
+    assert scope_for(session) == "repository:g/m:pull,push"
+    assert scope_for(manifest) == "repository:g/m:delete,pull"
+
+
+def test_a_retried_httpx_upload_counts_its_bytes_once(registry: Registry,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from galleryfs import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "MONOLITHIC_LIMIT", 1000)  # chunked PATCHes
+    data = os.urandom(100_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    async def run(path: Path) -> None:
+        with FaultProxy(registry.url) as proxy:
+            async with RegistryClient(proxy.host, ClientOptions(plain_http=True)) as client:
+                bar = Progress()
+                proxy.fail(r"^PATCH /v2/up/blob/blobs/uploads/", 1, 503)
+                await client.upload_blob(REPO, digest, len(data), str(path), bar,
+                                         chunk_size=40_000)
+                assert proxy.faults == [] and bar.total == len(data)
+                assert await _stored(client, REPO, digest, len(data)) == data
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "small.bin"
+        path.write_bytes(data)
+        trio.run(run, path)
