@@ -192,6 +192,10 @@ async def push(client: RegistryClient, root: Path, ref: Reference, *,
     return result
 
 
+# What a second file with the same bytes hears while the first is being sent.
+_DUPLICATE = "duplicate"
+
+
 class _Push:
     """Getting a push's blobs into the registry, each the cheapest way."""
 
@@ -207,6 +211,7 @@ class _Push:
         self.settled: dict[str, str | None] = {}
         self.sent_early: set[Path] = set()
         self._asked: dict[str, trio.Event] = {}
+        self._sending: dict[str, trio.Event] = {}  # set once that upload is over
         self._answers: dict[str, str | None] = {}
 
     async def needed(self, digest: str) -> str | None:
@@ -241,10 +246,27 @@ class _Push:
         size = (await trio.to_thread.run_sync(src.stat)).st_size
         if not self.uploads.worth_it(size):
             return None
-        async with self.limiter:
-            digest, outcome = await self.uploads.upload_hashing(
-                self.repo, str(src), size, self.needed, self.bar)
-        self.settled.setdefault(digest, outcome)
+        mine: list[trio.Event] = []
+
+        async def decide(digest: str) -> str | None:
+            answer = await self.needed(digest)
+            if answer is None:
+                if digest in self._sending:
+                    return _DUPLICATE  # another file with these bytes is on its way up
+                mine.append(self._sending.setdefault(digest, trio.Event()))
+            return answer
+
+        try:
+            async with self.limiter:
+                digest, outcome = await self.uploads.upload_hashing(
+                    self.repo, str(src), size, decide, self.bar)
+        finally:
+            for sent in mine:
+                sent.set()
+        if outcome == _DUPLICATE:
+            await self._sending[digest].wait()  # its outcome is the one recorded
+        else:
+            self.settled.setdefault(digest, outcome)
         self.sent_early.add(src)
         return digest, size
 

@@ -270,3 +270,35 @@ def test_a_retried_httpx_upload_counts_its_bytes_once(registry: Registry,
         path = Path(tmp) / "small.bin"
         path.write_bytes(data)
         trio.run(run, path)
+
+
+def test_two_files_with_the_same_bytes_are_uploaded_once(registry: Registry, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = os.urandom(SIZE)
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (model / name).write_bytes(weights)
+    digest = "sha256:" + hashlib.sha256(weights).hexdigest()
+    bars: list[tuple[int, Progress]] = []
+
+    def factory(total: int, label: str) -> Progress:
+        bars.append((total, Progress()))
+        return bars[-1][1]
+
+    async def push(proxy: FaultProxy) -> gallery.PushResult:
+        async with RegistryClient(proxy.host, ClientOptions(plain_http=True)) as client:
+            return await gallery.push(client, model, parse(f"{proxy.host}/g/m:v1"),
+                                      progress=factory,
+                                      locations=BlobLocations(tmp_path / "loc.json"))
+
+    with FaultProxy(registry.url) as proxy:
+        result = trio.run(push, proxy)
+        closed = [p for m, p, status in proxy.seen
+                  if m == "PUT" and "/blobs/uploads/" in p and f"digest={digest}" in p
+                  and status == 201]
+    assert len(closed) == 1  # one upload of the bytes, not three
+    assert result.uploaded == ["a.bin"] and result.bytes_uploaded == SIZE
+    (total, bar), = bars
+    assert bar.total == total == 3 * SIZE
