@@ -25,13 +25,12 @@ never be stored under a digest.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
-import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -39,10 +38,7 @@ import trio
 
 from . import digest as digests
 from .errors import DigestMismatch, RegistryError
-from .registry import ProgressFn, RegistryClient, no_proxy_for, with_digest
-
-if TYPE_CHECKING:
-    import http.client
+from .registry import DirectEndpoint, ProgressFn, RegistryClient, no_proxy_for, with_digest
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +75,7 @@ class DirectUploads:
         self.client = client
         self.stats = UploadStats()
         self.enabled = no_proxy_for(client.base)
-        self._scheme = httpx.URL(client.base).scheme
-        url = httpx.URL(client.base)
-        self._host, self._port = url.host, url.port or (443 if self._scheme == "https" else 80)
-        self._tls: ssl.SSLContext | None = None
-        if self._scheme == "https":
-            verify = client.tls_verify()
-            self._tls = (verify if isinstance(verify, ssl.SSLContext)
-                         else ssl._create_unverified_context())  # --insecure
+        self._endpoint = DirectEndpoint(client)
 
     def worth_it(self, size: int) -> bool:
         return self.enabled and size >= DIRECT_MIN
@@ -175,8 +164,7 @@ class DirectUploads:
     def _target(self, location: str, digest: str | None, size: int
                 ) -> tuple[str, dict[str, str]]:
         url = urlsplit(location)
-        port = url.port or (443 if url.scheme == "https" else 80)
-        if (url.scheme, url.hostname, port) != (self._scheme, self._host, self._port):
+        if not self._endpoint.serves(location):
             raise _Fallback(f"upload location on another host: {url.netloc}")
         target = url.path + (f"?{url.query}" if url.query else "")
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size),
@@ -218,15 +206,7 @@ class DirectUploads:
     def _send(self, method: str, target: str, headers: dict[str, str], path: str, size: int,
               progress: ProgressFn, stop: threading.Event) -> tuple[int, str, str]:
         """(status, Docker-Content-Digest, Location) of the request, its body the file."""
-        import http.client  # only large uploads need it: not at every command's start-up
-
-        timeout = self.client.options.timeout
-        conn: http.client.HTTPConnection
-        if self._tls is not None:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
-                                               context=self._tls)
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        conn = self._endpoint.connect()
         try:
             with open(path, "rb") as f:
                 if os.fstat(f.fileno()).st_size != size:

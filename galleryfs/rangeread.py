@@ -20,7 +20,6 @@ from __future__ import annotations
 import http.client
 import logging
 import re
-import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from .registry import RegistryClient, no_proxy_for
+from .registry import DirectEndpoint, RegistryClient, no_proxy_for
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +54,7 @@ class DirectRanges:
         self.enabled = no_proxy_for(client.base)
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
-        url = httpx.URL(client.base)
-        self._host, self._port = url.host, url.port
-        self._tls: ssl.SSLContext | None = None
-        if url.scheme == "https":
-            verify = client.tls_verify()
-            if isinstance(verify, ssl.SSLContext):
-                self._tls = verify
-            else:  # --insecure
-                self._tls = ssl._create_unverified_context()
+        self._endpoint = DirectEndpoint(client)
 
     async def __call__(self, repo: str, digest: str, start: int, end: int) -> bytearray:
         if self.enabled and end > start:
@@ -145,11 +136,7 @@ class DirectRanges:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        timeout = self.client.options.timeout
-        if self._tls is not None:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
-                                               context=self._tls)
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        return self._endpoint.connect()
 
     def _span(self, path: str, headers: dict[str, str], start: int, end: int, piece: int,
               hand_over: Callable[[int, bytearray], None], stop: threading.Event) -> None:

@@ -6,8 +6,10 @@ uploads, tags and the catalog. What a manifest means for a model is `modelpack`'
 
 from __future__ import annotations
 
+import http.client
 import logging
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -639,11 +641,39 @@ def _location(response: httpx.Response, base: str, what: str) -> str:
     return urljoin(str(response.request.url), location)
 
 
+class DirectEndpoint:
+    """The registry as stdlib `http.client` connections see it: the direct paths
+    (`rangeread`, `directupload`) talk to it off the event loop, with the TLS trust the
+    httpx client has."""
+
+    def __init__(self, client: RegistryClient) -> None:
+        url = httpx.URL(client.base)
+        self.scheme = url.scheme
+        self.host = url.host
+        self.port = url.port or (443 if self.scheme == "https" else 80)
+        self.timeout = client.options.timeout
+        self.tls: ssl.SSLContext | None = None
+        if self.scheme == "https":
+            verify = client.tls_verify()
+            self.tls = (verify if isinstance(verify, ssl.SSLContext)
+                        else ssl._create_unverified_context())  # --insecure
+
+    def serves(self, url: str) -> bool:
+        """The absolute URL points at this registry (scheme, host and port)."""
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return (parts.scheme, parts.hostname, port) == (self.scheme, self.host, self.port)
+
+    def connect(self) -> http.client.HTTPConnection:
+        if self.tls is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                               context=self.tls)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+
 def no_proxy_for(base: str) -> bool:
     """False when the environment routes this registry through a proxy (httpx honours
     it; the stdlib connections of the direct paths would not)."""
-    import urllib.request  # ~20 ms of start-up every CLI command would pay otherwise
-
     proxies = urllib.request.getproxies()
     if not proxies:
         return True

@@ -292,6 +292,23 @@ def _pid_alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
+def timed_get(url: str, size: int, what: str) -> float:
+    """Seconds of one streaming GET of `size` bytes, to memory, discarded."""
+    import httpx
+
+    with httpx.Client(timeout=120) as client:
+        t0 = time.perf_counter()
+        got = 0
+        with client.stream("GET", url) as r:
+            r.raise_for_status()
+            for piece in r.iter_raw(MiB):
+                got += len(piece)
+        dt = time.perf_counter() - t0
+    if got != size:
+        raise BenchError(f"{what} read {got} of {size} bytes")
+    return dt
+
+
 def sectors_written(path: Path) -> int | None:
     """Sectors written so far by the block device holding `path` (/sys/dev/block)."""
     dev = path.stat().st_dev
@@ -555,8 +572,6 @@ class Bench:
     def g1_g3_g4_g6seq_g9(self, i: int) -> None:
         """Cold sequential read (G1) with registry bytes (G6) and daemon RSS (G9), then the
         warm re-read (G3), then a remount over the full disk cache (G4)."""
-        import httpx
-
         size = self.file_size("bench/big", "model.safetensors")
         local = str(self.data / "big" / "model.safetensors")
         cache = self.fresh_cache_dir()
@@ -609,17 +624,7 @@ class Bench:
         url = self.blob_url("bench/big", "model.safetensors")
         # The same cold start as galleryfs had: the registry reads the blob from disk.
         self.drop_caches()
-        with httpx.Client(timeout=120) as client:
-            t0 = time.perf_counter()
-            got = 0
-            with client.stream("GET", url) as r:
-                r.raise_for_status()
-                for piece in r.iter_raw(MiB):
-                    got += len(piece)
-            dt = time.perf_counter() - t0
-        if got != size:
-            raise BenchError(f"baseline GET read {got} of {size} bytes")
-        self.add("g1.base", size / dt / MB)
+        self.add("g1.base", size / timed_get(url, size, "baseline GET") / MB)
         # Context, not a goal: the same GET while fio writes to the same disk at the rate
         # galleryfs read (and so wrote into its disk cache) in this repeat.
         got_mb, wrote_mb = self.contended_get(url, size, self.samples["g1.gfs"][-1])
@@ -651,8 +656,6 @@ class Bench:
         `rate_mb` MB/s on the disk of the registry's storage and the run's caches, and
         the MB/s the disk wrote meanwhile (None when the block device's counters are not
         found): the scheduler favours reads, so the writer may get less than it asks."""
-        import httpx
-
         target = self.run_dir / "contend.dat"
         self.drop_caches()
         writer = subprocess.Popen(
@@ -669,16 +672,9 @@ class Bench:
                     raise BenchError("fio writer did not start: "
                                      f"{first_line(writer.stderr.read() if writer.stderr else '')}")
                 time.sleep(0.01)
-            with httpx.Client(timeout=120) as client:
-                w0 = sectors_written(self.run_dir)
-                t0 = time.perf_counter()
-                got = 0
-                with client.stream("GET", url) as r:
-                    r.raise_for_status()
-                    for piece in r.iter_raw(MiB):
-                        got += len(piece)
-                dt = time.perf_counter() - t0
-                w1 = sectors_written(self.run_dir)
+            w0 = sectors_written(self.run_dir)
+            dt = timed_get(url, size, "contended GET")
+            w1 = sectors_written(self.run_dir)
         finally:
             writer.terminate()
             try:
@@ -687,8 +683,6 @@ class Bench:
                 writer.kill()
                 writer.wait()
             target.unlink(missing_ok=True)
-        if got != size:
-            raise BenchError(f"contended GET read {got} of {size} bytes")
         wrote = (w1 - w0) * 512 / dt / MB if w0 is not None and w1 is not None else None
         return size / dt / MB, wrote
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,20 @@ class Progress:
 
     def __call__(self, n: int) -> None:
         self.total += n
+
+
+class Bars:
+    """A push's progress factory; iterates over (total, bar) of every bar it made."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[int, Progress]] = []
+
+    def __call__(self, total: int, label: str) -> Progress:
+        self.made.append((total, Progress()))
+        return self.made[-1][1]
+
+    def __iter__(self) -> Iterator[tuple[int, Progress]]:
+        return iter(self.made)
 
 
 async def _never_there(digest: str) -> None:
@@ -198,16 +213,12 @@ def test_the_bar_counts_every_file_once(registry: Registry, tmp_path: Path,
     model.mkdir()
     weights = os.urandom(SIZE)
     (model / "a.bin").write_bytes(weights)
-    bars: list[tuple[int, Progress]] = []
-
-    def factory(total: int, label: str) -> Progress:
-        bars.append((total, Progress()))
-        return bars[-1][1]
+    bars = Bars()
 
     async def push() -> gallery.PushResult:
         async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
             return await gallery.push(client, model, parse(f"{registry.host}/g/m:v1"),
-                                      progress=factory,
+                                      progress=bars,
                                       locations=BlobLocations(tmp_path / "loc.json"))
 
     trio.run(push)
@@ -281,16 +292,12 @@ def test_two_files_with_the_same_bytes_are_uploaded_once(registry: Registry, tmp
     for name in ("a.bin", "b.bin", "c.bin"):
         (model / name).write_bytes(weights)
     digest = "sha256:" + hashlib.sha256(weights).hexdigest()
-    bars: list[tuple[int, Progress]] = []
-
-    def factory(total: int, label: str) -> Progress:
-        bars.append((total, Progress()))
-        return bars[-1][1]
+    bars = Bars()
 
     async def push(proxy: FaultProxy) -> gallery.PushResult:
         async with RegistryClient(proxy.host, ClientOptions(plain_http=True)) as client:
             return await gallery.push(client, model, parse(f"{proxy.host}/g/m:v1"),
-                                      progress=factory,
+                                      progress=bars,
                                       locations=BlobLocations(tmp_path / "loc.json"))
 
     with FaultProxy(registry.url) as proxy:
