@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -92,6 +93,11 @@ class ChunkStats:
     spans: int = 0
     digest_failures: int = 0
     stores_pending_max: int = 0
+    # Where the disk cache costs reads: chunks written, the time spent writing (and
+    # hashing) them, and the time fetchers waited to hand a chunk to the full queue.
+    stores: int = 0
+    store_write_ns: int = 0
+    store_wait_ns: int = 0
 
 
 class _Cancelled(Exception):
@@ -320,8 +326,10 @@ class ChunkReader:
         if self._stores_idle.is_set():
             self._stores_idle = trio.Event()
         self.stats.stores_pending_max = max(self.stats.stores_pending_max, self._queued)
+        t0 = time.perf_counter_ns()
         try:
             await self._store_send.send((blob, index, data))
+            self.stats.store_wait_ns += time.perf_counter_ns() - t0
         except BaseException:
             self._queued -= 1
             if not self._queued:
@@ -363,9 +371,11 @@ class ChunkReader:
         await self._store_now(disk, blob, index, data)
 
     async def _store_now(self, disk: DiskCache, blob: BlobRef, index: int, data: Chunk) -> None:
+        t0 = time.perf_counter_ns()
         try:
             await trio.to_thread.run_sync(
                 disk.write_chunk, blob.digest, blob.size, index, data)
+            self.stats.stores += 1
         except DigestMismatch:
             self.stats.digest_failures += 1
             self._forget_memory(blob)
@@ -373,6 +383,8 @@ class ChunkReader:
         except OSError as exc:
             # A full or broken cache disk costs refetches, not reads.
             log.warning("disk cache write of %s failed: %s", blob.digest, exc)
+        finally:
+            self.stats.store_write_ns += time.perf_counter_ns() - t0
 
     async def _load(self, blob: BlobRef, index: int) -> tuple[Chunk, bool]:
         """The chunk, and whether it came from the network (and is not on disk yet)."""
@@ -440,6 +452,8 @@ class ChunkReader:
 
     def snapshot(self) -> dict[str, object]:
         out: dict[str, object] = dict(self.stats.__dict__)
+        for key in ("store_write_ns", "store_wait_ns"):
+            out[key.replace("_ns", "_s")] = round(out.pop(key) / 1e9, 3)  # type: ignore[operator]
         out["memory_bytes"] = self.memory.currsize
         out["memory_limit"] = self.memory.maxsize
         out["in_flight"] = len(self._flights)
