@@ -30,14 +30,14 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import trio
 
 from . import digest as digests
-from .errors import DigestMismatch, RegistryError
+from .errors import DigestMismatch, RegistryError, first_error
 from .registry import DirectEndpoint, ProgressFn, RegistryClient, no_proxy_for, with_digest
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ DIRECT_MIN = 16 << 20
 # sendfile() calls of this size: progress is reported, and an abandon noticed, between them.
 _SEND_PIECE = 8 << 20
 _HASH_PIECE = 4 << 20
+# Seconds a failed or cancelled upload spends dropping its session before giving up.
+_DROP_TIMEOUT = 5.0
 
 # What a push does with a blob once its digest is known: "existing" or "mounted" when
 # the registry needs no upload for it, None to upload it.
@@ -56,10 +58,6 @@ Decide = Callable[[str], Awaitable[Outcome]]
 
 class _Fallback(Exception):
     """The direct path did not store the blob; httpx will."""
-
-
-class _Abandoned(Exception):
-    """The upload was stopped: the registry has the blob already."""
 
 
 @dataclass
@@ -96,6 +94,9 @@ class DirectUploads:
                 log.debug("direct upload of %s to %s: %s; via httpx", digest, repo, exc)
                 bar.undo()
                 await self._cancel(location)
+            except BaseException:
+                await self._drop_on_error(location)
+                raise
             else:
                 self.stats.direct += 1
                 return
@@ -108,9 +109,26 @@ class DirectUploads:
         digest is known: "existing" or "mounted" stops the upload. Returns the digest
         and what `decide` said (None: the blob was uploaded)."""
         assert self.worth_it(size)
+        session = _Session(await self.client.start_upload(repo))
+        try:
+            return await self._upload_hashing(repo, path, size, decide, progress, session)
+        except BaseException:
+            if session.open:
+                # An error or a cancel (Ctrl-C) half way: drop the session now rather
+                # than leave the registry holding what was sent until it expires it.
+                with trio.CancelScope(shield=True), trio.move_on_after(_DROP_TIMEOUT):
+                    if session.started.is_set():
+                        # The sender stops at its next piece and learns the session's
+                        # current URL: the registry refuses any other once bytes arrived.
+                        await trio.to_thread.run_sync(session.sent.wait, _DROP_TIMEOUT)
+                    await self._cancel(session.location)
+            raise
+
+    async def _upload_hashing(self, repo: str, path: str, size: int, decide: Decide,
+                              progress: ProgressFn | None, session: _Session
+                              ) -> tuple[str, Outcome]:
         bar = _Bar(progress)
         stop = threading.Event()
-        location = await self.client.start_upload(repo)
         digest = ""
         outcome: Outcome = None
         sent: tuple[int, str, str] | BaseException | None = None
@@ -126,26 +144,34 @@ class DirectUploads:
         async def send() -> None:
             nonlocal sent
             try:
-                target, headers = self._target(location, None, size)
-                sent = await self._in_thread("PATCH", target, headers, path, size, bar, stop)
-            except (_Fallback, _Abandoned) as exc:
+                target, headers = self._target(session.location, None, size)
+                sent = await self._in_thread("PATCH", target, headers, path, size, bar, stop,
+                                             session)
+            except _Fallback as exc:
                 sent = exc
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(hash_then_decide)
-            nursery.start_soon(send)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hash_then_decide)
+                nursery.start_soon(send)
+        except BaseExceptionGroup as group:
+            # Callers handle single galleryfs errors (and map them to messages).
+            raise first_error(group) from None
         if outcome is not None:
+            # The body was ended early (or had all gone): the session holds what was
+            # sent, and is dropped by its current URL.
             self.stats.abandoned += 1
             bar.finish(size)  # nothing more to send for this file
-            await self._cancel(location)
+            await self._close(session)
             return digest, outcome
         if isinstance(sent, tuple) and sent[0] == 202 and sent[2]:
             try:
-                done = await self.client.finish_upload(urljoin(location, sent[2]), digest,
+                done = await self.client.finish_upload(session.location, digest,
                                                        f"upload {digest} to {repo}")
             except RegistryError as exc:
                 log.debug("closing the direct upload of %s failed: %s; via httpx", digest, exc)
             else:
+                session.open = False
                 _check_stored(201, done, digest, repo)
                 self.stats.direct += 1
                 self.stats.hashed_while_sent += 1
@@ -153,7 +179,7 @@ class DirectUploads:
         else:
             log.debug("direct upload of %s to %s: %s; via httpx", digest, repo,
                       sent if isinstance(sent, BaseException) else f"HTTP {sent and sent[0]}")
-            await self._cancel(location)
+        await self._close(session)
         bar.undo()
         self.stats.fallbacks += 1
         await self.client.upload_blob(repo, digest, size, path, progress)
@@ -167,32 +193,46 @@ class DirectUploads:
         if not self._endpoint.serves(location):
             raise _Fallback(f"upload location on another host: {url.netloc}")
         target = url.path + (f"?{url.query}" if url.query else "")
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size),
-                   "User-Agent": "galleryfs"}
+        headers = {"Content-Type": "application/octet-stream", "User-Agent": "galleryfs"}
         if digest is not None:
             target = with_digest(target, digest)
-        else:
-            headers["Content-Range"] = f"0-{size - 1}"
+            headers["Content-Length"] = str(size)
+        # else a streamed PATCH, its body chunked (see _send): no length, no range
         authorization = self.client.auth.authorization(httpx.Request("PUT", location))
         if authorization:
             headers["Authorization"] = authorization
         return target, headers
 
     async def _in_thread(self, method: str, target: str, headers: dict[str, str], path: str,
-                         size: int, bar: _Bar, stop: threading.Event) -> tuple[int, str, str]:
+                         size: int, bar: _Bar, stop: threading.Event,
+                         session: _Session | None = None) -> tuple[int, str, str]:
         token = trio.lowlevel.current_trio_token()
 
         def progress(n: int) -> None:  # in the worker thread
-            trio.from_thread.run_sync(bar, n, trio_token=token)
+            try:
+                trio.from_thread.run_sync(bar, n, trio_token=token)
+            except trio.RunFinishedError:  # abandoned by a cancel: nobody is counting
+                pass
 
         try:
             # Abandoned on cancel: the thread stops at its next piece (stop is set).
             return await trio.to_thread.run_sync(
-                self._send, method, target, headers, path, size, progress, stop,
+                self._send, method, target, headers, path, size, progress, stop, session,
                 abandon_on_cancel=True)
         finally:
             stop.set()
             self.client.requests_sent += 1
+
+    async def _drop_on_error(self, location: str) -> None:
+        """Drop the session of an upload that failed or was cancelled (Ctrl-C) half way,
+        rather than leave the registry holding what was sent until it expires it."""
+        with trio.CancelScope(shield=True), trio.move_on_after(_DROP_TIMEOUT):
+            await self._cancel(location)
+
+    async def _close(self, session: _Session) -> None:
+        """Drop a session we will not finish, by its current URL."""
+        session.open = False
+        await self._cancel(session.location)
 
     async def _cancel(self, location: str) -> None:
         """Drop an upload session we will not finish (the registry would expire it)."""
@@ -204,8 +244,17 @@ class DirectUploads:
     # ---- in a worker thread ------------------------------------------------------
 
     def _send(self, method: str, target: str, headers: dict[str, str], path: str, size: int,
-              progress: ProgressFn, stop: threading.Event) -> tuple[int, str, str]:
-        """(status, Docker-Content-Digest, Location) of the request, its body the file."""
+              progress: ProgressFn, stop: threading.Event, session: _Session | None
+              ) -> tuple[int, str, str]:
+        """(status, Docker-Content-Digest, Location) of the request, its body the file.
+
+        With a session (a PATCH), the body is sent chunked, so that a `stop` ends it
+        early but cleanly: the registry answers with the session's current URL, the
+        only one it accepts from then on (to drop it). A monolithic PUT just stops.
+        """
+        chunked = session is not None
+        if session is not None:
+            session.started.set()
         conn = self._endpoint.connect()
         try:
             with open(path, "rb") as f:
@@ -214,25 +263,52 @@ class DirectUploads:
                 conn.putrequest(method, target, skip_accept_encoding=True)
                 for name, value in headers.items():
                     conn.putheader(name, value)
+                if chunked:
+                    conn.putheader("Transfer-Encoding", "chunked")
                 conn.endheaders()
-                assert conn.sock is not None
+                sock = conn.sock
+                assert sock is not None
                 offset = 0
                 while offset < size:
                     if stop.is_set():
-                        raise _Abandoned()
-                    n = conn.sock.sendfile(f, offset, min(_SEND_PIECE, size - offset))
-                    if not n:
+                        if not chunked:  # a Content-Length body cannot end early
+                            raise _Fallback("upload stopped")
+                        break
+                    n = min(_SEND_PIECE, size - offset)
+                    if chunked:
+                        sock.sendall(b"%x\r\n" % n)
+                    if sock.sendfile(f, offset, n) != n:
                         raise RegistryError(f"{path} shrank while it was being uploaded")
+                    if chunked:
+                        sock.sendall(b"\r\n")
                     offset += n
                     progress(n)
+                if chunked:
+                    sock.sendall(b"0\r\n\r\n")
             response = conn.getresponse()
             response.read()
+            location = response.getheader("Location") or ""
+            if session is not None and response.status == 202 and location:
+                session.location = urljoin(session.location, location)
             return (response.status, response.getheader("Docker-Content-Digest") or "",
-                    response.getheader("Location") or "")
+                    location)
         except (OSError, http.client.HTTPException) as exc:
             raise _Fallback(f"{type(exc).__name__}: {exc}") from None
         finally:
             conn.close()
+            if session is not None:
+                session.sent.set()
+
+
+@dataclass
+class _Session:
+    """An upload session: its current URL (the registry moves it on with every request
+    that adds bytes), whether it still needs closing, and whether the sender is done."""
+
+    location: str
+    open: bool = True
+    started: threading.Event = field(default_factory=threading.Event)
+    sent: threading.Event = field(default_factory=threading.Event)
 
 
 class _Bar:

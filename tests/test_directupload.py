@@ -39,6 +39,26 @@ def big_file(tmp_path: Path) -> tuple[Path, bytes, str]:
     return path, data, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _session_data(registry: Registry, repo: str, location: str) -> Path:
+    """Where the registry keeps the bytes an upload session received (its storage)."""
+    uuid = location.split("?")[0].rstrip("/").rsplit("/", 1)[1]
+    return (registry.storage_dir / "docker" / "registry" / "v2" / "repositories" / repo
+            / "_uploads" / uuid / "data")
+
+
+class Sessions:
+    """Records the upload sessions a client opens."""
+
+    def __init__(self, client: RegistryClient) -> None:
+        self.opened: list[str] = []
+        self._start = client.start_upload
+        client.start_upload = self  # type: ignore[method-assign]
+
+    async def __call__(self, repo: str) -> str:
+        self.opened.append(await self._start(repo))
+        return self.opened[-1]
+
+
 async def _stored(client: RegistryClient, repo: str, digest: str, size: int) -> bytes:
     return bytes(await client.read_blob(repo, digest, size))
 
@@ -98,17 +118,29 @@ def test_an_upload_the_registry_does_not_need_is_abandoned(registry: Registry,
     async def run() -> None:
         async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
             uploads = DirectUploads(client)
+            sessions = Sessions(client)
             bar = Progress()
+            sending = trio.Event()
 
             async def decide(d: str) -> str:
+                # Only once bytes went up: the session's first URL is then stale.
+                with trio.fail_after(30):
+                    await sending.wait()
                 return "existing"
 
-            got, outcome = await uploads.upload_hashing(REPO, str(path), SIZE, decide, bar)
+            def progress(n: int) -> None:
+                bar(n)
+                sending.set()
+
+            got, outcome = await uploads.upload_hashing(REPO, str(path), SIZE, decide, progress)
             assert (got, outcome) == (digest, "existing")
             assert uploads.stats.abandoned == 1 and uploads.stats.direct == 0
             assert bar.total == SIZE  # the file counts as done
-            # Nothing was stored under the digest by the abandoned session.
+            # Nothing was stored under the digest by the abandoned session, and the
+            # bytes it received were dropped with it (not left for a week's purge).
             assert await client.blob_size(REPO, digest) is None
+            (location,) = sessions.opened
+            assert not _session_data(registry, REPO, location).exists()
 
     trio.run(run)
 
@@ -309,3 +341,42 @@ def test_two_files_with_the_same_bytes_are_uploaded_once(registry: Registry, tmp
     assert result.uploaded == ["a.bin"] and result.bytes_uploaded == SIZE
     (total, bar), = bars
     assert bar.total == total == 3 * SIZE
+
+
+@pytest.mark.parametrize("how", ["error", "cancel"])
+def test_an_upload_that_fails_or_is_cancelled_drops_its_session(registry: Registry, big_file,
+                                                                 how: str) -> None:  # noqa: ANN001
+    """An error after the session opened (here, in `decide`) or a cancel (Ctrl-C) drops
+    the upload session at once, rather than leaving it for the registry to expire."""
+    from galleryfs.errors import RegistryError
+
+    path, _, _ = big_file
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            sessions = Sessions(client)
+            opened = sessions.opened
+            uploads = DirectUploads(client)
+            deciding = trio.Event()
+
+            async def decide(digest: str) -> str:
+                deciding.set()
+                if how == "error":
+                    raise RegistryError("the registry went away")
+                await trio.sleep_forever()
+                raise AssertionError("not reached")
+
+            if how == "error":
+                with pytest.raises(RegistryError, match="went away"):
+                    await uploads.upload_hashing(REPO, str(path), SIZE, decide)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(uploads.upload_hashing, REPO, str(path), SIZE, decide)
+                    with trio.fail_after(30):
+                        await deciding.wait()
+                    assert _session_data(registry, REPO, opened[0]).exists()  # meanwhile
+                    nursery.cancel_scope.cancel()
+            assert len(opened) == 1
+            assert not _session_data(registry, REPO, opened[0]).exists()  # dropped
+
+    trio.run(run)
