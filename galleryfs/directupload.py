@@ -38,7 +38,14 @@ import trio
 
 from . import digest as digests
 from .errors import DigestMismatch, RegistryError, first_error
-from .registry import DirectEndpoint, ProgressFn, RegistryClient, no_proxy_for, with_digest
+from .registry import (
+    DROP_TIMEOUT,
+    DirectEndpoint,
+    ProgressFn,
+    RegistryClient,
+    no_proxy_for,
+    with_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +54,6 @@ DIRECT_MIN = 16 << 20
 # sendfile() calls of this size: progress is reported, and an abandon noticed, between them.
 _SEND_PIECE = 8 << 20
 _HASH_PIECE = 4 << 20
-# Seconds a failed or cancelled upload spends dropping its session before giving up.
-_DROP_TIMEOUT = 5.0
 
 # What a push does with a blob once its digest is known: "existing" or "mounted" when
 # the registry needs no upload for it, None to upload it.
@@ -116,11 +121,11 @@ class DirectUploads:
             if session.open:
                 # An error or a cancel (Ctrl-C) half way: drop the session now rather
                 # than leave the registry holding what was sent until it expires it.
-                with trio.CancelScope(shield=True), trio.move_on_after(_DROP_TIMEOUT):
+                with trio.CancelScope(shield=True), trio.move_on_after(DROP_TIMEOUT):
                     if session.started.is_set():
                         # The sender stops at its next piece and learns the session's
                         # current URL: the registry refuses any other once bytes arrived.
-                        await trio.to_thread.run_sync(session.sent.wait, _DROP_TIMEOUT)
+                        await trio.to_thread.run_sync(session.sent.wait, DROP_TIMEOUT)
                     await self._cancel(session.location)
             raise
 
@@ -226,7 +231,7 @@ class DirectUploads:
     async def _drop_on_error(self, location: str) -> None:
         """Drop the session of an upload that failed or was cancelled (Ctrl-C) half way,
         rather than leave the registry holding what was sent until it expires it."""
-        with trio.CancelScope(shield=True), trio.move_on_after(_DROP_TIMEOUT):
+        with trio.CancelScope(shield=True), trio.move_on_after(DROP_TIMEOUT):
             await self._cancel(location)
 
     async def _close(self, session: _Session) -> None:

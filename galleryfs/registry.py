@@ -11,7 +11,7 @@ import logging
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -42,6 +42,8 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
 UPLOAD_CHUNK = 64 << 20
 MONOLITHIC_LIMIT = 16 << 20
+# Seconds a failed or cancelled upload spends dropping its session before giving up.
+DROP_TIMEOUT = 5.0
 _PIECE = 1 << 20
 
 ProgressFn = Callable[[int], None]
@@ -375,29 +377,39 @@ class RegistryClient:
                 progress(-sent[0])  # a retry starts over: so does the bar
             sent[0] = 0
             location = await self.start_upload(repo)
-            if size <= MONOLITHIC_LIMIT:
-                data = await trio.to_thread.run_sync(_read_range, path, 0, size)
-                response = await self._request(
-                    "PUT", with_digest(location, digest), what, content=data,
-                    headers={"Content-Type": "application/octet-stream"})
-                counted(size)
-            else:
-                offset = 0
-                while offset < size:
-                    length = min(chunk_size, size - offset)
-                    response = await self._http.patch(
-                        location,
-                        content=_file_pieces(path, offset, length, counted),
-                        headers={
-                            "Content-Type": "application/octet-stream",
-                            "Content-Range": f"{offset}-{offset + length - 1}",
-                            "Content-Length": str(length),
-                        },
-                    )
-                    self._check(response, what)
-                    location = _location(response, self.base, what)
-                    offset += length
-                response = await self._request("PUT", with_digest(location, digest), what)
+            try:
+                if size <= MONOLITHIC_LIMIT:
+                    data = await trio.to_thread.run_sync(_read_range, path, 0, size)
+                    response = await self._request(
+                        "PUT", with_digest(location, digest), what, content=data,
+                        headers={"Content-Type": "application/octet-stream"})
+                    counted(size)
+                else:
+                    offset = 0
+                    while offset < size:
+                        length = min(chunk_size, size - offset)
+                        response = await self._http.patch(
+                            location,
+                            content=_file_pieces(path, offset, length, counted),
+                            headers={
+                                "Content-Type": "application/octet-stream",
+                                "Content-Range": f"{offset}-{offset + length - 1}",
+                                "Content-Length": str(length),
+                            },
+                        )
+                        self._check(response, what)
+                        location = _location(response, self.base, what)
+                        offset += length
+                    response = await self._request("PUT", with_digest(location, digest), what)
+            except BaseException:
+                # Drop the session (by its latest URL: the only one the registry takes
+                # once bytes arrived) rather than leave what it holds to the registry's
+                # purge of old uploads. Best effort: a request that failed half way
+                # may have moved it on already.
+                with trio.CancelScope(shield=True), trio.move_on_after(DROP_TIMEOUT):
+                    with suppress(RegistryError):
+                        await self.cancel_upload(location)
+                raise
             got = response.headers.get("docker-content-digest", digest)
             if got != digest:
                 raise DigestMismatch(f"{what}: registry computed {got}")

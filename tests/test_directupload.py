@@ -306,6 +306,10 @@ def test_a_retried_httpx_upload_counts_its_bytes_once(registry: Registry,
                                          chunk_size=40_000)
                 assert proxy.faults == [] and bar.total == len(data)
                 assert await _stored(client, REPO, digest, len(data)) == data
+        # The failed attempt's session was dropped, not left for the registry's purge.
+        uploads = (registry.storage_dir / "docker" / "registry" / "v2" / "repositories" / REPO
+                   / "_uploads")
+        assert not list(uploads.glob("*/data")), list(uploads.iterdir())
 
     import tempfile
 
