@@ -378,3 +378,35 @@ def test_cache_size_zero_reads_without_a_disk_cache(registry: Registry, tmp_path
     # Nothing of the blob was written under the cache directory (it holds only logs).
     written = [p for p in cache.rglob("*") if p.is_file() and "logs" not in p.parts]
     assert written == []
+
+
+def test_unmount_of_a_busy_mount_says_so_and_debug_logs_requests(registry: Registry,
+                                                                 tmp_path: Path) -> None:
+    """`galleryfs unmount` of a mount with an open file fails with a message naming the
+    cause (no traceback) and leaves the mount working; once the file is closed it
+    unmounts. `--debug` logs each FUSE request the daemon serves."""
+    from tests.mounting import galleryfs, isolated_env, mounted
+
+    src = tmp_path / "model"
+    src.mkdir()
+    data = os.urandom(100_000)
+    (src / "weights.bin").write_bytes(data)
+    push(registry, src, "g/m:v1")
+    env = isolated_env(tmp_path)
+    cache = tmp_path / "cache"
+    with mounted(registry.host, tmp_path / "mnt", env, "--plain-http", "--cache-dir",
+                 str(cache), "--debug") as mnt:
+        path = mnt / "g" / "m" / "v1" / "weights.bin"
+        with open(path, "rb") as f:
+            busy = galleryfs("unmount", str(mnt), env=env)
+            assert busy.returncode != 0
+            assert "busy" in busy.stderr and "Traceback" not in busy.stderr, busy.stderr
+            assert os.path.ismount(mnt)
+            assert f.read() == data  # still served
+    # `mounted` unmounted it (and asserted that this time it worked).
+    (log,) = (cache / "logs").glob("mount-*.log")
+    text = log.read_text()
+    assert "Traceback" not in text
+    # libfuse's request trace (the "debug" mount option) and our DEBUG records.
+    assert "opcode: LOOKUP" in text and "opcode: READ" in text
+    assert "galleryfs: DEBUG:" in text
