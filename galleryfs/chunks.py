@@ -329,12 +329,13 @@ class ChunkReader:
         t0 = time.perf_counter_ns()
         try:
             await self._store_send.send((blob, index, data))
-            self.stats.store_wait_ns += time.perf_counter_ns() - t0
         except BaseException:
             self._queued -= 1
             if not self._queued:
                 self._stores_idle.set()
             raise
+        finally:  # a fetch cancelled while it waited waited too
+            self.stats.store_wait_ns += time.perf_counter_ns() - t0
 
     async def flush(self) -> None:
         """Wait until every chunk handed to the store workers is on disk."""
@@ -375,7 +376,9 @@ class ChunkReader:
         try:
             await trio.to_thread.run_sync(
                 disk.write_chunk, blob.digest, blob.size, index, data)
+            # Counted with the chunks written, so that their ratio is a chunk's cost.
             self.stats.stores += 1
+            self.stats.store_write_ns += time.perf_counter_ns() - t0
         except DigestMismatch:
             self.stats.digest_failures += 1
             self._forget_memory(blob)
@@ -383,8 +386,6 @@ class ChunkReader:
         except OSError as exc:
             # A full or broken cache disk costs refetches, not reads.
             log.warning("disk cache write of %s failed: %s", blob.digest, exc)
-        finally:
-            self.stats.store_write_ns += time.perf_counter_ns() - t0
 
     async def _load(self, blob: BlobRef, index: int) -> tuple[Chunk, bool]:
         """The chunk, and whether it came from the network (and is not on disk yet)."""

@@ -11,7 +11,14 @@ the registry has already is not sent), and hashing a 1 GiB file cold took about 
 as a fifth of its upload here. `upload_hashing` therefore streams a file whose digest is
 not known yet into an upload session (one `PATCH`) while another thread hashes it; the
 session is closed with `PUT ?digest=` once the hash is known. If the hash shows that the
-registry has the blob already (or can mount it), the upload is abandoned.
+registry has the blob already (or can mount it), the upload is abandoned. `upload` (the
+digest known) sends the same way, without the hash.
+
+The `PATCH` body is chunked so that it can end early between two pieces: the registry
+then answers with the session's current URL, and Distribution takes no other once bytes
+arrived (a DELETE by the first URL is refused, and the bytes stay until its purge of old
+uploads, a week by default). An abandoned, failed or cancelled upload drops its session
+by that URL.
 
 The session is opened (`POST`) through httpx, which negotiates credentials; the direct
 request carries the header the httpx client would send. Anything but the plain answer
@@ -47,7 +54,6 @@ from .registry import (
     ProgressFn,
     RegistryClient,
     no_proxy_for,
-    with_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -89,26 +95,11 @@ class DirectUploads:
 
     async def upload(self, repo: str, digest: str, size: int, path: str,
                      progress: ProgressFn | None = None) -> None:
-        """Store the file as blob `digest` of `repo`: one monolithic PUT."""
+        """Store the file as blob `digest` of `repo` (its digest already known)."""
         digests.validate(digest)
         if self.worth_it(size):
-            bar = _Bar(progress)
-            location = await self.client.start_upload(repo)
-            try:
-                target, headers = self._target(location, digest, size)
-                status, got, _ = await self._in_thread(
-                    "PUT", target, headers, path, size, bar, threading.Event())
-                _check_stored(status, got, digest, repo)
-            except _Fallback as exc:
-                log.debug("direct upload of %s to %s: %s; via httpx", digest, repo, exc)
-                bar.undo()
-                await self._cancel(location)
-            except BaseException:
-                await self._drop_on_error(location)
-                raise
-            else:
-                self.stats.direct += 1
-                return
+            await self._upload(repo, path, size, progress, digest=digest)
+            return
         self.stats.fallbacks += 1
         await self.client.upload_blob(repo, digest, size, path, progress)
 
@@ -118,27 +109,29 @@ class DirectUploads:
         digest is known: "existing" or "mounted" stops the upload. Returns the digest
         and what `decide` said (None: the blob was uploaded)."""
         assert self.worth_it(size)
+        return await self._upload(repo, path, size, progress, decide=decide)
+
+    async def _upload(self, repo: str, path: str, size: int, progress: ProgressFn | None, *,
+                      digest: str | None = None, decide: Decide | None = None
+                      ) -> tuple[str, Outcome]:
         session = _Session(await self.client.start_upload(repo))
         try:
-            return await self._upload_hashing(repo, path, size, decide, progress, session)
+            return await self._send_session(repo, path, size, progress, session, digest, decide)
         except BaseException:
             if session.open:
-                # An error or a cancel (Ctrl-C) half way: drop the session now rather
-                # than leave the registry holding what was sent until it expires it.
-                with trio.CancelScope(shield=True), trio.move_on_after(DROP_TIMEOUT):
-                    if session.started.is_set():
-                        # The sender stops at its next piece and learns the session's
-                        # current URL: the registry refuses any other once bytes arrived.
-                        await trio.to_thread.run_sync(session.sent.wait, DROP_TIMEOUT)
-                    await self._cancel(session.location)
+                await self._drop(session)
             raise
 
-    async def _upload_hashing(self, repo: str, path: str, size: int, decide: Decide,
-                              progress: ProgressFn | None, session: _Session
-                              ) -> tuple[str, Outcome]:
+    async def _send_session(self, repo: str, path: str, size: int,
+                            progress: ProgressFn | None, session: _Session,
+                            digest: str | None, decide: Decide | None
+                            ) -> tuple[str, Outcome]:
+        """One streamed PATCH of the file into the session, hashed meanwhile unless the
+        digest is known; then `PUT ?digest=`, or the session dropped if `decide` says
+        the registry needs no upload, or the blob sent again through httpx."""
         bar = _Bar(progress)
         stop = threading.Event()
-        digest = ""
+        hashed = digest is None
         outcome: Outcome = None
         sent: tuple[int, str, str] | BaseException | None = None
 
@@ -146,26 +139,28 @@ class DirectUploads:
             nonlocal digest, outcome
             digest = await trio.to_thread.run_sync(_file_digest, path, size,
                                                    abandon_on_cancel=True)
-            outcome = await decide(digest)
+            if decide is not None:
+                outcome = await decide(digest)
             if outcome is not None:
                 stop.set()
 
         async def send() -> None:
             nonlocal sent
             try:
-                target, headers = self._target(session.location, None, size)
-                sent = await self._in_thread("PATCH", target, headers, path, size, bar, stop,
-                                             session)
+                target, headers = self._target(session.location)
+                sent = await self._in_thread(target, headers, path, size, bar, stop, session)
             except _Fallback as exc:
                 sent = exc
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(hash_then_decide)
+                if hashed:
+                    nursery.start_soon(hash_then_decide)
                 nursery.start_soon(send)
         except BaseExceptionGroup as group:
             # Callers handle single galleryfs errors (and map them to messages).
             raise first_error(group) from None
+        assert digest is not None
         if outcome is not None:
             # The body was ended early (or had all gone): the session holds what was
             # sent, and is dropped by its current URL.
@@ -183,7 +178,7 @@ class DirectUploads:
                 session.open = False
                 _check_stored(201, done, digest, repo)
                 self.stats.direct += 1
-                self.stats.hashed_while_sent += 1
+                self.stats.hashed_while_sent += hashed
                 return digest, None
         else:
             log.debug("direct upload of %s to %s: %s; via httpx", digest, repo,
@@ -196,25 +191,21 @@ class DirectUploads:
 
     # ---- helpers -----------------------------------------------------------------
 
-    def _target(self, location: str, digest: str | None, size: int
-                ) -> tuple[str, dict[str, str]]:
+    def _target(self, location: str) -> tuple[str, dict[str, str]]:
         url = urlsplit(location)
         if not self._endpoint.serves(location):
             raise _Fallback(f"upload location on another host: {url.netloc}")
         target = url.path + (f"?{url.query}" if url.query else "")
+        # A streamed PATCH, its body chunked (see _send): no length, no range.
         headers = {"Content-Type": "application/octet-stream", "User-Agent": "galleryfs"}
-        if digest is not None:
-            target = with_digest(target, digest)
-            headers["Content-Length"] = str(size)
-        # else a streamed PATCH, its body chunked (see _send): no length, no range
-        authorization = self.client.auth.authorization(httpx.Request("PUT", location))
+        authorization = self.client.auth.authorization(httpx.Request("PATCH", location))
         if authorization:
             headers["Authorization"] = authorization
         return target, headers
 
-    async def _in_thread(self, method: str, target: str, headers: dict[str, str], path: str,
-                         size: int, bar: _Bar, stop: threading.Event,
-                         session: _Session | None = None) -> tuple[int, str, str]:
+    async def _in_thread(self, target: str, headers: dict[str, str], path: str, size: int,
+                         bar: _Bar, stop: threading.Event, session: _Session
+                         ) -> tuple[int, str, str]:
         token = trio.lowlevel.current_trio_token()
 
         def progress(n: int) -> None:  # in the worker thread
@@ -226,17 +217,23 @@ class DirectUploads:
         try:
             # Abandoned on cancel: the thread stops at its next piece (stop is set).
             return await trio.to_thread.run_sync(
-                self._send, method, target, headers, path, size, progress, stop, session,
+                self._send, target, headers, path, size, progress, stop, session,
                 abandon_on_cancel=True)
         finally:
             stop.set()
             self.client.requests_sent += 1
 
-    async def _drop_on_error(self, location: str) -> None:
+    async def _drop(self, session: _Session) -> None:
         """Drop the session of an upload that failed or was cancelled (Ctrl-C) half way,
-        rather than leave the registry holding what was sent until it expires it."""
-        with trio.CancelScope(shield=True), trio.move_on_after(DROP_TIMEOUT):
-            await self._cancel(location)
+        rather than leave the registry holding what was sent until it expires it: once
+        the sender has stopped (at its next piece) and learnt the session's current URL,
+        the only one the registry takes once bytes arrived. Each step is bounded; a
+        sender slower than that leaves the DELETE to the first URL, which may be refused."""
+        with trio.CancelScope(shield=True):
+            if session.started.is_set():
+                await trio.to_thread.run_sync(session.sent.wait, DROP_TIMEOUT)
+            with trio.move_on_after(DROP_TIMEOUT):
+                await self._close(session)
 
     async def _close(self, session: _Session) -> None:
         """Drop a session we will not finish, by its current URL."""
@@ -252,52 +249,47 @@ class DirectUploads:
 
     # ---- in a worker thread ------------------------------------------------------
 
-    def _send(self, method: str, target: str, headers: dict[str, str], path: str, size: int,
-              progress: ProgressFn, stop: threading.Event, session: _Session | None
+    def _send(self, target: str, headers: dict[str, str], path: str, size: int,
+              progress: ProgressFn, stop: threading.Event, session: _Session
               ) -> tuple[int, str, str]:
-        """(status, Docker-Content-Digest, Location) of the request, its body the file.
+        """(status, Docker-Content-Digest, Location) of a PATCH whose body is the file.
 
-        With a session (a PATCH), the body is sent chunked, so that a `stop` ends it
-        early but cleanly: the registry answers with the session's current URL, the
-        only one it accepts from then on (to drop it). A monolithic PUT just stops.
+        The body is sent chunked, so that a `stop` ends it early but cleanly between two
+        pieces: the registry then answers with the session's current URL, the only one
+        it takes from then on (to drop it). A file that shrinks within a piece breaks
+        the body instead (its chunk header promised the bytes): that session is left to
+        the registry's purge.
         """
-        chunked = session is not None
-        if session is not None:
-            session.started.set()
+        session.started.set()
         conn = self._endpoint.connect()
         try:
             with open(path, "rb") as f:
                 if os.fstat(f.fileno()).st_size != size:
                     raise RegistryError(f"{path} changed size since it was listed")
-                conn.putrequest(method, target, skip_accept_encoding=True)
+                conn.putrequest("PATCH", target, skip_accept_encoding=True)
                 for name, value in headers.items():
                     conn.putheader(name, value)
-                if chunked:
-                    conn.putheader("Transfer-Encoding", "chunked")
+                conn.putheader("Transfer-Encoding", "chunked")
                 conn.endheaders()
                 sock = conn.sock
                 assert sock is not None
+                # Over TLS the bytes pass through Python anyway: smaller pieces notice a
+                # stop sooner, at no cost.
+                piece = _TLS_PIECE if isinstance(sock, ssl.SSLSocket) else _SEND_PIECE
                 offset = 0
-                while offset < size:
-                    if stop.is_set():
-                        if not chunked:  # a Content-Length body cannot end early
-                            raise _Fallback("upload stopped")
-                        break
-                    n = min(_SEND_PIECE, size - offset)
-                    if chunked:
-                        sock.sendall(b"%x\r\n" % n)
+                while offset < size and not stop.is_set():
+                    n = min(piece, size - offset)
+                    sock.sendall(b"%x\r\n" % n)
                     if _send_piece(sock, f, offset, n) != n:
                         raise RegistryError(f"{path} shrank while it was being uploaded")
-                    if chunked:
-                        sock.sendall(b"\r\n")
+                    sock.sendall(b"\r\n")
                     offset += n
                     progress(n)
-                if chunked:
-                    sock.sendall(b"0\r\n\r\n")
+                sock.sendall(b"0\r\n\r\n")
             response = conn.getresponse()
             response.read()
             location = response.getheader("Location") or ""
-            if session is not None and response.status == 202 and location:
+            if response.status == 202 and location:
                 session.location = urljoin(session.location, location)
             return (response.status, response.getheader("Docker-Content-Digest") or "",
                     location)
@@ -305,14 +297,13 @@ class DirectUploads:
             raise _Fallback(f"{type(exc).__name__}: {exc}") from None
         finally:
             conn.close()
-            if session is not None:
-                session.sent.set()
+            session.sent.set()
 
 
 @dataclass
 class _Session:
     """An upload session: its current URL (the registry moves it on with every request
-    that adds bytes), whether it still needs closing, and whether the sender is done."""
+    that adds bytes), whether it still needs closing, and how far its sender got."""
 
     location: str
     open: bool = True
@@ -350,7 +341,7 @@ def _send_piece(sock: socket.socket, f: BinaryIO, offset: int, n: int) -> int:
     """
     if not isinstance(sock, ssl.SSLSocket):
         return sock.sendfile(f, offset, n)
-    buf = bytearray(min(n, _TLS_PIECE))
+    buf = bytearray(n)
     view = memoryview(buf)
     sent = 0
     while sent < n:

@@ -145,7 +145,7 @@ def test_an_upload_the_registry_does_not_need_is_abandoned(registry: Registry,
     trio.run(run)
 
 
-def test_a_known_digest_goes_up_in_one_direct_put(registry: Registry, big_file) -> None:  # noqa: ANN001
+def test_a_known_digest_goes_up_in_one_direct_patch(registry: Registry, big_file) -> None:  # noqa: ANN001
     path, data, digest = big_file
 
     async def run() -> None:
@@ -382,5 +382,55 @@ def test_an_upload_that_fails_or_is_cancelled_drops_its_session(registry: Regist
                     nursery.cancel_scope.cancel()
             assert len(opened) == 1
             assert not _session_data(registry, REPO, opened[0]).exists()  # dropped
+
+    trio.run(run)
+
+
+@pytest.mark.parametrize("digest_known", [True, False])
+def test_a_cancel_mid_body_drops_the_session_by_its_current_url(
+        registry: Registry, big_file, monkeypatch: pytest.MonkeyPatch,
+        digest_known: bool) -> None:  # noqa: ANN001
+    """Ctrl-C after the registry got the first piece: the sender ends the body at its
+    next piece, and the session is dropped by the URL the registry then gives (the first
+    one is refused once bytes arrived). Both the known-digest upload and the hashing
+    one."""
+    import threading
+
+    path, _, digest = big_file
+    first_sent, release = threading.Event(), threading.Event()
+    real_send_piece = directupload._send_piece
+
+    def send_piece(sock, f, offset: int, n: int) -> int:  # noqa: ANN001
+        if offset:  # every piece after the first waits for the test
+            assert release.wait(30)
+        got = real_send_piece(sock, f, offset, n)
+        first_sent.set()
+        return got
+
+    monkeypatch.setattr(directupload, "_send_piece", send_piece)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            sessions = Sessions(client)
+            uploads = DirectUploads(client)
+
+            async def upload() -> None:
+                if digest_known:
+                    await uploads.upload(REPO, digest, SIZE, str(path))
+                else:
+                    await uploads.upload_hashing(REPO, str(path), SIZE, _never_there)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upload)
+                assert await trio.to_thread.run_sync(first_sent.wait, 30)
+                (location,) = sessions.opened
+                data = _session_data(registry, REPO, location)
+                with trio.fail_after(30):  # the registry stores what it got (bounded wait)
+                    while not (data.exists() and data.stat().st_size):
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+                release.set()
+            assert not data.exists()
+            assert await client.blob_size(REPO, digest) is None
 
     trio.run(run)
