@@ -60,8 +60,8 @@ SEQ_START_SLACK = 4096
 # Chunks waiting for the disk cache besides the ones being written: none. A fetcher
 # hands its chunk to an idle writer or waits, so the backlog of chunks the reader has
 # passed is at most the writers' two. A one-chunk queue bought no measurable speed (G1
-# medians 249 against 252 MB/s over six repeats each on the bench VM) and cost ~6 MiB
-# of the daemon's peak RSS (G9 76-85 against 84-92 MiB).
+# medians 238-276 against 242-258 MB/s, three runs each way on the bench VM) and cost
+# ~6 MiB of the daemon's peak RSS (G9 76-85 against 84-92 MiB).
 STORE_QUEUE = 0
 STORE_WORKERS = 2
 
