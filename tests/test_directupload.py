@@ -400,10 +400,10 @@ def test_a_cancel_mid_body_drops_the_session_by_its_current_url(
     first_sent, release = threading.Event(), threading.Event()
     real_send_piece = directupload._send_piece
 
-    def send_piece(sock, f, offset: int, n: int) -> int:  # noqa: ANN001
+    def send_piece(sock, f, offset: int, n: int, buf) -> int:  # noqa: ANN001
         if offset:  # every piece after the first waits for the test
             assert release.wait(30)
-        got = real_send_piece(sock, f, offset, n)
+        got = real_send_piece(sock, f, offset, n, buf)
         first_sent.set()
         return got
 
