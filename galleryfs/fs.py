@@ -39,6 +39,9 @@ XATTR_MEDIATYPE = b"user.galleryfs.mediatype"
 XATTR_STATS = b"user.galleryfs.stats"
 XATTR_UNSUPPORTED = b"user.galleryfs.unsupported"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+# Set by galleryfs's build of pyfuse3 (scripts/pyfuse3_patch.py): readdir is then told
+# its folder without an opendir, so opendir can be declined and the kernel keeps listings.
+KERNEL_LISTINGS = bool(getattr(pyfuse3, "READDIR_INODE_WITHOUT_OPENDIR", False))
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -109,6 +112,7 @@ class Operations(pyfuse3.Operations):
         gid: int | None = None,
         refresh: float = 30.0,
         counters: Callable[[], dict[str, object]] | None = None,
+        kernel_listings: bool = KERNEL_LISTINGS,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -117,6 +121,8 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid() if gid is None else gid
         self.refresh = refresh
         self.counters = counters
+        self.kernel_listings = kernel_listings
+        self.readdir_requests = 0
         self.nursery: trio.Nursery | None = None  # for prefetches; set by the runner
         self._files: dict[int, BlobHandle] = {}
         self._dirs: dict[int, list[tuple[str, int]]] = {}
@@ -129,8 +135,10 @@ class Operations(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = inode
         entry.generation = 0
-        # Content addressed data never changes; listings and tags follow --refresh.
-        timeout = IMMUTABLE_TIMEOUT if a.immutable else self.refresh
+        # Content addressed data never changes. A namespace folder's attributes expire
+        # with its listing: the kernel then asks again (`revalidate`) before it trusts
+        # the listing it cached.
+        timeout = IMMUTABLE_TIMEOUT if a.immutable else self.tree.fresh_for(inode)
         entry.entry_timeout = timeout
         entry.attr_timeout = timeout
         entry.st_mode = a.mode
@@ -152,6 +160,7 @@ class Operations(pyfuse3.Operations):
             out.update(self.counters())
         out.update(self.reader.snapshot())
         out["open_files"] = len(self._files)
+        out["readdir_requests"] = self.readdir_requests
         out["inodes"] = self.tree.inode_count
         return out
 
@@ -161,11 +170,13 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         node = await self.tree.lookup(parent_inode, os.fsdecode(name))
+        await self.tree.revalidate(node.inode)
         return self._entry(node.inode)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
+        await self.tree.revalidate(inode)
         return self._entry(inode)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -178,6 +189,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self.kernel_listings:
+            # Declining opendir (Linux >= 5.1) ends opendir/releasedir requests and makes
+            # the kernel cache each listing it reads, until the folder's attributes
+            # expire and its mtime has moved: a warm `ls -R` never reaches the daemon.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         # A snapshot per open directory: readdir offsets index into it, so entries
         # appearing or vanishing (a refresh) never make a listing skip or repeat.
         entries = await self.tree.listdir(inode)
@@ -188,7 +204,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dirs[fh]
+        self.readdir_requests += 1
+        if self.kernel_listings:
+            # `fh` is the folder's inode. A refresh only at the start of a pass keeps
+            # the offsets of a listing read in several requests valid.
+            entries = await self.tree.listdir(fh, refresh=start_id == 0)
+        else:
+            entries = self._dirs[fh]
         for i in range(start_id, len(entries)):
             name, inode = entries[i]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(inode), i + 1):

@@ -81,11 +81,11 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
 def _dead_mount(mountpoint: str) -> bool:
     """True for a mount left by a daemon that died ("Transport endpoint is not connected").
 
-    A directory listing always reaches the (dead) connection; a stat may be answered
-    from the kernel's attribute cache, so it alone does not tell.
+    statfs always reaches the (dead) connection; a stat or a directory listing may be
+    answered from the kernel's caches, so neither tells.
     """
     try:
-        os.listdir(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

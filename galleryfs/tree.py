@@ -23,8 +23,12 @@ models nested below the root model do not appear there (and no collision can ari
 
 Freshness. Revision contents are immutable (named by digest): they are fetched once and
 kept. Namespace listings (catalog, tags, tag -> digest) are re-read when older than
-`refresh` seconds, on lookup/listing/readlink. When a refresh fails but an older
-listing exists, the old one is served (with a warning) rather than failing `ls`.
+`refresh` seconds, on lookup/listing/readlink, and on `revalidate` (the kernel asking
+for a folder's attributes). When a refresh fails but an older listing exists, the old
+one is served (with a warning) rather than failing `ls`. A namespace folder's mtime is
+the moment its listing last changed, and `fresh_for` says how long its listing stays
+fresh: the kernel caches a listing while the folder's attributes are valid and re-reads
+it when the mtime has moved (see `fs.Operations.opendir`).
 
 Inodes are allocated on first sight of a name and kept for the mount's lifetime: keys
 are stable (repository, tag, digest, path), so a name always gets the same inode.
@@ -261,13 +265,17 @@ class Tree:
             raise NotFound(f"{self.display_path(parent)}/{name}: no such file in the revision")
         return self._nodes[inode]
 
-    async def listdir(self, inode: int) -> list[tuple[str, int]]:
-        """Sorted (name, inode) pairs of a folder: stable order for readdir offsets."""
+    async def listdir(self, inode: int, *, refresh: bool = True) -> list[tuple[str, int]]:
+        """Sorted (name, inode) pairs of a folder: stable order for readdir offsets.
+
+        With `refresh` False, a namespace's current listing is used even when stale, so
+        that the offsets of a listing read in several requests stay valid.
+        """
         folder = self.get(inode)
         if not folder.is_dir:
             raise NotADirectoryError(inode)
         if folder.kind is Kind.NAMESPACE:
-            entries = await self._namespace_entries(folder)
+            entries = await self._namespace_entries(folder, refresh=refresh)
             self._prefetch_children(entries)
         else:
             folder = await self._expand(folder)
@@ -292,6 +300,22 @@ class Tree:
     def _listed(self, folder: Node) -> bool:
         listing = self._namespaces[folder.inode].listing
         return listing is not None and self.clock() - listing.fetched_at < self.refresh
+
+    def fresh_for(self, inode: int) -> float:
+        """Seconds for which what is known of a changeable node stays fresh."""
+        state = self._namespaces.get(inode)
+        if state is None or state.listing is None:
+            return self.refresh
+        return max(0.0, self.refresh - (self.clock() - state.listing.fetched_at))
+
+    async def revalidate(self, inode: int) -> None:
+        """Re-read a namespace folder's listing if it is stale, so that its attributes
+        (mtime) tell whether a listing cached from it is still current. A folder never
+        listed has nothing to revalidate."""
+        folder = self.get(inode)
+        state = self._namespaces.get(inode)
+        if state is not None and state.listing is not None and not self._listed(folder):
+            await self._namespace_entries(folder)
 
     async def _prefetch_listing(self, folder: Node) -> None:
         state = self._namespaces[folder.inode]
@@ -362,11 +386,13 @@ class Tree:
                     self._catalog = _Listing({}, self.clock())
             return self._catalog_repos
 
-    async def _namespace_entries(self, folder: Node) -> dict[str, int]:
+    async def _namespace_entries(self, folder: Node, *, refresh: bool = True
+                                 ) -> dict[str, int]:
         state = self._namespaces[folder.inode]
         async with state.lock:
             listing = state.listing
-            if listing is not None and self.clock() - listing.fetched_at < self.refresh:
+            if listing is not None and (
+                    not refresh or self.clock() - listing.fetched_at < self.refresh):
                 return listing.entries
             try:
                 entries = await self._build_namespace(folder)
@@ -377,6 +403,9 @@ class Tree:
                             self.display_path(folder.inode), exc)
                 listing.fetched_at = self.clock()
                 return listing.entries
+            if listing is not None and entries != listing.entries:
+                # Strictly later: the kernel compares it with the mtime it cached.
+                folder.mtime_ns = max(folder.mtime_ns + 1, time.time_ns())
             state.listing = _Listing(entries, self.clock())
             return entries
 

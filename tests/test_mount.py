@@ -83,7 +83,7 @@ def unmount(mountpoint: Path, proc: subprocess.Popen[bytes] | None = None) -> No
 
 def _stale(mountpoint: Path) -> bool:
     try:
-        os.listdir(mountpoint)  # a stat could be answered from the attribute cache
+        os.statvfs(mountpoint)  # a stat or a listing could be answered from kernel caches
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
@@ -232,6 +232,16 @@ def test_tag_symlinks_and_moves(mounted: Mounted) -> None:
     assert json.loads((mounted.model / "stable" / "config.json").read_text()) == {"small": True}
 
 
+def test_listing_shows_a_new_tag_within_the_refresh_bound(mounted: Mounted) -> None:
+    assert "fresh" not in os.listdir(mounted.model)  # the kernel caches this listing
+    move_tag(mounted.registry, "team/minilm", "small", "fresh")
+    deadline = time.monotonic() + 15
+    while "fresh" not in os.listdir(mounted.model):
+        assert time.monotonic() < deadline, "a new tag did not show within the refresh bound"
+        time.sleep(0.2)
+    assert os.readlink(mounted.model / "fresh") == mounted.small_digest
+
+
 def test_xattrs(mounted: Mounted) -> None:
     f = mounted.revision / "config.json"
     expected = "sha256:" + hashlib.sha256((mounted.source / "config.json").read_bytes()).hexdigest()
@@ -378,6 +388,33 @@ def test_cache_size_zero_reads_without_a_disk_cache(registry: Registry, tmp_path
     # Nothing of the blob was written under the cache directory (it holds only logs).
     written = [p for p in cache.rglob("*") if p.is_file() and "logs" not in p.parts]
     assert written == []
+
+
+def test_warm_listings_are_served_by_the_kernel(registry: Registry, tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "a.bin").write_bytes(b"a" * 100)
+    digest = push(registry, src, "listings/m:v1")
+    mnt, cache, log = tmp_path / "mnt", tmp_path / "cache", tmp_path / "log"
+    mnt.mkdir()
+    proc = start_foreground(registry.host, mnt, cache, log, "--refresh", "300")
+    try:
+        wait_for_mount(proc, mnt, log)
+
+        def walk() -> list[tuple[str, list[str], list[str]]]:
+            return sorted((d, sorted(dirs), sorted(files))
+                          for d, dirs, files in os.walk(mnt / "listings"))
+
+        first = walk()
+        assert (str(mnt / "listings" / "m" / digest / "sub"), [], ["a.bin"]) in first
+        requests = stats(mnt)["readdir_requests"]
+        assert requests >= len(first)
+        assert walk() == first
+        # Within the refresh time, a listing read once comes from the kernel's cache.
+        assert stats(mnt)["readdir_requests"] == requests
+    finally:
+        unmount(mnt, proc)
 
 
 def test_unmount_of_a_busy_mount_says_so_and_debug_logs_requests(registry: Registry,

@@ -202,6 +202,47 @@ async def test_refresh_follows_moved_tag_only_after_ttl() -> None:
     assert await _path(tree, "g/m/latest") == latest  # same inode, new target
 
 
+async def test_folder_mtime_moves_only_when_its_listing_changes() -> None:
+    src = _source()
+    clock = Clock()
+    tree = Tree(src, "", refresh=30, clock=clock)
+    model = await _path(tree, "g/m")
+    await _names(tree, "g/m")
+    first = tree.attrs(model).mtime_ns
+    assert tree.fresh_for(model) == 30
+    clock.now += 20
+    assert tree.fresh_for(model) == 10
+    calls = len(src.calls)
+    await tree.revalidate(model)  # still fresh: no request
+    assert len(src.calls) == calls
+    clock.now += 15
+    assert tree.fresh_for(model) == 0
+    await tree.revalidate(model)  # stale, re-read, unchanged: same mtime
+    assert len(src.calls) > calls and tree.fresh_for(model) == 30
+    assert tree.attrs(model).mtime_ns == first
+    src.repos["g/m"]["next"] = REV2
+    clock.now += 31
+    await tree.revalidate(model)
+    assert tree.attrs(model).mtime_ns > first
+    assert "next" in await _names(tree, "g/m")
+    # A folder never listed has nothing cached anywhere: nothing to revalidate.
+    calls = len(src.calls)
+    await tree.revalidate(await _path(tree, "g/deep"))
+    assert len(src.calls) == calls
+
+
+async def test_a_listing_read_in_parts_keeps_its_offsets() -> None:
+    src = _source()
+    clock = Clock()
+    tree = Tree(src, "", refresh=30, clock=clock)
+    model = await _path(tree, "g/m")
+    first = await tree.listdir(model)
+    src.repos["g/m"]["next"] = REV2
+    clock.now += 31
+    assert await tree.listdir(model, refresh=False) == first
+    assert await tree.listdir(model) != first
+
+
 async def test_refresh_failure_keeps_old_listing() -> None:
     src = _source()
     clock = Clock()
