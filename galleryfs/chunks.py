@@ -155,6 +155,9 @@ class ChunkReader:
         self._stores_idle = trio.Event()
         self._stores_idle.set()
         self._handles: weakref.WeakSet[BlobHandle] = weakref.WeakSet()
+        # Write-behind (fill.PageCacheFill.owe): when set, a fetched chunk is announced
+        # here instead of being written to the disk cache.
+        self.defer: Callable[[BlobRef, int], None] | None = None
 
     def nchunks(self, blob: BlobRef) -> int:
         return math.ceil(blob.size / self.chunk_size)
@@ -321,6 +324,9 @@ class ChunkReader:
     async def _queue_store(self, blob: BlobRef, index: int, data: Chunk) -> None:
         if self.disk is None or not DiskCache.cacheable(blob.digest):
             return
+        if self.defer is not None:
+            self.defer(blob, index)
+            return
         if not self._store_workers:  # none started (tests, tools): store inline
             await self._store(blob, index, data)
             return
@@ -358,14 +364,20 @@ class ChunkReader:
         async with receive:
             async for blob, index, data in receive:
                 try:
-                    await self._store(blob, index, data)
-                except DigestMismatch as exc:
-                    # Already dropped from disk and memory: later reads fetch it again.
-                    log.warning("%s", exc)
+                    await self.store(blob, index, data)
                 finally:
                     self._queued -= 1
                     if not self._queued:
                         self._stores_idle.set()
+
+    async def store(self, blob: BlobRef, index: int, data: Chunk) -> None:
+        """Write a chunk to the disk cache now, for a store worker or the write-behind:
+        a blob that fails its digest is logged, not raised."""
+        try:
+            await self._store(blob, index, data)
+        except DigestMismatch as exc:
+            # Already dropped from disk and memory: later reads fetch it again.
+            log.warning("%s", exc)
 
     async def _store(self, blob: BlobRef, index: int, data: Chunk) -> None:
         disk = self.disk

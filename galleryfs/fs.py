@@ -29,6 +29,7 @@ from .errors import (
     UnsupportedContent,
     first_error,
 )
+from .fill import PageCacheFill
 from .tree import ROOT_INODE, Kind, Tree
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ XATTR_DIGEST = b"user.galleryfs.digest"
 XATTR_MEDIATYPE = b"user.galleryfs.mediatype"
 XATTR_STATS = b"user.galleryfs.stats"
 XATTR_UNSUPPORTED = b"user.galleryfs.unsupported"
+# Reading it on the mount root writes what the disk cache is owed (see fill.py) and
+# answers once done; `galleryfs unmount` reads it first. Not listed: `getfattr -d`
+# should not wait on it.
+XATTR_FLUSH = b"user.galleryfs.flush"
+FLUSH_TIMEOUT = 120.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 # Set by galleryfs's build of pyfuse3 (scripts/pyfuse3_patch.py): readdir is then told
 # its folder without an opendir, so opendir can be declined and the kernel keeps listings.
@@ -113,6 +119,7 @@ class Operations(pyfuse3.Operations):
         refresh: float = 30.0,
         counters: Callable[[], dict[str, object]] | None = None,
         kernel_listings: bool = KERNEL_LISTINGS,
+        fill: PageCacheFill | None = None,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -122,6 +129,7 @@ class Operations(pyfuse3.Operations):
         self.refresh = refresh
         self.counters = counters
         self.kernel_listings = kernel_listings
+        self.fill = fill
         self.readdir_requests = 0
         self.nursery: trio.Nursery | None = None  # for prefetches; set by the runner
         self._files: dict[int, BlobHandle] = {}
@@ -161,6 +169,12 @@ class Operations(pyfuse3.Operations):
         out.update(self.reader.snapshot())
         out["open_files"] = len(self._files)
         out["readdir_requests"] = self.readdir_requests
+        if self.fill is not None:
+            st = self.fill.stats
+            out.update(fill_owed=self.fill.owed, fill_owed_max=st.owed_max,
+                       fill_chunks=st.filled, fill_from_memory=st.from_memory,
+                       fill_fetched=st.fetched, fill_missed=st.missed,
+                       fill_s=round(st.fill_ns / 1e9, 3))
         out["inodes"] = self.tree.inode_count
         return out
 
@@ -239,6 +253,8 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = self.reader.open(blob, self.nursery)
+        if self.fill is not None:
+            self.fill.opened(blob, inode)
         # Immutable content: let the kernel keep its page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -251,6 +267,10 @@ class Operations(pyfuse3.Operations):
         handle = self._files.pop(fh, None)
         if handle is not None:
             handle.close()
+
+    async def retrieve_reply(self, cookie: int, inode: int, offset: int, data: bytes) -> None:
+        if self.fill is not None:
+            await self.fill.retrieve_reply(cookie, inode, offset, data)
 
     # ---- extended attributes -----------------------------------------------------
 
@@ -270,6 +290,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT_INODE and name == XATTR_FLUSH:
+            done = self.fill is None or await self.fill.flush(FLUSH_TIMEOUT)
+            return json.dumps({"done": done, "owed": self.fill.owed if self.fill else 0}
+                              ).encode()
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -42,6 +42,7 @@ FIO_DIR = ROOT / "scripts" / "fio"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 MB = 1e6
 STATS_XATTR = "user.galleryfs.stats"
+FLUSH_XATTR = "user.galleryfs.flush"
 DEFAULT_READAHEAD_CAP = 64 * MiB
 GOALS = [f"G{i}" for i in range(1, 12)]
 # Warm passes per side and repeat for G3 (alternating galleryfs and the local file).
@@ -390,6 +391,16 @@ class Mount:
         except OSError as exc:
             raise BenchError(f"no {STATS_XATTR} on the mount root ({exc.strerror})") from None
 
+    def flush(self) -> float:
+        """Seconds the daemon took to write what its disk cache was owed (write-behind),
+        as `galleryfs unmount` has it do first."""
+        t0 = time.perf_counter()
+        try:
+            os.getxattr(self.path, FLUSH_XATTR)
+        except OSError as exc:
+            raise BenchError(f"no {FLUSH_XATTR} on the mount root ({exc.strerror})") from None
+        return time.perf_counter() - t0
+
     def store_time(self, before: dict[str, Any]) -> tuple[float, float, int]:
         """Since the `before` stats: seconds fetchers waited to hand chunks to the disk
         cache's writers (summed over streams), seconds spent writing them, chunks written."""
@@ -588,7 +599,7 @@ class Bench:
             os.stat(path)  # metadata first: registry bytes count file bytes only
             before = m.registry_bytes()
             self.drop_caches()
-            st0 = m.stats()
+            st0 = g1_stats = m.stats()
             self.add("g1.gfs", fio_seq(path))
             self.add_store_time("g1", m, st0)
             self.add("g6s.gfs", m.registry_bytes() - before)
@@ -629,6 +640,7 @@ class Bench:
                     self.add("g3.first_served", served)
             self.add("g3.gfs", statistics.median(gfs))
             self.add("g3.base", statistics.median(base))
+            self.add_fill("g1", m, g1_stats)
         # G1 baseline: one streaming GET of the blob, to memory, discarded.
         self.drop_caches()
         url = self.blob_url("bench/big", "model.safetensors")
@@ -666,6 +678,16 @@ class Bench:
         self.add(f"{key}.store_wait", wait)
         if stores:
             self.add(f"{key}.store_ms", write / stores * 1000)
+
+    def add_fill(self, key: str, m: Mount, before: dict[str, Any]) -> None:
+        """What the write-behind did for the read since `before`: the flush an unmount
+        waits for, then chunks written and how many had to be fetched again."""
+        if "fill_chunks" not in before:
+            return
+        self.add(f"{key}.flush_s", m.flush())
+        now = m.stats()
+        for name in ("fill_chunks", "fill_fetched", "fill_s"):
+            self.add(f"{key}.{name}", float(now[name]) - float(before[name]))
 
     def contended_get(self, url: str, size: int, rate_mb: float) -> tuple[float, float | None]:
         """MB/s of a cold streaming GET of the blob while an O_DIRECT writer asks for
@@ -779,6 +801,7 @@ class Bench:
             st0 = m.stats()
             self.add("g2.gfs", read_all(m))
             self.add_store_time("g2", m, st0)
+            self.add_fill("g2", m, st0)
         # Context, not the goal: the same read with the disk cache off.
         with Mount(self, "multi-nodisk", self.fresh_cache_dir(), extra=["--cache-size", "0"]) as m:
             self.add("g2.nodisk", read_all(m))
@@ -1033,9 +1056,16 @@ class Bench:
         return rows
 
     def store_note(self, key: str, seconds: list[float]) -> str:
-        """How long the read-ahead waited for the disk cache's writers during a read of
-        `seconds` (medians), from the mount's store counters."""
+        """How the disk cache was written for a read of `seconds` (medians): after it
+        (write-behind), or during it (how long the read-ahead waited for the writers)."""
         s = self.samples
+        if s.get(f"{key}.fill_chunks"):
+            med = {k: statistics.median(s[f"{key}.{k}"])
+                   for k in ("fill_chunks", "fill_fetched", "fill_s", "flush_s")}
+            return (f"the disk cache was written after the read, from the page cache: "
+                    f"{med['fill_chunks']:.0f} chunks in {med['fill_s']:.1f} s, "
+                    f"{med['fill_fetched']:.0f} fetched again (dropped from the page cache "
+                    f"already); the unmount waited {med['flush_s']:.1f} s for it")
         if not s.get(f"{key}.store_wait") or not seconds:
             return ""
         note = (f"with the cache on, fetches waited {statistics.median(s[f'{key}.store_wait']):.1f} s "

@@ -417,6 +417,41 @@ def test_warm_listings_are_served_by_the_kernel(registry: Registry, tmp_path: Pa
         unmount(mnt, proc)
 
 
+def test_disk_cache_is_written_after_the_read_from_the_page_cache(registry: Registry,
+                                                                  tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    src.mkdir()
+    data = os.urandom((9 << 20) + 4321)  # three 4 MiB chunks
+    (src / "weights.bin").write_bytes(data)
+    push(registry, src, "fill/m:v1")
+    blob = "sha256:" + hashlib.sha256(data).hexdigest()
+    mnt, cache, log = tmp_path / "mnt", tmp_path / "cache", tmp_path / "log"
+    mnt.mkdir()
+    path = mnt / "fill" / "m" / "v1" / "weights.bin"
+    complete = cache / "blobs" / "sha256" / blob.split(":")[1]
+    proc = start_foreground(registry.host, mnt, cache, log)
+    try:
+        wait_for_mount(proc, mnt, log)
+        assert path.read_bytes() == data
+        # What `galleryfs unmount` does first: the daemon writes what it owes.
+        assert json.loads(os.getxattr(mnt, "user.galleryfs.flush")) == {"done": True, "owed": 0}
+        got = stats(mnt)
+        assert complete.exists()
+        assert got["fill_chunks"] == 3 and got["fill_owed"] == 0 and got["fill_missed"] == 0
+        # From the page cache or memory: bytes beyond the file's come only from chunks the
+        # kernel had dropped already (a loaded machine may), fetched again.
+        assert 0 <= got["registry_bytes"] - len(data) <= got["fill_fetched"] * (4 << 20)
+        assert unmount_main(str(mnt)) == 0
+        proc.wait(timeout=15)
+        # Remounted: the bytes come from the disk cache.
+        proc = start_foreground(registry.host, mnt, cache, log)
+        wait_for_mount(proc, mnt, log)
+        assert path.read_bytes() == data
+        assert stats(mnt)["registry_bytes"] == 0
+    finally:
+        unmount(mnt, proc)
+
+
 def test_unmount_of_a_busy_mount_says_so_and_debug_logs_requests(registry: Registry,
                                                                  tmp_path: Path) -> None:
     """`galleryfs unmount` of a mount with an open file fails with a message naming the

@@ -1,0 +1,126 @@
+"""Write-behind of the disk cache (fill.py) against a real registry, with a stand-in for
+the kernel's page cache (the mount tests use the real one)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from galleryfs.chunks import BlobRef, ChunkReader
+from galleryfs.diskcache import DiskCache
+from galleryfs.fill import PageCacheFill
+from tests.test_chunks import CHUNK, Counting, _client, push_blob
+
+pytestmark = pytest.mark.trio
+
+INODE = 7
+REPO = "fill/blob"
+MAX_WRITE = 16 << 10  # the kernel answers a retrieve in pieces of at most this
+
+
+class PageCache:
+    """What the kernel does with FUSE_NOTIFY_RETRIEVE: answers later, from the bytes it
+    holds, cut at its maximum write size and at the first page it does not hold."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.files: dict[int, bytes] = {}
+        self.holes: list[tuple[int, int]] = []
+        self.fill: PageCacheFill | None = None
+        self.asked = 0
+        self.served = 0
+
+    def retrieve(self, inode: int, size: int, offset: int, cookie: int) -> None:
+        if inode not in self.files:
+            raise FileNotFoundError("no such inode")
+        self.asked += 1
+        end = min(offset + size, offset + MAX_WRITE, len(self.files[inode]))
+        for lo, hi in self.holes:
+            if lo < end and hi > offset:
+                end = max(offset, lo // 4096 * 4096)
+        assert self.fill is not None
+        self.served += end - offset
+        self.nursery.start_soon(self.fill.retrieve_reply, cookie, inode, offset,
+                                self.files[inode][offset:end])
+
+
+@pytest.fixture
+def blob(registry) -> tuple[BlobRef, bytes]:  # noqa: ANN001 - harness fixture
+    data = os.urandom(10 * CHUNK + 1234)
+    return BlobRef(REPO, push_blob(registry.url, REPO, data), len(data)), data
+
+
+async def _setup(nursery: trio.Nursery, client, tmp_path, quiet: float  # noqa: ANN001
+                 ) -> tuple[ChunkReader, PageCacheFill, PageCache, Counting, DiskCache]:
+    fetch = Counting(client)
+    disk = DiskCache(tmp_path, 1 << 30, CHUNK)
+    # Memory for one chunk: the fill has to ask the page cache for the others.
+    reader = ChunkReader(fetch, chunk_size=CHUNK, memory_bytes=CHUNK, disk=disk)
+    kernel = PageCache(nursery)
+    fill = PageCacheFill(reader, kernel.retrieve, quiet=quiet)
+    kernel.fill = fill
+    reader.defer = fill.owe
+    await nursery.start(fill.run)
+    return reader, fill, kernel, fetch, disk
+
+
+def _complete(tmp_path, digest: str) -> bool:  # noqa: ANN001
+    return (tmp_path / "blobs" / "sha256" / digest.split(":")[1]).exists()
+
+
+async def test_owed_chunks_wait_for_quiet_or_flush_then_come_from_the_page_cache(
+        registry, blob, tmp_path) -> None:
+    ref, data = blob
+    async with _client(registry) as client, trio.open_nursery() as nursery:
+        reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 3600)
+        fill.opened(ref, INODE)
+        assert await reader.read(ref, 0, ref.size) == data
+        kernel.files[INODE] = data  # what the kernel holds after serving the read
+        n = reader.nchunks(ref)
+        # Reads still going on (no quiet yet): nothing is written during them.
+        await trio.testing.wait_all_tasks_blocked()
+        assert fill.owed == n and reader.stats.stores == 0
+        assert not disk.has_chunk(ref.digest, ref.size, 0)
+        assert await fill.flush(30)
+        nursery.cancel_scope.cancel()
+    assert _complete(tmp_path, ref.digest)
+    assert len(fetch.calls) == n  # every chunk fetched once, none again for the cache
+    assert fill.stats.filled == n and fill.stats.fetched == 0 and fill.stats.missed == 0
+    # All but the one chunk the memory cache held came from the page cache, in pieces.
+    assert fill.stats.from_memory == 1 and kernel.served >= ref.size - CHUNK
+    assert kernel.asked >= kernel.served // MAX_WRITE
+
+
+async def test_a_chunk_the_page_cache_dropped_is_fetched_again(registry, blob,
+                                                               tmp_path) -> None:
+    ref, data = blob
+    async with _client(registry) as client, trio.open_nursery() as nursery:
+        reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 3600)
+        fill.opened(ref, INODE)
+        assert await reader.read(ref, 0, ref.size) == data
+        kernel.files[INODE] = data
+        kernel.holes = [(3 * CHUNK + 5000, 3 * CHUNK + 6000)]
+        assert await fill.flush(30)
+        nursery.cancel_scope.cancel()
+    # Written in full, chunk 3 fetched a second time, and the whole blob verified.
+    assert _complete(tmp_path, ref.digest)
+    assert [c for c in fetch.calls if c[0] == 3 * CHUNK] == [(3 * CHUNK, 4 * CHUNK)] * 2
+    assert fill.stats.fetched == 1 and fill.stats.missed == 0
+
+
+async def test_quiet_starts_the_fill(registry, blob, tmp_path) -> None:
+    ref, data = blob
+    async with _client(registry) as client, trio.open_nursery() as nursery:
+        reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 0.05)
+        fill.opened(ref, INODE)
+        kernel.files[INODE] = data
+        assert await reader.read(ref, 0, ref.size) == data
+        with trio.fail_after(30):
+            while not _complete(tmp_path, ref.digest):
+                await trio.sleep(0.02)
+        assert fill.owed == 0
+        nursery.cancel_scope.cancel()
+    assert len(fetch.calls) == reader.nchunks(ref)
