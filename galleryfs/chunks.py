@@ -556,13 +556,18 @@ class BlobHandle:
         self._scheduled = {i for i in self._scheduled if i >= first}
         # Drop behind: chunks the stream has passed leave memory (a late or
         # out-of-order read of one costs a disk cache read, not a fetch). Done only
-        # when there is a disk cache to get them from.
+        # when there is a disk cache to get them from. With write-behind (`defer`) the
+        # kernel's page cache holds them until they are written (a late read of one it
+        # dropped meanwhile fetches it again): kept here, two streams' passed chunks
+        # pushed each other's read-ahead out of memory, and a third of two 1 GiB reads
+        # was fetched twice.
         if (first > self._dropped and reader.disk is not None
                 and DiskCache.cacheable(self.blob.digest)):
             for i in range(self._dropped, first):
                 if reader.in_flight(self.blob, i):
                     continue
-                if not reader.disk.has_chunk(self.blob.digest, self.blob.size, i):
+                if reader.defer is None and not reader.disk.has_chunk(
+                        self.blob.digest, self.blob.size, i):
                     break  # not stored yet: keep it (and what follows) for now
                 reader.memory.pop((self.blob.digest, i), None)
                 self._dropped = i + 1

@@ -124,3 +124,33 @@ async def test_quiet_starts_the_fill(registry, blob, tmp_path) -> None:
         assert fill.owed == 0
         nursery.cancel_scope.cancel()
     assert len(fetch.calls) == reader.nchunks(ref)
+
+
+async def test_a_stream_drops_the_chunks_it_passed_while_they_are_owed(registry, blob,
+                                                                      tmp_path) -> None:
+    ref, data = blob
+    async with _client(registry) as client, trio.open_nursery() as nursery:
+        fetch = Counting(client)
+        disk = DiskCache(tmp_path, 1 << 30, CHUNK)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, window_cap=2 * CHUNK, disk=disk)
+        kernel = PageCache(nursery)
+        fill = PageCacheFill(reader, kernel.retrieve, quiet=3600)
+        kernel.fill = fill
+        reader.defer = fill.owe
+        await nursery.start(fill.run)
+        fill.opened(ref, INODE)
+        handle = reader.open(ref, nursery)
+        out = bytearray()
+        held = []
+        for offset in range(0, ref.size, 16 << 10):
+            out += await handle.read(offset, 16 << 10)
+            held.append(reader.memory.currsize)
+        handle.close()
+        assert bytes(out) == data
+        # Not on disk yet, but left to the kernel's page cache: memory holds the window
+        # ahead and the chunk being read, not the whole file.
+        assert max(held) <= 4 * CHUNK and fill.owed == reader.nchunks(ref)
+        kernel.files[INODE] = data
+        assert await fill.flush(30)
+        nursery.cancel_scope.cancel()
+    assert _complete(tmp_path, ref.digest) and len(fetch.calls) == reader.nchunks(ref)
