@@ -49,11 +49,6 @@ SWITCH_INTERVAL = 0.0005
 # Seconds SIGTERM waits for the disk cache's write-behind before unmounting.
 SIGNAL_FLUSH_TIMEOUT = 10.0
 _M_ARENA_MAX = -8  # glibc malloc.h
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 20
-# Read by glibc at start-up only, so set for the daemon child: malloc's own mappings
-# (the chunk buffers, see _tune_malloc) get MADV_HUGEPAGE, 512 times fewer page faults.
-_GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
 @dataclass
@@ -249,22 +244,17 @@ async def _announce(config: MountConfig, ready_fd: int | None) -> None:
             os.close(ready_fd)
 
 
-def _tune_malloc() -> None:
-    """Bound the memory glibc keeps for chunk buffers. Must run before the first worker
-    thread starts.
+def _limit_malloc_arenas() -> None:
+    """Two glibc malloc arenas instead of one per thread (8 per core).
 
-    Two malloc arenas instead of one per thread (8 per core): chunk buffers are allocated
-    in fetch threads and freed in others, and with an arena per thread the freed
-    megabytes stayed spread over arenas (peak RSS during one cold read 80-190 MiB,
-    scripts/bench G9). And every block of 1 MiB or more gets its own mapping, returned
-    when freed: in the heap, 4 MiB chunk buffers left 17-36 MiB of holes (peaks 97-116
-    MiB against 80-83 MiB, reading 1 GiB cold). Fresh mappings cost page faults; the
-    daemon `galleryfs mount` starts has glibc back them with huge pages (`_spawn`).
+    Chunk buffers are allocated in fetch threads and freed in others; with an arena per
+    thread the freed megabytes stayed spread over arenas, and the daemon's peak RSS
+    during one cold read varied from 80 to 190 MiB (scripts/bench G9). Must run before
+    the first worker thread starts.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(_M_ARENA_MAX, 2)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -276,7 +266,7 @@ def run_mount(config: MountConfig, ready_fd: int | None = None) -> None:
     # for the GIL after each of its syscalls, and stores fell to a third of the disk's
     # speed. 0.5 ms let them keep up (scripts/bench G1).
     sys.setswitchinterval(SWITCH_INTERVAL)
-    _tune_malloc()
+    _limit_malloc_arenas()
     trio.run(_serve, config, ready_fd)
 
 
@@ -314,12 +304,10 @@ def _spawn(config: MountConfig) -> int:
     read_fd, write_fd = os.pipe()
     payload = json.dumps(_config_to_json(config)).encode()
     with open(log_path, "ab") as log_file:
-        tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), _GLIBC_TUNABLES]))
         child = subprocess.Popen(
             [sys.executable, "-m", "galleryfs.mount", "--child", str(write_fd)],
             stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
-            pass_fds=(write_fd,), start_new_session=True,
-            env={**os.environ, "GLIBC_TUNABLES": tunables})
+            pass_fds=(write_fd,), start_new_session=True)
     os.close(write_fd)
     try:
         assert child.stdin is not None
