@@ -452,6 +452,28 @@ def test_disk_cache_is_written_after_the_read_from_the_page_cache(registry: Regi
         unmount(mnt, proc)
 
 
+def test_sigterm_writes_the_disk_cache_before_unmounting(registry: Registry,
+                                                         tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    src.mkdir()
+    data = os.urandom((5 << 20) + 17)
+    (src / "weights.bin").write_bytes(data)
+    push(registry, src, "fill/term:v1")
+    hexdigest = hashlib.sha256(data).hexdigest()
+    mnt, cache, log = tmp_path / "mnt", tmp_path / "cache", tmp_path / "log"
+    mnt.mkdir()
+    proc = start_foreground(registry.host, mnt, cache, log)
+    try:
+        wait_for_mount(proc, mnt, log)
+        assert (mnt / "fill" / "term" / "v1" / "weights.bin").read_bytes() == data
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        assert not os.path.ismount(mnt)
+        assert (cache / "blobs" / "sha256" / hexdigest).exists()
+    finally:
+        unmount(mnt, proc)
+
+
 def test_unmount_of_a_busy_mount_says_so_and_debug_logs_requests(registry: Registry,
                                                                  tmp_path: Path) -> None:
     """`galleryfs unmount` of a mount with an open file fails with a message naming the
