@@ -16,7 +16,8 @@ cache anyway; asking the kernel for them costs a memory copy.
 A chunk the kernel dropped before the fill (or never held: read-ahead the reader did not
 reach, gone from the memory cache) is fetched again from the registry. An unmount takes
 the page cache with it, so `flush` (run by `galleryfs unmount` and on SIGTERM) writes
-what is owed first; what an unmount by other means leaves owed is simply not cached.
+what is owed first, from the page cache only (an unmount never waits on the registry);
+what it cannot, or an unmount by other means, leaves owed is simply not cached.
 Bytes written go through `DiskCache.write_chunk`, which checks the whole blob against
 its digest before the blob is trusted.
 """
@@ -129,7 +130,8 @@ class PageCacheFill:
                 continue
             (digest, index), blob = self._owed.popitem(last=False)
             try:
-                await self._fill(blob, index)
+                # An unmount waiting on a flush must not wait on the registry too.
+                await self._fill(blob, index, refetch=not self._flushing)
             except Exception:  # a fault here must not take the mount down with it
                 log.exception("write-behind of %s chunk %d failed", digest, index)
                 self.stats.missed += 1
@@ -145,7 +147,7 @@ class PageCacheFill:
             self._flushing -= 1
         return not self._owed
 
-    async def _fill(self, blob: BlobRef, index: int) -> None:
+    async def _fill(self, blob: BlobRef, index: int, *, refetch: bool) -> None:
         t0 = trio.current_time()
         cs = self.reader.chunk_size
         start, end = index * cs, min(blob.size, (index + 1) * cs)
@@ -158,6 +160,9 @@ class PageCacheFill:
             # Dropped by the kernel already (on the bench VMs DAMON pages out fresh page
             # cache within seconds): fetched again, now that the mount is quiet, so that
             # a file read once is in the disk cache, as with writes during the read.
+            if not refetch:
+                self.stats.missed += 1
+                return
             try:
                 data = await self.reader.fetch_range(blob, start, end)
             except GalleryError as exc:

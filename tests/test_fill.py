@@ -94,21 +94,37 @@ async def test_owed_chunks_wait_for_quiet_or_flush_then_come_from_the_page_cache
     assert kernel.asked >= kernel.served // MAX_WRITE
 
 
-async def test_a_chunk_the_page_cache_dropped_is_fetched_again(registry, blob,
-                                                               tmp_path) -> None:
+async def test_a_chunk_the_page_cache_dropped_is_fetched_again_unless_flushing(
+        registry, blob, tmp_path) -> None:
     ref, data = blob
     async with _client(registry) as client, trio.open_nursery() as nursery:
-        reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 3600)
+        reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 0.05)
+        fill.opened(ref, INODE)
+        kernel.files[INODE] = data
+        kernel.holes = [(3 * CHUNK + 5000, 3 * CHUNK + 6000)]
+        assert await reader.read(ref, 0, ref.size) == data
+        with trio.fail_after(30):
+            while not _complete(tmp_path, ref.digest):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    # Written in full, chunk 3 fetched a second time, and the whole blob verified.
+    assert [c for c in fetch.calls if c[0] == 3 * CHUNK] == [(3 * CHUNK, 4 * CHUNK)] * 2
+    assert fill.stats.fetched == 1 and fill.stats.missed == 0
+
+    # A flush (an unmount waiting) takes what the page cache holds and fetches nothing.
+    tmp2 = tmp_path / "second"
+    async with _client(registry) as client, trio.open_nursery() as nursery:
+        reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp2, 3600)
         fill.opened(ref, INODE)
         assert await reader.read(ref, 0, ref.size) == data
         kernel.files[INODE] = data
         kernel.holes = [(3 * CHUNK + 5000, 3 * CHUNK + 6000)]
         assert await fill.flush(30)
         nursery.cancel_scope.cancel()
-    # Written in full, chunk 3 fetched a second time, and the whole blob verified.
-    assert _complete(tmp_path, ref.digest)
-    assert [c for c in fetch.calls if c[0] == 3 * CHUNK] == [(3 * CHUNK, 4 * CHUNK)] * 2
-    assert fill.stats.fetched == 1 and fill.stats.missed == 0
+    assert len(fetch.calls) == reader.nchunks(ref)
+    assert fill.stats.missed == 1 and fill.stats.filled == reader.nchunks(ref) - 1
+    assert not _complete(tmp2, ref.digest)
+    assert not disk.has_chunk(ref.digest, ref.size, 3) and disk.has_chunk(ref.digest, ref.size, 4)
 
 
 async def test_quiet_starts_the_fill(registry, blob, tmp_path) -> None:
