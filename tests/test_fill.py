@@ -67,6 +67,16 @@ async def _setup(nursery: trio.Nursery, client, tmp_path, quiet: float  # noqa: 
     return reader, fill, kernel, fetch, disk
 
 
+async def _read(reader: ChunkReader, fill: PageCacheFill, kernel: PageCache, ref: BlobRef,
+                data: bytes, holes: list[tuple[int, int]] | None = None) -> None:
+    """Read the whole blob as a mount would, leaving its bytes (less `holes`) in the
+    kernel's page cache."""
+    fill.opened(ref, INODE)
+    kernel.files[INODE] = data
+    kernel.holes = holes or []
+    assert await reader.read(ref, 0, ref.size) == data
+
+
 def _complete(tmp_path, digest: str) -> bool:  # noqa: ANN001
     return (tmp_path / "blobs" / "sha256" / digest.split(":")[1]).exists()
 
@@ -76,9 +86,7 @@ async def test_owed_chunks_wait_for_quiet_or_flush_then_come_from_the_page_cache
     ref, data = blob
     async with _client(registry) as client, trio.open_nursery() as nursery:
         reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 3600)
-        fill.opened(ref, INODE)
-        assert await reader.read(ref, 0, ref.size) == data
-        kernel.files[INODE] = data  # what the kernel holds after serving the read
+        await _read(reader, fill, kernel, ref, data)
         n = reader.nchunks(ref)
         # Reads still going on (no quiet yet): nothing is written during them.
         await trio.testing.wait_all_tasks_blocked()
@@ -99,10 +107,7 @@ async def test_a_chunk_the_page_cache_dropped_is_fetched_again_unless_flushing(
     ref, data = blob
     async with _client(registry) as client, trio.open_nursery() as nursery:
         reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 0.05)
-        fill.opened(ref, INODE)
-        kernel.files[INODE] = data
-        kernel.holes = [(3 * CHUNK + 5000, 3 * CHUNK + 6000)]
-        assert await reader.read(ref, 0, ref.size) == data
+        await _read(reader, fill, kernel, ref, data, [(3 * CHUNK + 5000, 3 * CHUNK + 6000)])
         with trio.fail_after(30):
             while not _complete(tmp_path, ref.digest):
                 await trio.sleep(0.02)
@@ -115,10 +120,7 @@ async def test_a_chunk_the_page_cache_dropped_is_fetched_again_unless_flushing(
     tmp2 = tmp_path / "second"
     async with _client(registry) as client, trio.open_nursery() as nursery:
         reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp2, 3600)
-        fill.opened(ref, INODE)
-        assert await reader.read(ref, 0, ref.size) == data
-        kernel.files[INODE] = data
-        kernel.holes = [(3 * CHUNK + 5000, 3 * CHUNK + 6000)]
+        await _read(reader, fill, kernel, ref, data, [(3 * CHUNK + 5000, 3 * CHUNK + 6000)])
         assert await fill.flush(30)
         nursery.cancel_scope.cancel()
     assert len(fetch.calls) == reader.nchunks(ref)
@@ -131,9 +133,7 @@ async def test_quiet_starts_the_fill(registry, blob, tmp_path) -> None:
     ref, data = blob
     async with _client(registry) as client, trio.open_nursery() as nursery:
         reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 0.05)
-        fill.opened(ref, INODE)
-        kernel.files[INODE] = data
-        assert await reader.read(ref, 0, ref.size) == data
+        await _read(reader, fill, kernel, ref, data)
         with trio.fail_after(30):
             while not _complete(tmp_path, ref.digest):
                 await trio.sleep(0.02)

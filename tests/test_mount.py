@@ -45,6 +45,16 @@ def push(registry: Registry, directory: Path, ref: str) -> str:
     return trio.run(go)
 
 
+def push_weights(registry: Registry, tmp_path: Path, ref: str, size: int) -> bytes:
+    """Push a model of one random `weights.bin` of `size` bytes; its bytes."""
+    src = tmp_path / "model"
+    src.mkdir()
+    data = os.urandom(size)
+    (src / "weights.bin").write_bytes(data)
+    push(registry, src, ref)
+    return data
+
+
 def move_tag(registry: Registry, repo: str, from_tag: str, to_tag: str) -> None:
     accept = "application/vnd.oci.image.manifest.v1+json"
     with httpx.Client(base_url=registry.url, timeout=30) as http:
@@ -365,11 +375,7 @@ def test_bad_mountpoints_and_stale_mount_recovery(registry: Registry, tmp_path: 
 
 
 def test_cache_size_zero_reads_without_a_disk_cache(registry: Registry, tmp_path: Path) -> None:
-    src = tmp_path / "model"
-    src.mkdir()
-    data = os.urandom((3 << 20) + 4321)
-    (src / "weights.bin").write_bytes(data)
-    push(registry, src, "g/m:v1")
+    data = push_weights(registry, tmp_path, "g/m:v1", (3 << 20) + 4321)
     mnt, cache, log = tmp_path / "mnt", tmp_path / "cache", tmp_path / "log"
     mnt.mkdir()
     proc = start_foreground(registry.host, mnt, cache, log, "--cache-size", "0")
@@ -419,11 +425,7 @@ def test_warm_listings_are_served_by_the_kernel(registry: Registry, tmp_path: Pa
 
 def test_disk_cache_is_written_after_the_read_from_the_page_cache(registry: Registry,
                                                                   tmp_path: Path) -> None:
-    src = tmp_path / "model"
-    src.mkdir()
-    data = os.urandom((9 << 20) + 4321)  # three 4 MiB chunks
-    (src / "weights.bin").write_bytes(data)
-    push(registry, src, "fill/m:v1")
+    data = push_weights(registry, tmp_path, "fill/m:v1", (9 << 20) + 4321)  # three 4 MiB chunks
     blob = "sha256:" + hashlib.sha256(data).hexdigest()
     mnt, cache, log = tmp_path / "mnt", tmp_path / "cache", tmp_path / "log"
     mnt.mkdir()
@@ -454,11 +456,7 @@ def test_disk_cache_is_written_after_the_read_from_the_page_cache(registry: Regi
 
 def test_sigterm_writes_the_disk_cache_before_unmounting(registry: Registry,
                                                          tmp_path: Path) -> None:
-    src = tmp_path / "model"
-    src.mkdir()
-    data = os.urandom((5 << 20) + 17)
-    (src / "weights.bin").write_bytes(data)
-    push(registry, src, "fill/term:v1")
+    data = push_weights(registry, tmp_path, "fill/term:v1", (5 << 20) + 17)
     hexdigest = hashlib.sha256(data).hexdigest()
     mnt, cache, log = tmp_path / "mnt", tmp_path / "cache", tmp_path / "log"
     mnt.mkdir()
@@ -481,11 +479,7 @@ def test_unmount_of_a_busy_mount_says_so_and_debug_logs_requests(registry: Regis
     unmounts. `--debug` logs each FUSE request the daemon serves."""
     from tests.mounting import galleryfs, isolated_env, mounted
 
-    src = tmp_path / "model"
-    src.mkdir()
-    data = os.urandom(100_000)
-    (src / "weights.bin").write_bytes(data)
-    push(registry, src, "g/m:v1")
+    data = push_weights(registry, tmp_path, "g/m:v1", 100_000)
     env = isolated_env(tmp_path)
     cache = tmp_path / "cache"
     with mounted(registry.host, tmp_path / "mnt", env, "--plain-http", "--cache-dir",
