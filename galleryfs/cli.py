@@ -13,12 +13,14 @@ from typing import TypeVar
 
 import trio
 
-from . import __version__, credentials, gallery
-from .credentials import Credentials
+from . import __version__
 from .errors import GalleryError, UsageError, first_error
+from .gallery import ops as gallery
 from .progress import Progress
 from .reference import Reference, parse, parse_model
-from .registry import ClientOptions, RegistryClient
+from .registry import credentials
+from .registry.client import ClientOptions, RegistryClient
+from .registry.credentials import Credentials
 
 log = logging.getLogger("galleryfs")
 T = TypeVar("T")
@@ -314,7 +316,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import mount_main  # pyfuse3 is only needed for mounting
+    from .mount.daemon import mount_main  # pyfuse3 is only needed for mounting
 
     ref = parse(args.source)
     if ref.tag or ref.digest:
@@ -328,7 +330,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from .mount import unmount_main
+    from .mount.daemon import unmount_main
 
     return unmount_main(str(args.mountpoint), lazy=args.lazy)
 

@@ -225,10 +225,10 @@ async def push_all(host: str, data: Path, sizes: Sizes, locations: Path) -> Push
     """Push the models in-process (one client, concurrent small pushes), then tag."""
     import trio
 
-    from galleryfs import gallery
-    from galleryfs.locations import BlobLocations
+    from galleryfs.gallery import ops as gallery
+    from galleryfs.gallery.locations import BlobLocations
     from galleryfs.reference import parse
-    from galleryfs.registry import ClientOptions, RegistryClient
+    from galleryfs.registry.client import ClientOptions, RegistryClient
 
     files: dict[str, dict[str, tuple[str, int]]] = {}
     opts = ClientOptions(plain_http=True, timeout=600)

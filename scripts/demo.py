@@ -55,7 +55,7 @@ def main() -> int:
         run("pull", ref, str(work / "pulled"), "--plain-http", "--quiet")
 
         try:
-            import galleryfs.mount  # noqa: F401
+            import galleryfs.mount.daemon  # noqa: F401
         except ImportError:
             print("\ndemo: this build has no mount yet; done.")
             return 0

@@ -10,10 +10,10 @@ import httpx
 import pytest
 import trio
 
-from galleryfs.chunks import BlobRef, ChunkReader
-from galleryfs.diskcache import DiskCache
 from galleryfs.errors import DigestMismatch
-from galleryfs.registry import ClientOptions, RegistryClient
+from galleryfs.mount.diskcache import DiskCache
+from galleryfs.mount.reader import BlobRef, ChunkReader
+from galleryfs.registry.client import ClientOptions, RegistryClient
 
 pytestmark = pytest.mark.trio
 
@@ -191,7 +191,7 @@ async def test_no_readahead_on_random_reads(registry, blob) -> None:
 
 
 async def test_small_jumps_do_not_reset_stream() -> None:
-    from galleryfs.chunks import ReadAhead
+    from galleryfs.mount.reader import ReadAhead
 
     ra = ReadAhead(1 << 20, 64 << 20)
     ra.observe(0, 128 << 10)
@@ -276,7 +276,7 @@ async def test_disk_cache_writes_direct_or_falls_back(tmp_path, monkeypatch, ref
     takes it; a refusal (EINVAL) falls back to buffered writes without losing a chunk."""
     import errno
 
-    from galleryfs import diskcache
+    from galleryfs.mount import diskcache
 
     data = os.urandom(3 * CHUNK + 999)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -331,7 +331,7 @@ async def test_store_queue_holds_back_owners_when_the_disk_is_slow(tmp_path) -> 
 
     from trio.testing import wait_all_tasks_blocked
 
-    from galleryfs.chunks import STORE_QUEUE, STORE_WORKERS
+    from galleryfs.mount.reader import STORE_QUEUE, STORE_WORKERS
 
     gate = threading.Event()
 

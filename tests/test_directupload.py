@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from galleryfs import directupload, gallery
-from galleryfs.credentials import Credentials
-from galleryfs.directupload import DirectUploads
-from galleryfs.locations import BlobLocations
+from galleryfs.gallery import ops as gallery
+from galleryfs.gallery.locations import BlobLocations
 from galleryfs.reference import parse
-from galleryfs.registry import ClientOptions, RegistryClient
+from galleryfs.registry import uploads as directupload
+from galleryfs.registry.client import ClientOptions, RegistryClient
+from galleryfs.registry.credentials import Credentials
+from galleryfs.registry.uploads import DirectUploads
 from tests.faultproxy import FaultProxy
 from tests.registry_harness import Registry
 
@@ -264,7 +265,7 @@ def test_the_bar_counts_every_file_once(registry: Registry, tmp_path: Path,
 
 
 def test_a_file_changed_while_hashed_is_not_remembered(tmp_path: Path) -> None:
-    from galleryfs.hashcache import HashCache
+    from galleryfs.gallery.hashcache import HashCache
 
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 100)
@@ -281,7 +282,7 @@ def test_a_file_changed_while_hashed_is_not_remembered(tmp_path: Path) -> None:
 def test_upload_session_delete_asks_for_push_scope() -> None:
     import httpx
 
-    from galleryfs.auth import scope_for
+    from galleryfs.registry.auth import scope_for
 
     session = httpx.Request("DELETE", "https://r.example/v2/g/m/blobs/uploads/abc?_state=x")
     manifest = httpx.Request("DELETE", "https://r.example/v2/g/m/manifests/sha256:00")
@@ -291,7 +292,7 @@ def test_upload_session_delete_asks_for_push_scope() -> None:
 
 def test_a_retried_httpx_upload_counts_its_bytes_once(registry: Registry,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from galleryfs import registry as registry_module
+    from galleryfs.registry import client as registry_module
 
     monkeypatch.setattr(registry_module, "MONOLITHIC_LIMIT", 1000)  # chunked PATCHes
     data = os.urandom(100_000)

@@ -9,9 +9,9 @@ import pytest
 import trio
 import trio.testing
 
-from galleryfs.chunks import BlobRef, ChunkReader
-from galleryfs.diskcache import DiskCache
-from galleryfs.fill import PageCacheFill
+from galleryfs.mount.diskcache import DiskCache
+from galleryfs.mount.reader import BlobRef, ChunkReader
+from galleryfs.mount.writeback import PageCacheFill
 from tests.test_chunks import CHUNK, Counting, _client, push_blob
 
 pytestmark = pytest.mark.trio

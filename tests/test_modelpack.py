@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from galleryfs import metadata, modelpack
+from galleryfs import modelpack
 from galleryfs.errors import UnsupportedContent
+from galleryfs.gallery import metadata
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

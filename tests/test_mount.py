@@ -19,12 +19,12 @@ import httpx
 import pytest
 import trio
 
-from galleryfs import gallery
 from galleryfs.errors import UsageError
-from galleryfs.locations import BlobLocations
-from galleryfs.mount import mount_main, unmount_main
+from galleryfs.gallery import ops as gallery
+from galleryfs.gallery.locations import BlobLocations
+from galleryfs.mount.daemon import mount_main, unmount_main
 from galleryfs.reference import parse
-from galleryfs.registry import ClientOptions, RegistryClient
+from galleryfs.registry.client import ClientOptions, RegistryClient
 from tests.mounting import fuse_available
 from tests.registry_harness import Registry
 
@@ -103,7 +103,7 @@ def start_foreground(source: str, mountpoint: Path, cache: Path, log: Path,
                      *extra: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "galleryfs.mount", source, str(mountpoint), "-f",
+            [sys.executable, "-m", "galleryfs.mount.daemon", source, str(mountpoint), "-f",
              "--plain-http", "--cache-dir", str(cache), "--timeout", "5", *extra],
             stdout=out, stderr=out, cwd="/")
 
@@ -306,8 +306,8 @@ def test_outage_gives_eio_then_recovers_in_background_mode(
     cache = tmp_path / "cache"
     # Through mount_main in a subprocess, as the CLI calls it: returns once mounted.
     code = (
-        "import sys; from galleryfs.mount import mount_main;"
-        "from galleryfs.registry import ClientOptions;"
+        "import sys; from galleryfs.mount.daemon import mount_main;"
+        "from galleryfs.registry.client import ClientOptions;"
         f"sys.exit(mount_main({registry.host + '/g'!r}, {str(mnt)!r}, foreground=False,"
         " options=ClientOptions(plain_http=True, timeout=3),"
         f" cache_dir={str(cache)!r}, cache_size=1<<30, refresh=1.0, chunk_size=1<<20,"

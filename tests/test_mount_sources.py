@@ -44,7 +44,7 @@ def _daemon_pids(marker: str) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if b"galleryfs.mount" in cmdline and marker.encode() in environ:
+        if b"galleryfs.mount.daemon" in cmdline and marker.encode() in environ:
             pids.append(int(entry.name))
     return pids
 

@@ -9,9 +9,9 @@ import pytest
 import trio
 
 from galleryfs import digest as digests
-from galleryfs import gallery
+from galleryfs.gallery import ops as gallery
 from galleryfs.reference import parse
-from galleryfs.registry import ClientOptions, RegistryClient
+from galleryfs.registry.client import ClientOptions, RegistryClient
 from tests.registry_harness import Registry
 
 

@@ -8,9 +8,9 @@ import os
 import pytest
 import trio
 
-from galleryfs.credentials import Credentials
-from galleryfs.rangeread import DirectRanges
-from galleryfs.registry import ClientOptions, RegistryClient
+from galleryfs.registry.client import ClientOptions, RegistryClient
+from galleryfs.registry.credentials import Credentials
+from galleryfs.registry.ranges import DirectRanges
 from tests.faultproxy import FaultProxy
 from tests.registry_harness import Registry
 from tests.test_chunks import push_blob
@@ -166,7 +166,7 @@ CHUNK = 65536
 
 
 def _pushed(registry: Registry, size: int):  # noqa: ANN202 - (bytes, BlobRef)
-    from galleryfs.chunks import BlobRef
+    from galleryfs.mount.reader import BlobRef
 
     data = os.urandom(size)
     return data, BlobRef(REPO, push_blob(registry.url, REPO, data), size)
@@ -174,7 +174,7 @@ def _pushed(registry: Registry, size: int):  # noqa: ANN202 - (bytes, BlobRef)
 
 def _span_reader(client: RegistryClient, window_chunks: int, disk=None):  # noqa: ANN001, ANN202
     """A ChunkReader reading ahead in spans through a DirectRanges of `client`."""
-    from galleryfs.chunks import ChunkReader
+    from galleryfs.mount.reader import ChunkReader
 
     ranges = DirectRanges(client)
     reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=CHUNK,
@@ -191,7 +191,7 @@ async def _sequential(handle, size: int, piece: int = 16384) -> bytes:  # noqa: 
 
 def test_sequential_reads_prefetch_in_spans_and_fill_the_disk_cache(registry: Registry,
                                                                     tmp_path) -> None:
-    from galleryfs.diskcache import DiskCache
+    from galleryfs.mount.diskcache import DiskCache
 
     data, blob = _pushed(registry, 40 * CHUNK + 123)
     digest = blob.digest

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from galleryfs import gallery
 from galleryfs.cli import main
 from galleryfs.errors import RegistryError
+from galleryfs.gallery import ops as gallery
 from galleryfs.reference import parse
-from galleryfs.registry import ClientOptions, RegistryClient
-from galleryfs.retry import RetryPolicy
+from galleryfs.registry.client import ClientOptions, RegistryClient
+from galleryfs.registry.retry import RetryPolicy
 from tests.faultproxy import FaultProxy, HeaderRecorder
 from tests.registry_harness import Registry
 

@@ -12,7 +12,7 @@ from galleryfs import digest as digests
 from galleryfs import modelpack
 from galleryfs.errors import NotFound, RegistryUnavailable
 from galleryfs.modelpack import Descriptor, Revision
-from galleryfs.tree import ROOT_INODE, Kind, Tree
+from galleryfs.mount.tree import ROOT_INODE, Kind, Tree
 
 pytestmark = pytest.mark.trio
 
@@ -109,7 +109,7 @@ async def test_registry_root_lists_galleries_and_nested_models() -> None:
 async def test_collision_nested_model_wins_and_tag_is_hidden(
         caplog: pytest.LogCaptureFixture) -> None:
     tree = Tree(_source(), "")
-    with caplog.at_level(logging.WARNING, logger="galleryfs.tree"):
+    with caplog.at_level(logging.WARNING, logger="galleryfs.mount.tree"):
         names = await _names(tree, "g/m")
     # `base` is the nested model g/m/base, not the tag base of g/m.
     assert names == sorted([REV1.digest, REV2.digest, "base", "latest", "v1"])

@@ -2,7 +2,7 @@
 
 `mount_main` checks its input and the registry in the calling process, so bad input
 fails fast with a one-line message. In the background mode it then re-executes
-itself (`python -m galleryfs.mount --child`, the configuration with any credentials on
+itself (`python -m galleryfs.mount.daemon --child`, the configuration with any credentials on
 stdin, never in argv) and returns once the child reports the mount ready on a pipe,
 or fails with the tail of the child's log if the child dies first.
 """
@@ -28,17 +28,18 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .chunks import DEFAULT_CHUNK, DEFAULT_MEMORY, WINDOW_CAP, ChunkReader
-from .credentials import Credentials
+from ..errors import GalleryError, UsageError
+from ..reference import parse
+from ..registry.client import ClientOptions, RegistryClient
+from ..registry.credentials import Credentials
+from ..registry.ranges import DirectRanges
+from ..registry.retry import RetryPolicy
 from .diskcache import DiskCache
-from .errors import GalleryError, UsageError
-from .fill import PageCacheFill
-from .fs import XATTR_FLUSH, Operations
-from .rangeread import DirectRanges
-from .reference import parse
-from .registry import ClientOptions, RegistryClient
-from .retry import RetryPolicy
-from .tree import RegistrySource, Tree
+from .operations import XATTR_FLUSH, Operations
+from .reader import DEFAULT_CHUNK, DEFAULT_MEMORY, WINDOW_CAP, ChunkReader
+from .sources import RegistrySource
+from .tree import Tree
+from .writeback import PageCacheFill
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ def _spawn(config: MountConfig) -> int:
     payload = json.dumps(_config_to_json(config)).encode()
     with open(log_path, "ab") as log_file:
         child = subprocess.Popen(
-            [sys.executable, "-m", "galleryfs.mount", "--child", str(write_fd)],
+            [sys.executable, "-m", "galleryfs.mount.daemon", "--child", str(write_fd)],
             stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
             pass_fds=(write_fd,), start_new_session=True)
     os.close(write_fd)
@@ -404,7 +405,7 @@ def unmount_main(mountpoint: str, *, lazy: bool = False) -> int:
     return 0
 
 
-# ---- `python -m galleryfs.mount`: the daemon child, and a stand-alone runner ------------
+# ---- `python -m galleryfs.mount.daemon`: the daemon child, and a stand-alone runner ------------
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -418,7 +419,7 @@ def _main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
             return exc.exit_code
         return 0
-    parser = argparse.ArgumentParser(prog="python -m galleryfs.mount")
+    parser = argparse.ArgumentParser(prog="python -m galleryfs.mount.daemon")
     parser.add_argument("source")
     parser.add_argument("mountpoint")
     parser.add_argument("-f", "--foreground", action="store_true")

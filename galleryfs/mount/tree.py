@@ -51,10 +51,9 @@ from typing import Protocol
 
 import trio
 
-from . import digest as digests
-from .errors import GalleryError, NotFound, UnsupportedContent, first_error
-from .modelpack import Revision, RevisionFile, parse_manifest
-from .registry import RegistryClient
+from .. import digest as digests
+from ..errors import GalleryError, NotFound, UnsupportedContent, first_error
+from ..modelpack import Revision, RevisionFile
 
 log = logging.getLogger(__name__)
 
@@ -524,24 +523,3 @@ def _created_ns(revision: Revision) -> int | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=_dt.UTC)
     return int(when.timestamp() * 1_000_000_000)
-
-
-class RegistrySource:
-    """A `Source` over a RegistryClient.
-
-    Repositories come from Harbor's project API where the registry has it, else from
-    `/v2/_catalog` (see `RegistryClient.repositories`).
-    """
-
-    def __init__(self, client: RegistryClient) -> None:
-        self.client = client
-
-    async def catalog(self) -> list[str]:
-        return await self.client.repositories()
-
-    async def tags(self, repo: str) -> list[str]:
-        return await self.client.list_tags(repo)
-
-    async def manifest(self, repo: str, reference: str) -> Revision:
-        m = await self.client.get_manifest(repo, reference)
-        return parse_manifest(m.digest, m.body, m.media_type)

@@ -46,9 +46,9 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import trio
 
-from . import digest as digests
-from .errors import DigestMismatch, RegistryError, first_error
-from .registry import (
+from .. import digest as digests
+from ..errors import DigestMismatch, RegistryError, first_error
+from .client import (
     DROP_TIMEOUT,
     DirectEndpoint,
     ProgressFn,

@@ -17,20 +17,21 @@ from pathlib import Path
 
 import trio
 
-from . import digest as digests
-from . import metadata, modelpack
-from .directupload import DirectUploads
-from .errors import (
+from .. import digest as digests
+from .. import modelpack
+from ..errors import (
     NotFound,
     RegistryError,
     UnsupportedContent,
     UsageError,
 )
+from ..modelpack import Descriptor, Revision
+from ..reference import Reference, check_tag
+from ..registry.client import RegistryClient
+from ..registry.uploads import DirectUploads
+from . import metadata
 from .hashcache import HashCache
 from .locations import BlobLocations
-from .modelpack import Descriptor, Revision
-from .reference import Reference, check_tag
-from .registry import RegistryClient
 
 log = logging.getLogger(__name__)
 

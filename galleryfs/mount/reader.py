@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import cachetools
 import trio
 
+from ..errors import DigestMismatch, RegistryUnavailable, first_error
 from .diskcache import DiskCache
-from .errors import DigestMismatch, RegistryUnavailable, first_error
 
 log = logging.getLogger(__name__)
 

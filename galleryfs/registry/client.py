@@ -19,10 +19,8 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import trio
 
-from . import digest as digests
-from .auth import RegistryAuth
-from .credentials import Credentials
-from .errors import (
+from .. import digest as digests
+from ..errors import (
     AuthError,
     DigestMismatch,
     NotFound,
@@ -30,6 +28,8 @@ from .errors import (
     RegistryUnavailable,
     TooLarge,
 )
+from .auth import RegistryAuth
+from .credentials import Credentials
 from .retry import RETRY_STATUS, RetryableStatus, RetryPolicy, with_retries
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from .chunks import BlobHandle, BlobRef, ChunkReader
-from .errors import (
+from ..errors import (
     AuthError,
     DigestMismatch,
     GalleryError,
@@ -29,8 +28,9 @@ from .errors import (
     UnsupportedContent,
     first_error,
 )
-from .fill import PageCacheFill
+from .reader import BlobHandle, BlobRef, ChunkReader
 from .tree import ROOT_INODE, Kind, Tree
+from .writeback import PageCacheFill
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from .registry import DirectEndpoint, RegistryClient, no_proxy_for
+from .client import DirectEndpoint, RegistryClient, no_proxy_for
 
 log = logging.getLogger(__name__)
 

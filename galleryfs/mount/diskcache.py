@@ -57,8 +57,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import digest as digests
-from .errors import DigestMismatch
+from .. import digest as digests
+from ..errors import DigestMismatch
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .chunks import BlobRef, ChunkReader
-from .errors import GalleryError
+from ..errors import GalleryError
+from .reader import BlobRef, ChunkReader
 
 log = logging.getLogger(__name__)
 

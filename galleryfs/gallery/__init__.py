@@ -1,0 +1,1 @@
+"""Gallery operations: push, pull, list, tag, copy, remove."""

@@ -1,0 +1,1 @@
+"""The read-only FUSE mount: the only layer that imports pyfuse3."""
