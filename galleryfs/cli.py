@@ -13,9 +13,8 @@ from typing import TypeVar
 
 import trio
 
-from . import __version__
+from . import __version__, gallery
 from .errors import GalleryError, UsageError, first_error
-from .gallery import ops as gallery
 from .progress import Progress
 from .reference import Reference, parse, parse_model
 from .registry import credentials

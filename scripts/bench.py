@@ -225,7 +225,7 @@ async def push_all(host: str, data: Path, sizes: Sizes, locations: Path) -> Push
     """Push the models in-process (one client, concurrent small pushes), then tag."""
     import trio
 
-    from galleryfs.gallery import ops as gallery
+    from galleryfs import gallery
     from galleryfs.gallery.locations import BlobLocations
     from galleryfs.reference import parse
     from galleryfs.registry.client import ClientOptions, RegistryClient

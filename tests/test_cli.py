@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from galleryfs.cli import main
+from galleryfs.registry.client import ClientOptions, RegistryClient
 from tests.registry_harness import Registry
 
 
@@ -136,6 +138,31 @@ def test_copy_promotes_between_galleries(registry: Registry, tmp_path: Path,
     dest = tmp_path / "out"
     assert cli(capsys, "pull", f"{registry.host}/prod/m:released", str(dest), *conn(registry))[0] == 0
     assert (dest / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+def test_copy_to_a_digest_is_refused_before_any_blob_moves(
+        registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(20_000))
+    (src / "config.json").write_text("{}")
+    assert cli(capsys, "push", str(src), f"{registry.host}/dev/m:v1", *conn(registry))[0] == 0
+    info = json.loads(cli(capsys, "inspect", f"{registry.host}/dev/m:v1", *conn(registry))[1])
+    target = f"{registry.host}/prod/m@{info['digest']}"
+    code, out, err = cli(capsys, "cp", f"{registry.host}/dev/m:v1", target, *conn(registry))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "takes a tag, not a digest" in err, err
+    # Not one blob (layers nor config) reached the target repository, not even mounted.
+    blobs = [f["digest"] for f in info["files"]] + [info["manifest"]["config"]["digest"]]
+    assert len(blobs) == 3
+
+    async def present() -> list[str]:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            return [d for d in blobs if await client.blob_size("prod/m", d) is not None]
+
+    assert trio.run(present) == []
+    repositories = registry.storage_dir / "docker" / "registry" / "v2" / "repositories"
+    assert (repositories / "dev" / "m").is_dir() and not (repositories / "prod").exists()
 
 
 def test_copy_across_registries(registry: Registry, tmp_path: Path,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from galleryfs.gallery import ops as gallery
+from galleryfs import gallery
 from galleryfs.gallery.locations import BlobLocations
 from galleryfs.reference import parse
 from galleryfs.registry import uploads as directupload

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import trio
 
+from galleryfs import gallery
 from galleryfs.errors import UsageError
-from galleryfs.gallery import ops as gallery
 from galleryfs.gallery.locations import BlobLocations
 from galleryfs.mount.daemon import mount_main, unmount_main
 from galleryfs.reference import parse

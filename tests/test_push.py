@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from galleryfs import digest as digests
-from galleryfs.gallery import ops as gallery
+from galleryfs import gallery
 from galleryfs.reference import parse
 from galleryfs.registry.client import ClientOptions, RegistryClient
 from tests.registry_harness import Registry
@@ -23,13 +23,13 @@ def test_repeat_push_reuses_digests_and_sees_changes(registry: Registry, tmp_pat
     (src / "a.bin").write_bytes(os.urandom(50_000))
     (src / "sub" / "b.json").write_text("{}")
     hashed: list[str] = []
-    real = digests.file_digest
+    real = digests.of_file
 
-    def counting(path: str, algo: str = "sha256") -> tuple[str, int]:
+    def counting(path: str | os.PathLike[str], size: int | None = None) -> str:
         hashed.append(Path(path).name)
-        return real(path, algo)
+        return real(path, size)
 
-    monkeypatch.setattr(digests, "file_digest", counting)
+    monkeypatch.setattr(digests, "of_file", counting)
 
     requests: list[int] = []
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from galleryfs import gallery
 from galleryfs.cli import main
 from galleryfs.errors import RegistryError
-from galleryfs.gallery import ops as gallery
 from galleryfs.reference import parse
 from galleryfs.registry.client import ClientOptions, RegistryClient
 from galleryfs.registry.retry import RetryPolicy

@@ -1,0 +1,67 @@
+"""What a registry holds, as galleries, models and revisions: the listings of `ls`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from .. import modelpack
+from ..errors import NotFound, UnsupportedContent
+from ..modelpack import Revision
+from ..registry.client import RegistryClient
+
+
+@dataclass
+class RevisionInfo:
+    digest: str
+    tags: list[str]
+    size: int
+    created: str | None
+    files: int
+
+
+async def list_galleries(client: RegistryClient) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for repo in await client.repositories():
+        if "/" in repo:
+            gallery = repo.split("/", 1)[0]
+            counts[gallery] = counts.get(gallery, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+async def list_models(client: RegistryClient, prefix: str) -> list[str]:
+    return sorted(r for r in await client.repositories() if r.startswith(prefix + "/"))
+
+
+async def list_revisions(client: RegistryClient, repo: str) -> list[RevisionInfo]:
+    tags = await client.list_tags(repo)
+    by_digest: dict[str, RevisionInfo] = {}
+    limiter = trio.CapacityLimiter(8)
+    manifests: dict[str, Revision | None] = {}
+
+    async def one(tag: str) -> None:
+        async with limiter:
+            try:
+                m = await client.get_manifest(repo, tag)
+            except NotFound:
+                return  # deleted between the listing and now
+            try:
+                manifests[tag] = modelpack.parse_manifest(m.digest, m.body, m.media_type)
+            except UnsupportedContent:
+                manifests[tag] = None
+                by_digest.setdefault(m.digest, RevisionInfo(m.digest, [], 0, None, 0)).tags.append(tag)
+
+    async with trio.open_nursery() as nursery:
+        for tag in tags:
+            nursery.start_soon(one, tag)
+    for tag in sorted(tags):
+        rev = manifests.get(tag)
+        if rev is None:
+            continue
+        info = by_digest.setdefault(
+            rev.digest, RevisionInfo(rev.digest, [], rev.size, rev.created, len(rev.files)))
+        info.tags.append(tag)
+    for info in by_digest.values():
+        info.tags.sort()
+    return sorted(by_digest.values(), key=lambda i: (i.created or "", i.tags), reverse=True)
