@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,21 @@ def _no_leaked_processes() -> Iterator[None]:
     _stop_all(leaked)
     if leaked or pids:
         pytest.fail(f"test leaked registry harness objects {leaked!r} / registry pids {pids}")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_environment() -> Iterator[None]:
+    # A variable left behind (HF_HUB_OFFLINE once was) changes what later tests and the
+    # mount daemons they spawn do. monkeypatch.setenv, or a subprocess's own env, undoes
+    # itself; this fixture is set up before and torn down after monkeypatch.
+    before = dict(os.environ)
+    yield
+    after = dict(os.environ)
+    if after != before:
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        os.environ.clear()
+        os.environ.update(before)
+        pytest.fail(f"test left os.environ changed: {changed} (use monkeypatch.setenv)")
 
 
 # --------------------------------------------------------------------------
