@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """galleryfs benchmarks (issue 4): the mount and the CLI against plain baselines.
 
 Starts its own registry on loopback, pushes generated models (a 1 GiB safetensors file
@@ -13,6 +12,9 @@ say "n/a (reason)"; the other rows still run. Mounts and the registry are always
 down, also on errors and Ctrl-C.
 
     scripts/bench [--no-setup] [--quick] [--repeat N] [--json FILE] [--keep]
+
+Run from the repository root as a module (`python -m scripts.bench`, which
+scripts/bench does), so that `tests.registry_harness` imports like any package.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests.registry_harness
 
 PY = sys.executable
 FIO_DIR = ROOT / "scripts" / "fio"
@@ -504,7 +505,7 @@ class Bench:
         self.data = self.workdir / ("data-quick" if args.quick else "data")
         self.run_id = f"{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
         self.run_dir = self.workdir / f"run-{self.run_id}"
-        # The registry's storage outlives a run (pushing 2.5 GiB costs a minute); every
+        # The registry's storage outlives a run (pushing the models again is slow); every
         # measured push goes to a repository named after the run, so it is never there yet.
         self.registry_dir = self.workdir / ("registry-quick" if args.quick else "registry")
         self.mounts: list[Mount] = []
@@ -611,13 +612,9 @@ class Bench:
                 hwm = vm_hwm(m.pid)
                 if hwm is not None:
                     self.add("g9.gfs", hwm)
-            cap = None
-            stats = m.stats()
-            for k, v in stats.items():
-                if "cap" in k and isinstance(v, int) and not isinstance(v, bool):
-                    cap = v
-            if isinstance(stats.get("readahead_cap"), int):
-                cap = stats["readahead_cap"]
+            cap = m.stats().get("readahead_cap")
+            if not isinstance(cap, int):
+                cap = None
             self.add("g9.cap", cap if cap is not None else DEFAULT_READAHEAD_CAP)
             if cap is None and i == 0:
                 self.notes.append("G9: the stats xattr has no read-ahead cap; used 64 MiB")
@@ -642,7 +639,6 @@ class Bench:
             self.add("g3.base", statistics.median(base))
             self.add_fill("g1", m, g1_stats)
         # G1 baseline: one streaming GET of the blob, to memory, discarded.
-        self.drop_caches()
         url = self.blob_url("bench/big", "model.safetensors")
         # The same cold start as galleryfs had: the registry reads the blob from disk.
         self.drop_caches()

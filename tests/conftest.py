@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,34 @@ def _no_leaked_processes() -> Iterator[None]:
     _stop_all(leaked)
     if leaked or pids:
         pytest.fail(f"test leaked registry harness objects {leaked!r} / registry pids {pids}")
+
+
+# Set by others, not by tests: pytest names the running test and phase; torch sets the
+# rest when it is first imported (test_mount_inference), for the rest of the process.
+_NOT_OURS = frozenset({"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
+                       "TORCHINDUCTOR_CACHE_DIR"})
+
+
+def _environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _NOT_OURS}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_environment() -> Iterator[None]:
+    # A variable left behind (HF_HUB_OFFLINE once was) changes what later tests and the
+    # mount daemons they spawn do. monkeypatch.setenv, or a subprocess's own env, undoes
+    # itself; this fixture is set up before and torn down after monkeypatch.
+    before = _environment()
+    yield
+    after = _environment()
+    if after != before:
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        for key in changed:
+            if key in before:
+                os.environ[key] = before[key]
+            else:
+                del os.environ[key]
+        pytest.fail(f"test left os.environ changed: {changed} (use monkeypatch.setenv)")
 
 
 # --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ No timing assertions: the machine is shared and the quick sizes say nothing abou
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,20 @@ ROOT = Path(__file__).resolve().parent.parent
 GOALS = [f"G{i}" for i in range(1, 12)]
 
 
-def _galleryfs_mounts() -> list[str]:
+def _galleryfs_mounts(under: Path) -> list[str]:
+    """galleryfs mount points below `under`: other tests (and other people) on this
+    machine mount galleryfs elsewhere at the same time."""
+    prefix = str(under.resolve()) + "/"
+    found = []
     with open("/proc/self/mountinfo") as f:
-        return [line for line in f if " - fuse.galleryfs " in line]
+        for line in f:
+            if " - fuse.galleryfs " not in line:
+                continue
+            # Field 5 is the mount point, with space, tab, newline and backslash in octal.
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if point.startswith(prefix):
+                found.append(point)
+    return found
 
 
 @pytest.mark.mount
@@ -29,13 +41,12 @@ def _galleryfs_mounts() -> list[str]:
 def test_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run_dir = tmp_path / "work"
-    before = set(_galleryfs_mounts())
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", str(out),
+        [sys.executable, "-m", "scripts.bench", "--quick", "--json", str(out),
          "--workdir", str(run_dir)],
         capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr}"
-    left = [m for m in _galleryfs_mounts() if m not in before]
+    left = _galleryfs_mounts(tmp_path)
     assert not left, f"the bench left mounts behind: {left}"
     assert not list(run_dir.glob("run-*")), "the bench left its run directory behind"
 
@@ -60,7 +71,7 @@ def test_bench_quick(tmp_path: Path) -> None:
 @pytest.mark.parametrize("only", ["G99", "G1,foo", ","])
 def test_bench_only_refuses_unknown_goals(tmp_path: Path, only: str) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--only", only,
+        [sys.executable, "-m", "scripts.bench", "--only", only,
          "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,10 +25,12 @@ def mounted_model(registry: Registry, model_dir: Path, tmp_path: Path) -> Iterat
         yield mnt / "team-a" / "minilm" / "v1"
 
 
-def test_sentence_transformers_from_mount_matches_disk(mounted_model: Path, model_dir: Path) -> None:
+def test_sentence_transformers_from_mount_matches_disk(mounted_model: Path, model_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     numpy = pytest.importorskip("numpy")
+    # Before the import: huggingface_hub reads it once, when it is first imported.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pytest.importorskip("sentence_transformers")
-    os.environ["HF_HUB_OFFLINE"] = "1"
     from sentence_transformers import SentenceTransformer
 
     sentences = ["galleryfs streams model weights lazily.", "A cat sat on the mat."]
