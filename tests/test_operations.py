@@ -28,7 +28,7 @@ import pytest
 import trio
 
 from galleryfs import digest as digests
-from galleryfs import errors, modelpack
+from galleryfs import errors, gallery, modelpack
 from galleryfs.errors import (
     AuthError,
     DigestMismatch,
@@ -41,7 +41,6 @@ from galleryfs.errors import (
     UnsupportedContent,
     UsageError,
 )
-from galleryfs.gallery import ops as gallery
 from galleryfs.gallery.locations import BlobLocations
 from galleryfs.mount.operations import (
     IMMUTABLE_TIMEOUT,
