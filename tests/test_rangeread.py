@@ -42,7 +42,7 @@ def test_plain_registry_reads_directly(registry: Registry) -> None:
             assert ranges.stats.direct == len(RANGES) and ranges.stats.fallbacks == 0
             assert client.bytes_received == sum(e - s for s, e in RANGES)
             assert client.requests_sent == len(RANGES)
-            assert len(ranges._idle) == 1  # one keep-alive connection served them all
+            assert ranges.transport.idle == 1  # one keep-alive connection served them all
             ranges.close()
 
     trio.run(run)
@@ -256,5 +256,109 @@ def test_closing_a_file_mid_stream_releases_its_spans(registry: Registry) -> Non
             handle = reader.open(blob, None)
             assert bytes(await handle.read(20 * CHUNK, 100)) == data[20 * CHUNK:20 * CHUNK + 100]
             ranges.close()
+
+    trio.run(run)
+
+
+# ---- one rule for range answers, on both paths -----------------------------------------
+
+
+class RangeBendingProxy(FaultProxy):
+    """Answers blob Range GETs with another range than asked, honestly labelled, as a
+    cache that aligns or clamps ranges would: `shift` moves the range, `trim` shortens it."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.shift = 0
+        self.trim = 0
+
+    def _serve(self, h) -> None:  # noqa: ANN001 - a BaseHTTPRequestHandler
+        import re
+
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", h.headers.get("range") or "")
+        if not (m and h.command == "GET" and (self.shift or self.trim)):
+            super()._serve(h)
+            return
+        first, last = int(m.group(1)) + self.shift, int(m.group(2)) + self.shift - self.trim
+        r = self.client.get(self.upstream + h.path, headers={"Range": f"bytes={first}-{last}"})
+        with self.lock:  # before the answer: the test counts requests once it has it
+            self.seen.append((h.command, h.path, r.status_code))
+        self._reply(h, r.status_code, {"Content-Range": r.headers["content-range"],
+                                       "Content-Type": "application/octet-stream"}, r.content)
+
+
+@pytest.mark.parametrize("bend", ["shift", "trim"])
+def test_a_range_answer_for_other_bytes_is_an_error_on_both_paths(registry: Registry,
+                                                                  bend: str) -> None:
+    """A 206 whose Content-Range names other bytes than asked is never served as the
+    bytes asked: the direct path hands it to httpx, where it is an error, not retried."""
+    from galleryfs.errors import RegistryError
+
+    data = os.urandom(SIZE)
+    digest = _push(registry, data)
+
+    async def run() -> None:
+        with RangeBendingProxy(registry.url) as proxy:
+            async with RegistryClient(proxy.host, ClientOptions(plain_http=True)) as client:
+                setattr(proxy, bend, 100)
+                with pytest.raises(RegistryError, match="asked for bytes 1000-5095"):
+                    await client.read_range(REPO, digest, 1000, 5096)
+                assert len(proxy.seen) == 1  # not retried
+                ranges = DirectRanges(client)
+                with pytest.raises(RegistryError, match="asked for bytes 1000-5095"):
+                    await ranges(REPO, digest, 1000, 5096)
+                # The direct request was refused, then the httpx one.
+                assert len(proxy.seen) == 3
+                assert ranges.stats.direct == 0 and ranges.stats.fallbacks == 1
+                # Honest answers again: both paths serve them.
+                setattr(proxy, bend, 0)
+                assert bytes(await ranges(REPO, digest, 1000, 5096)) == data[1000:5096]
+                assert bytes(await client.read_range(REPO, digest, 0, 10)) == data[:10]
+                assert ranges.stats.direct == 1
+                ranges.close()
+
+    trio.run(run)
+
+
+@pytest.mark.parametrize(("status", "content_range", "length", "start", "end", "wrong"), [
+    (206, "bytes 10-19/100", "10", 10, 20, None),
+    (206, "bytes 10-19/*", None, 10, 20, None),
+    (206, "bytes 10-99/100", "90", 10, None, None),
+    (200, None, "100", 10, 20, "HTTP 200"),
+    (206, None, "10", 10, 20, "Content-Range None"),
+    (206, "bytes 20-29/100", "10", 10, 20, "asked for bytes 10-19"),
+    (206, "bytes 10-18/100", "9", 10, 20, "asked for bytes 10-19"),
+    (206, "bytes 10-19/15", "10", 10, 20, "past the blob's size"),
+    (206, "bytes 10-19/100", "12", 10, 20, "Content-Length '12'"),
+    (206, "bytes 10-19/100", "x", 10, 20, "Content-Length 'x'"),
+])
+def test_the_range_rule(status: int, content_range: str | None, length: str | None,
+                        start: int, end: int | None, wrong: str | None) -> None:
+    from galleryfs.registry.rangecheck import range_mismatch
+
+    reason = range_mismatch(status, content_range, length, start, end)
+    assert (reason is None) if wrong is None else (wrong in (reason or "")), reason
+
+
+def test_the_direct_path_talks_only_to_the_registry_with_what_httpx_negotiated() -> None:
+    from galleryfs.registry.direct import DirectTransport, Fallback
+
+    async def run() -> None:
+        creds = Credentials("u", "p")
+        options = ClientOptions(plain_http=True, credentials=creds)
+        async with RegistryClient("127.0.0.1:5999", options) as client:
+            transport = DirectTransport(client)
+            url = "http://127.0.0.1:5999/v2/g/m/blobs/uploads/abc?_state=x"
+            assert transport.target(url) == "/v2/g/m/blobs/uploads/abc?_state=x"
+            for elsewhere in ("http://localhost:5999/v2/", "http://127.0.0.1:80/v2/",
+                              "https://127.0.0.1:5999/v2/"):
+                with pytest.raises(Fallback, match="another host"):
+                    transport.target(elsewhere)
+            # Before a challenge: nothing, httpx finds out what the registry wants.
+            assert "Authorization" not in transport.headers("GET", "/v2/g/m/blobs/x", {})
+            client.auth.scheme = "basic"  # as after a Basic challenge
+            headers = transport.headers("GET", "/v2/g/m/blobs/x", {"Range": "bytes=0-1"})
+            assert headers["Authorization"].startswith("Basic ")
+            assert headers["Range"] == "bytes=0-1"
 
     trio.run(run)

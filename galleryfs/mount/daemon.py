@@ -349,7 +349,7 @@ def _config_to_json(config: MountConfig) -> dict:
     out = dataclasses.asdict(config)
     opts = config.options
     out["options"] = {
-        "plain_http": opts.plain_http, "ca_file": opts.ca_file, "insecure": opts.insecure,
+        "plain_http": opts.plain_http, "ca_file": opts.ca_file,
         "timeout": opts.timeout,
         "credentials": (dataclasses.asdict(opts.credentials) if opts.credentials else None),
         "retry": dataclasses.asdict(opts.retry) if opts.retry else None,
@@ -360,7 +360,7 @@ def _config_to_json(config: MountConfig) -> dict:
 def _config_from_json(data: dict) -> MountConfig:
     o = data.pop("options")
     options = ClientOptions(
-        plain_http=o["plain_http"], ca_file=o["ca_file"], insecure=o["insecure"],
+        plain_http=o["plain_http"], ca_file=o["ca_file"],
         timeout=o["timeout"],
         credentials=Credentials(**o["credentials"]) if o["credentials"] else None,
         retry=RetryPolicy(**o["retry"]) if o["retry"] else None)

@@ -8,6 +8,7 @@ otherwise), cached per scope, and the request is retried once.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import time
@@ -66,6 +67,12 @@ def _token_from(response: httpx.Response) -> tuple[str, float] | None:
     return (token, expires_in) if isinstance(token, str) and token else None
 
 
+def basic_authorization(credentials: Credentials) -> str:
+    """The Basic Authorization header value (what `httpx.BasicAuth` sends)."""
+    userpass = f"{credentials.username}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(userpass).decode("ascii")
+
+
 class TokenCache:
     def __init__(self) -> None:
         self._tokens: dict[str, tuple[str, float]] = {}
@@ -86,13 +93,12 @@ class RegistryAuth(httpx.Auth):
         self.credentials = credentials
         self.tokens = TokenCache()
         self.scheme: str | None = None  # learned from the first challenge
-        self.token_requests = 0
         self._locks: dict[str, trio.Lock] = {}
 
     def _basic(self) -> str | None:
         if not self.credentials:
             return None
-        return httpx.BasicAuth(self.credentials.username, self.credentials.password)._auth_header
+        return basic_authorization(self.credentials)
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -123,7 +129,6 @@ class RegistryAuth(httpx.Auth):
                 if token is None or request.headers.get("authorization") == f"Bearer {token}":
                     token_response = yield self._token_request(params, want)
                     await token_response.aread()
-                    self.token_requests += 1
                     token = _token_from(token_response)
                     if token is None:
                         return  # the original 401 stands

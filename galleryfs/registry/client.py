@@ -6,10 +6,8 @@ uploads, tags and the catalog. What a manifest means for a model is `modelpack`'
 
 from __future__ import annotations
 
-import http.client
 import logging
 import ssl
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from ..errors import (
 )
 from .auth import RegistryAuth
 from .credentials import Credentials
+from .rangecheck import range_mismatch
 from .retry import RETRY_STATUS, RetryableStatus, RetryPolicy, with_retries
 
 log = logging.getLogger(__name__)
@@ -60,18 +59,18 @@ class Manifest:
 class ClientOptions:
     plain_http: bool = False
     ca_file: str | None = None
-    insecure: bool = False
     credentials: Credentials | None = None
     timeout: float = 30.0
     retry: RetryPolicy | None = None
 
 
 # httpcore reads a response 64 KiB per socket receive, and every piece then goes through
-# h11's event machinery in Python: that, not the network, capped a blob stream on
-# loopback (trio streaming GET: ~190-240 MB/s with 64 KiB receives, ~440-700 MB/s with
-# 1 MiB ones, measured in one run on a 2-core machine). A receive returns what the socket
-# holds, so small responses are unaffected. The knob is a class attribute of httpcore's
-# HTTP/1.1 connection, so it is set once per process, and only if it still exists.
+# h11's event machinery in Python: that, not the network, caps a blob streamed through
+# httpx (a pull, a copy, the range reads the direct path hands back), in throughput and
+# in CPU. A receive returns what the socket holds, so small responses are unaffected.
+# The knob is a class attribute of httpcore's HTTP/1.1 connection, so it is set once per
+# process, and only if it still exists (tests/test_library_internals.py says when an
+# httpcore upgrade takes it away).
 HTTP_READ_BYTES = 1 << 20
 
 
@@ -110,8 +109,8 @@ class RegistryClient:
         )
 
     def tls_verify(self) -> ssl.SSLContext | bool:
-        """httpx's `verify`: the TLS context for the registry, False for plain/insecure."""
-        if self.options.plain_http or self.options.insecure:
+        """httpx's `verify`: the TLS context for the registry, False for plain HTTP."""
+        if self.options.plain_http:
             return False
         ctx = ssl.create_default_context()
         if self.options.ca_file:
@@ -543,8 +542,14 @@ class RegistryClient:
             response = await self._http.send(request, stream=True)
             try:
                 self._check(response, what)
-                if headers and response.status_code != 206:
-                    raise RegistryError(f"{what}: registry ignored the Range request")
+                if headers:
+                    # Not retried: a registry (or a cache in front of it) that answers
+                    # with other bytes than asked will do it again.
+                    reason = range_mismatch(
+                        response.status_code, response.headers.get("content-range"),
+                        response.headers.get("content-length"), start, end)
+                    if reason:
+                        raise RegistryError(f"{what}: {reason}", response.status_code)
             except Exception:
                 await response.aclose()
                 raise
@@ -651,45 +656,6 @@ def _location(response: httpx.Response, base: str, what: str) -> str:
     if not location:
         raise RegistryError(f"{what}: registry sent no upload location")
     return urljoin(str(response.request.url), location)
-
-
-class DirectEndpoint:
-    """The registry as stdlib `http.client` connections see it: the direct paths
-    (`rangeread`, `directupload`) talk to it off the event loop, with the TLS trust the
-    httpx client has."""
-
-    def __init__(self, client: RegistryClient) -> None:
-        url = httpx.URL(client.base)
-        self.scheme = url.scheme
-        self.host = url.host
-        self.port = url.port or (443 if self.scheme == "https" else 80)
-        self.timeout = client.options.timeout
-        self.tls: ssl.SSLContext | None = None
-        if self.scheme == "https":
-            verify = client.tls_verify()
-            self.tls = (verify if isinstance(verify, ssl.SSLContext)
-                        else ssl._create_unverified_context())  # --insecure
-
-    def serves(self, url: str) -> bool:
-        """The absolute URL points at this registry (scheme, host and port)."""
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return (parts.scheme, parts.hostname, port) == (self.scheme, self.host, self.port)
-
-    def connect(self) -> http.client.HTTPConnection:
-        if self.tls is not None:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                               context=self.tls)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-
-
-def no_proxy_for(base: str) -> bool:
-    """False when the environment routes this registry through a proxy (httpx honours
-    it; the stdlib connections of the direct paths would not)."""
-    proxies = urllib.request.getproxies()
-    if not proxies:
-        return True
-    return bool(urllib.request.proxy_bypass(httpx.URL(base).host))
 
 
 def with_digest(location: str, digest: str) -> str:
