@@ -30,7 +30,6 @@ digest of what it receives, so a half-sent body can never be stored under a dige
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -54,7 +53,6 @@ log = logging.getLogger(__name__)
 DIRECT_MIN = 16 << 20
 # sendfile() calls of this size: progress is reported, and an abandon noticed, between them.
 _SEND_PIECE = 8 << 20
-_HASH_PIECE = 4 << 20
 _TLS_PIECE = 1 << 20
 
 # What a push does with a blob once its digest is known: "existing" or "mounted" when
@@ -128,7 +126,7 @@ class DirectUploads:
 
         async def hash_then_decide() -> None:
             nonlocal digest, outcome
-            digest = await trio.to_thread.run_sync(_file_digest, path, size,
+            digest = await trio.to_thread.run_sync(digests.of_file, path, size,
                                                    abandon_on_cancel=True)
             if decide is not None:
                 outcome = await decide(digest)
@@ -327,16 +325,3 @@ def _send_piece(sock: socket.socket, f: BinaryIO, offset: int, n: int,
         sock.sendall(buf[:got])
         sent += got
     return sent
-
-
-def _file_digest(path: str, size: int) -> str:
-    h = hashlib.sha256()
-    got = 0
-    with open(path, "rb") as f:
-        while piece := f.read(_HASH_PIECE):
-            h.update(piece)
-            got += len(piece)
-    if got != size:
-        raise RegistryError(f"{path} changed size while it was being hashed")
-    return f"sha256:{h.hexdigest()}"
-
