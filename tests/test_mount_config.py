@@ -1,0 +1,55 @@
+"""The mount's configuration: one meaning for each option, the same in the daemon child."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from galleryfs.errors import UsageError
+from galleryfs.mount.config import MountConfig
+from galleryfs.registry.client import ClientOptions
+from galleryfs.registry.credentials import Credentials
+from galleryfs.registry.retry import RetryPolicy
+
+
+def config(**changes: object) -> MountConfig:
+    values: dict = dict(source="registry.example:5000/team", mountpoint="mnt",
+                        options=ClientOptions(), cache_dir="cache")
+    return MountConfig(**{**values, **changes})
+
+
+def test_the_child_gets_the_same_configuration(tmp_path: Path) -> None:
+    options = ClientOptions(plain_http=True, ca_file="/etc/ca.pem", timeout=7.5,
+                            credentials=Credentials("ann", "s3cret"),
+                            retry=RetryPolicy(attempts=2, deadline=9.0))
+    original = config(options=options, cache_size=0, refresh=1.5, chunk_size=1 << 20,
+                      debug=True)
+    assert MountConfig.from_json(original.to_json()) == original
+    plain = config()
+    assert MountConfig.from_json(plain.to_json()) == plain
+
+
+def test_paths_are_absolute_and_values_checked() -> None:
+    c = config()
+    assert Path(c.mountpoint).is_absolute() and Path(c.cache_dir).is_absolute()
+    assert c.root == ("registry.example:5000", "team")
+    with pytest.raises(UsageError, match="no tag or digest"):
+        config(source="registry.example:5000/team/model:v1")
+    with pytest.raises(UsageError, match="--refresh"):
+        config(refresh=-1)
+    with pytest.raises(UsageError, match="--cache-size"):
+        config(cache_size=-1)
+    for bad in (1024, 512 << 20):
+        with pytest.raises(UsageError, match="--chunk-size"):
+            config(chunk_size=bad)
+
+
+def test_galleryfs_mount_is_the_only_command_line() -> None:
+    """The daemon module is no second parser: it only serves what `galleryfs mount` sends."""
+    r = subprocess.run([sys.executable, "-m", "galleryfs.mount.daemon", "host", "/mnt", "-f"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2
+    assert "galleryfs mount" in r.stderr and "Traceback" not in r.stderr
