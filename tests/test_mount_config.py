@@ -53,3 +53,20 @@ def test_galleryfs_mount_is_the_only_command_line() -> None:
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 2
     assert "galleryfs mount" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_child_that_dies_before_ready_is_reported_with_its_log(tmp_path: Path) -> None:
+    """The background path's failure: the child's own error comes back in the message."""
+    from galleryfs.errors import GalleryError
+    from galleryfs.mount.daemon import _spawn
+
+    (tmp_path / "mnt").mkdir()
+    # Nothing listens on port 9: the child's registry check fails, quickly (one attempt).
+    options = ClientOptions(plain_http=True, timeout=2, retry=RetryPolicy(attempts=1, deadline=2))
+    c = config(source="127.0.0.1:9/g", mountpoint=str(tmp_path / "mnt"), options=options,
+               cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(GalleryError, match="the mount did not come up") as exc:
+        _spawn(c)
+    message = str(exc.value)
+    assert "127.0.0.1:9" in message and "ERROR" in message and "Traceback" not in message
+    assert not any((tmp_path / "mnt").iterdir())
