@@ -315,21 +315,26 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount.daemon import mount_main  # pyfuse3 is only needed for mounting
+    # Before anything else (a password read, a registry contacted): a mount with a plain
+    # pyfuse3 fails with one line saying what to install. pyfuse3 is imported only here.
+    from .mount.requirements import require_patched_pyfuse3
 
-    ref = parse(args.source)
-    if ref.tag or ref.digest:
-        raise UsageError("mount takes HOST, HOST/GALLERY or HOST/GALLERY/MODEL (no tag or digest)")
-    return mount_main(
-        args.source, str(args.mountpoint), foreground=args.foreground,
-        options=options_for(args, ref.host), cache_dir=args.cache_dir,
+    require_patched_pyfuse3()
+    from .mount.config import MountConfig, default_cache_dir
+    from .mount.daemon import mount_main
+
+    config = MountConfig(
+        source=args.source, mountpoint=str(args.mountpoint),
+        options=options_for(args, parse(args.source).host),
+        cache_dir=args.cache_dir or default_cache_dir(),
         cache_size=parse_size(args.cache_size, zero=True), refresh=args.refresh,
         chunk_size=parse_size(args.chunk_size), debug=args.debug,
     )
+    return mount_main(config, foreground=args.foreground)
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from .mount.daemon import unmount_main
+    from .mount.unmount import unmount_main
 
     return unmount_main(str(args.mountpoint), lazy=args.lazy)
 

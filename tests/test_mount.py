@@ -22,7 +22,9 @@ import trio
 from galleryfs import gallery
 from galleryfs.errors import UsageError
 from galleryfs.gallery.locations import BlobLocations
-from galleryfs.mount.daemon import mount_main, unmount_main
+from galleryfs.mount.config import MountConfig
+from galleryfs.mount.daemon import mount_main
+from galleryfs.mount.unmount import unmount_main
 from galleryfs.reference import parse
 from galleryfs.registry.client import ClientOptions, RegistryClient
 from tests.mounting import fuse_available
@@ -103,9 +105,9 @@ def start_foreground(source: str, mountpoint: Path, cache: Path, log: Path,
                      *extra: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "galleryfs.mount.daemon", source, str(mountpoint), "-f",
+            [sys.executable, "-m", "galleryfs", "mount", source, str(mountpoint), "-f",
              "--plain-http", "--cache-dir", str(cache), "--timeout", "5", *extra],
-            stdout=out, stderr=out, cwd="/")
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd="/")
 
 
 def stats(mountpoint: Path) -> dict:
@@ -304,19 +306,15 @@ def test_outage_gives_eio_then_recovers_in_background_mode(
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cache = tmp_path / "cache"
-    # Through mount_main in a subprocess, as the CLI calls it: returns once mounted.
-    code = (
-        "import sys; from galleryfs.mount.daemon import mount_main;"
-        "from galleryfs.registry.client import ClientOptions;"
-        f"sys.exit(mount_main({registry.host + '/g'!r}, {str(mnt)!r}, foreground=False,"
-        " options=ClientOptions(plain_http=True, timeout=3),"
-        f" cache_dir={str(cache)!r}, cache_size=1<<30, refresh=1.0, chunk_size=1<<20,"
-        " debug=False))")
+    # `galleryfs mount` in the background: returns once mounted.
     try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "galleryfs", "mount", registry.host + "/g", str(mnt),
+             "--plain-http", "--timeout", "3", "--cache-dir", str(cache), "--cache-size", "1G",
+             "--refresh", "1", "--chunk-size", "1M"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stderr
-        assert os.path.ismount(mnt)  # ready when mount_main returned
+        assert os.path.ismount(mnt)  # ready when `galleryfs mount` returned
         f = mnt / "outage" / "latest" / "weights.bin"
         with open(f, "rb") as fh:
             assert fh.read(4096) == payload[:4096]
@@ -341,18 +339,21 @@ def test_outage_gives_eio_then_recovers_in_background_mode(
 
 
 def test_bad_mountpoints_and_stale_mount_recovery(registry: Registry, tmp_path: Path) -> None:
-    opts = ClientOptions(plain_http=True, timeout=3)
-    kwargs = dict(foreground=False, options=opts, cache_dir=str(tmp_path / "c"),
-                  cache_size=1 << 30, refresh=1.0, chunk_size=1 << 20, debug=False)
+    def mount_on(path: Path) -> int:
+        config = MountConfig(registry.host, str(path), ClientOptions(plain_http=True, timeout=3),
+                             cache_dir=str(tmp_path / "c"), cache_size=1 << 30, refresh=1.0,
+                             chunk_size=1 << 20)
+        return mount_main(config, foreground=False)
+
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")
     with pytest.raises(UsageError, match="not empty"):
-        mount_main(registry.host, str(full), **kwargs)
+        mount_on(full)
     with pytest.raises(UsageError, match="not a directory"):
-        mount_main(registry.host, str(full / "x"), **kwargs)
+        mount_on(full / "x")
     with pytest.raises(UsageError, match="no such directory"):
-        mount_main(registry.host, str(tmp_path / "absent"), **kwargs)
+        mount_on(tmp_path / "absent")
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -361,7 +362,7 @@ def test_bad_mountpoints_and_stale_mount_recovery(registry: Registry, tmp_path: 
     try:
         wait_for_mount(proc, mnt, log)
         with pytest.raises(UsageError, match="already a mount point"):
-            mount_main(registry.host, str(mnt), **kwargs)
+            mount_on(mnt)
         proc.kill()  # a crashed daemon leaves "Transport endpoint is not connected"
         proc.wait(timeout=10)
         assert _stale(mnt)

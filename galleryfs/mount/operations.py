@@ -45,9 +45,6 @@ XATTR_UNSUPPORTED = b"user.galleryfs.unsupported"
 XATTR_FLUSH = b"user.galleryfs.flush"
 FLUSH_TIMEOUT = 120.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
-# Set by galleryfs's build of pyfuse3 (scripts/pyfuse3_patch.py): readdir is then told
-# its folder without an opendir, so opendir can be declined and the kernel keeps listings.
-KERNEL_LISTINGS = bool(getattr(pyfuse3, "READDIR_INODE_WITHOUT_OPENDIR", False))
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -118,7 +115,6 @@ class Operations(pyfuse3.Operations):
         gid: int | None = None,
         refresh: float = 30.0,
         counters: Callable[[], dict[str, object]] | None = None,
-        kernel_listings: bool = KERNEL_LISTINGS,
         fill: PageCacheFill | None = None,
     ) -> None:
         super().__init__()
@@ -128,12 +124,10 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid() if gid is None else gid
         self.refresh = refresh
         self.counters = counters
-        self.kernel_listings = kernel_listings
         self.fill = fill
         self.readdir_requests = 0
         self.nursery: trio.Nursery | None = None  # for prefetches; set by the runner
         self._files: dict[int, BlobHandle] = {}
-        self._dirs: dict[int, list[tuple[str, int]]] = {}
         self._next_fh = 1
 
     # ---- helpers -----------------------------------------------------------------
@@ -201,39 +195,24 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return os.fsencode(await self.tree.readlink(inode))
 
-    @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if self.kernel_listings:
-            # Declining opendir (Linux >= 5.1) ends opendir/releasedir requests and makes
-            # the kernel cache each listing it reads, until the folder's attributes
-            # expire and its mtime has moved: a warm `ls -R` never reaches the daemon.
-            raise pyfuse3.FUSEError(errno.ENOSYS)
-        # A snapshot per open directory: readdir offsets index into it, so entries
-        # appearing or vanishing (a refresh) never make a listing skip or repeat.
-        entries = await self.tree.listdir(inode)
-        fh = self._next_fh
-        self._next_fh += 1
-        self._dirs[fh] = entries
-        return fh
+        # Declining opendir (Linux >= 5.1) ends opendir/releasedir requests and makes the
+        # kernel cache each listing it reads, until the folder's attributes expire and
+        # its mtime has moved: a warm `ls -R` never reaches the daemon. galleryfs's
+        # build of pyfuse3 then hands readdir the folder's inode (mount/requirements.py).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # `fh` is the folder's inode (opendir declined). A refresh only at the start of a
+        # pass keeps the offsets of a listing read in several requests valid.
         self.readdir_requests += 1
-        if self.kernel_listings:
-            # `fh` is the folder's inode. A refresh only at the start of a pass keeps
-            # the offsets of a listing read in several requests valid.
-            entries = await self.tree.listdir(fh, refresh=start_id == 0)
-        else:
-            entries = self._dirs[fh]
+        entries = await self.tree.listdir(fh, refresh=start_id == 0)
         for i in range(start_id, len(entries)):
             name, inode = entries[i]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(inode), i + 1):
                 break
             self.tree.count_lookup(inode)
-
-    @fuse_errors
-    async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
 
     # ---- data --------------------------------------------------------------------
 

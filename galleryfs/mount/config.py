@@ -1,0 +1,79 @@
+"""What a mount is asked to do: `MountConfig`, checked once, and its JSON for the daemon child.
+
+`galleryfs mount` (cli.py) is the only command line; it builds a `MountConfig`, and the
+background child gets the same values as JSON on stdin (credentials included, so never in
+argv). Sizes are bytes and times seconds here; the command line's `10G` and `4M` are
+turned into bytes by `cli.parse_size` before they arrive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from ..reference import parse
+from ..registry.client import ClientOptions
+from ..registry.credentials import Credentials
+from ..registry.retry import RetryPolicy
+from .reader import DEFAULT_CHUNK
+
+DEFAULT_CACHE_SIZE = 10 << 30
+DEFAULT_REFRESH = 30.0
+MIN_CHUNK = 4 << 10
+MAX_CHUNK = 256 << 20
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "galleryfs")
+
+
+@dataclass
+class MountConfig:
+    source: str  # HOST, HOST/GALLERY or HOST/GALLERY/MODEL
+    mountpoint: str
+    options: ClientOptions
+    cache_dir: str
+    cache_size: int = DEFAULT_CACHE_SIZE  # bytes; 0: no disk cache
+    refresh: float = DEFAULT_REFRESH  # seconds listings and tags are trusted
+    chunk_size: int = DEFAULT_CHUNK  # bytes per range request
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        self.mountpoint = os.path.abspath(self.mountpoint)
+        self.cache_dir = os.path.abspath(self.cache_dir)
+        _root(self.source)
+        if self.cache_size < 0:
+            raise UsageError("--cache-size must not be negative")
+        if self.refresh < 0:
+            raise UsageError("--refresh must not be negative")
+        if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
+            raise UsageError("--chunk-size must be between 4K and 256M")
+
+    @property
+    def root(self) -> tuple[str, str]:
+        """The registry host and the repository prefix the mount shows."""
+        return _root(self.source)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> MountConfig:
+        data = json.loads(text)
+        o = data.pop("options")
+        options = ClientOptions(
+            **{**o, "credentials": Credentials(**o["credentials"]) if o["credentials"] else None,
+               "retry": RetryPolicy(**o["retry"]) if o["retry"] else None})
+        return cls(options=options, **data)
+
+
+def _root(source: str) -> tuple[str, str]:
+    ref = parse(source)
+    if ref.tag or ref.digest:
+        raise UsageError("mount takes HOST, HOST/GALLERY or HOST/GALLERY/MODEL (no tag or digest)")
+    return ref.host, ref.repository

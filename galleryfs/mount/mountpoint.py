@@ -1,0 +1,54 @@
+"""The mountpoint as the kernel sees it: fit to mount on, left by a dead daemon, fusermount3."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+from ..errors import GalleryError, UsageError
+
+
+def fusermount(*args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["fusermount3", *args], capture_output=True, text=True,
+                              timeout=30)
+    except FileNotFoundError:
+        raise GalleryError("fusermount3 not found: install fuse3") from None
+
+
+def is_dead(mountpoint: str) -> bool:
+    """True for a mount left by a daemon that died ("Transport endpoint is not connected").
+
+    statfs always reaches the (dead) connection; a stat or a directory listing may be
+    answered from the kernel's caches, so neither tells.
+    """
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse what cannot be mounted on; recover a mountpoint left by a dead daemon."""
+    try:
+        os.stat(mountpoint)
+        stale = os.path.ismount(mountpoint) and is_dead(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise UsageError(f"mountpoint {mountpoint}: no such directory") from None
+        if exc.errno != errno.ENOTCONN:
+            raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+        stale = True
+    if stale:
+        print(f"galleryfs: {mountpoint}: cleaning up after a galleryfs that died "
+              "(transport endpoint is not connected)", file=sys.stderr)
+        fusermount("-uz", mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is already a mount point")
+    if os.listdir(mountpoint):
+        raise UsageError(f"mountpoint {mountpoint} is not empty")

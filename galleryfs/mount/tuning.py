@@ -1,0 +1,75 @@
+"""Process and kernel settings that the mount daemon's throughput depends on.
+
+Each one was measured with scripts/bench (the group named next to it); the figures live
+in the README's Performance section, not here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The trio thread is busy with FUSE requests and HTTP bodies during a cold read; a thread
+# that made a blocking call (a disk cache write, a range read) then waits for the GIL up
+# to the switch interval. At the default 5 ms such threads fell far behind; 0.5 ms let
+# them keep up (scripts/bench G1).
+SWITCH_INTERVAL = 0.0005
+# Buffered reads reach FUSE in pieces of the mount's read_ahead_kb (128 KiB by default);
+# 1 MiB requests cost fewer round trips through the daemon per byte.
+READ_AHEAD_KB = 1024
+_M_ARENA_MAX = -8  # glibc malloc.h
+
+
+def tune_process() -> None:
+    """Settings for the serving process; before its first worker thread starts."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    _limit_malloc_arenas()
+
+
+def _limit_malloc_arenas() -> None:
+    """Two glibc malloc arenas instead of one per thread (8 per core).
+
+    Chunk buffers are allocated in fetch threads and freed in others; with an arena per
+    thread the freed megabytes stayed spread over arenas, and the daemon's peak RSS during
+    one cold read varied widely from run to run (scripts/bench G9).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
+    """Set the mount's kernel read-ahead; best effort (it needs root)."""
+    bdi = _bdi_of(mountpoint)
+    if not bdi:
+        log.debug("no bdi found for %s; kernel read-ahead left as is", mountpoint)
+        return
+    try:
+        Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").write_text(f"{kb}\n")
+        log.debug("read_ahead_kb of %s set to %d", bdi, kb)
+    except OSError as exc:
+        log.debug("cannot raise read_ahead_kb of %s: %s", bdi, exc)
+
+
+def _bdi_of(mountpoint: str) -> str | None:
+    """MAJ:MIN of the mount from /proc/self/mountinfo (stat would wait on ourselves)."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                mp = fields[4].encode().decode("unicode_escape")
+                if mp == target and " - fuse" in line:
+                    found = fields[2]
+    except OSError:
+        return None
+    return found
