@@ -206,8 +206,6 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
                 tree.spawn = nursery
                 if fill is not None:
                     await nursery.start(fill.run)
-                else:
-                    await nursery.start(reader.store_workers)
                 nursery.start_soon(_watch_signals, fill)
                 nursery.start_soon(_announce, config, ready_fd)
                 await pyfuse3.main()
