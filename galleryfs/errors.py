@@ -6,6 +6,7 @@
     ├── RegistryError             the registry answered, but not as hoped
     │   ├── AuthError             401/403: credentials missing or wrong
     │   ├── NotFound              404: unknown gallery, model, tag, blob
+    │   ├── BlobMissing           404 for a blob a listed file names: damage, not absence
     │   └── TooLarge              a manifest over the cap, a blob over its descriptor
     ├── RegistryUnavailable       no answer: connection refused, TLS failure, timeout
     ├── DigestMismatch            bytes that do not hash to the digest that named them
@@ -41,6 +42,11 @@ class AuthError(RegistryError):
 
 class NotFound(RegistryError):
     pass
+
+
+class BlobMissing(RegistryError):
+    """The registry has no blob for a file its manifest lists. Not a NotFound: the file
+    exists in the listing, so reading it fails as damage (EIO), not as absence (ENOENT)."""
 
 
 class TooLarge(RegistryError):

@@ -402,12 +402,11 @@ class Mount:
             raise BenchError(f"no {FLUSH_XATTR} on the mount root ({exc.strerror})") from None
         return time.perf_counter() - t0
 
-    def store_time(self, before: dict[str, Any]) -> tuple[float, float, int]:
-        """Since the `before` stats: seconds fetchers waited to hand chunks to the disk
-        cache's writers (summed over streams), seconds spent writing them, chunks written."""
+    def store_time(self, before: dict[str, Any]) -> tuple[float, int]:
+        """Since the `before` stats: seconds spent writing chunks to the disk cache, chunks
+        written."""
         now = self.stats()
-        return (float(now.get("store_wait_s", 0)) - float(before.get("store_wait_s", 0)),
-                float(now.get("store_write_s", 0)) - float(before.get("store_write_s", 0)),
+        return (float(now.get("store_write_s", 0)) - float(before.get("store_write_s", 0)),
                 int(now.get("stores", 0)) - int(before.get("stores", 0)))
 
     def registry_bytes(self) -> int:
@@ -670,8 +669,7 @@ class Bench:
         self.add("g4.base", fio_seq(local))
 
     def add_store_time(self, key: str, m: Mount, before: dict[str, Any]) -> None:
-        wait, write, stores = m.store_time(before)
-        self.add(f"{key}.store_wait", wait)
+        write, stores = m.store_time(before)
         if stores:
             self.add(f"{key}.store_ms", write / stores * 1000)
 
@@ -1053,7 +1051,7 @@ class Bench:
 
     def store_note(self, key: str, seconds: list[float]) -> str:
         """How the disk cache was written for a read of `seconds` (medians): after it
-        (write-behind), or during it (how long the read-ahead waited for the writers)."""
+        (write-behind), or during it (what a chunk's write cost)."""
         s = self.samples
         if s.get(f"{key}.fill_chunks"):
             med = {k: statistics.median(s[f"{key}.{k}"])
@@ -1062,14 +1060,11 @@ class Bench:
                     f"{med['fill_chunks']:.0f} chunks in {med['fill_s']:.1f} s, "
                     f"{med['fill_fetched']:.0f} fetched again (dropped from the page cache "
                     f"already); the unmount waited {med['flush_s']:.1f} s for it")
-        if not s.get(f"{key}.store_wait") or not seconds:
+        if not s.get(f"{key}.store_ms") or not seconds:
             return ""
-        note = (f"with the cache on, fetches waited {statistics.median(s[f'{key}.store_wait']):.1f} s "
-                f"(summed over streams) for its writers during the {statistics.median(seconds):.1f} s read")
-        if s.get(f"{key}.store_ms"):
-            per_chunk = statistics.median(s[f"{key}.store_ms"])
-            note += f", {per_chunk:.0f} ms per chunk in its write path (write and hash)"
-        return note
+        per_chunk = statistics.median(s[f"{key}.store_ms"])
+        return (f"with the cache on, {per_chunk:.0f} ms per chunk in its write path (write and "
+                f"hash) during the {statistics.median(seconds):.1f} s read")
 
     def report(self, rows: list[Row], elapsed: float) -> str:
         head = ["id", "metric", "galleryfs", "baseline", "ratio", "goal", "met"]

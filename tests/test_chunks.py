@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -13,6 +15,7 @@ import trio
 from galleryfs.errors import DigestMismatch
 from galleryfs.mount.diskcache import DiskCache
 from galleryfs.mount.reader import BlobRef, ChunkReader
+from galleryfs.mount.writeback import PageCacheFill
 from galleryfs.registry.client import ClientOptions, RegistryClient
 
 pytestmark = pytest.mark.trio
@@ -61,6 +64,62 @@ def _client(registry) -> RegistryClient:  # noqa: ANN001
     return RegistryClient(registry.host, ClientOptions(plain_http=True, timeout=10))
 
 
+MAX_WRITE = 16 << 10  # the kernel answers a retrieve in pieces of at most this
+
+
+class PageCache:
+    """What the kernel does with FUSE_NOTIFY_RETRIEVE: answers later, from the bytes it
+    holds, cut at its maximum write size and at the first page it does not hold."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.files: dict[int, bytes] = {}
+        self.holes: list[tuple[int, int]] = []
+        self.fill: PageCacheFill | None = None
+        self.asked = 0
+        self.served = 0
+
+    def holds(self, ref: BlobRef, data: bytes) -> None:
+        """A file of `ref` was read: its pages hold `data`."""
+        assert self.fill is not None
+        inode = 1000 + len(self.files)
+        self.files[inode] = data
+        self.fill.opened(ref, inode)
+
+    def retrieve(self, inode: int, size: int, offset: int, cookie: int) -> None:
+        if inode not in self.files:
+            raise FileNotFoundError("no such inode")
+        self.asked += 1
+        end = min(offset + size, offset + MAX_WRITE, len(self.files[inode]))
+        for lo, hi in self.holes:
+            if lo < end and hi > offset:
+                end = max(offset, lo // 4096 * 4096)
+        assert self.fill is not None
+        self.served += end - offset
+        self.nursery.start_soon(self.fill.retrieve_reply, cookie, inode, offset,
+                                self.files[inode][offset:end])
+
+    async def flush(self) -> None:
+        """What `galleryfs unmount` has the mount do: write what is owed, now."""
+        assert self.fill is not None
+        assert await self.fill.flush(30)
+
+
+@asynccontextmanager
+async def write_behind(reader: ChunkReader) -> AsyncIterator[PageCache]:
+    """The reader's disk cache written as in a mount: chunks fetched are owed to a
+    PageCacheFill, written at a flush (and at the end) from memory or from the page
+    cache, which holds the blobs it is told it `holds`."""
+    async with trio.open_nursery() as nursery:
+        kernel = PageCache(nursery)
+        kernel.fill = PageCacheFill(reader, kernel.retrieve, quiet=3600)
+        reader.defer = kernel.fill.owe
+        await nursery.start(kernel.fill.run)
+        yield kernel
+        await kernel.flush()
+        nursery.cancel_scope.cancel()
+
+
 async def test_concurrent_reads_of_one_chunk_cause_one_fetch(registry, blob, tmp_path) -> None:
     ref, data = blob
     async with _client(registry) as client:
@@ -77,7 +136,7 @@ async def test_concurrent_reads_of_one_chunk_cause_one_fetch(registry, blob, tmp
                 nursery.start_soon(one, 100 * i)
         assert fetch.calls == [(0, CHUNK)]
         assert sorted(results) == sorted(data[100 * i:100 * i + 1000] for i in range(8))
-        assert reader.stats.coalesced >= 1
+        assert reader.snapshot()["coalesced"] >= 1
         # A read across a chunk boundary returns exactly the bytes asked for.
         assert await reader.read(ref, CHUNK - 10, 30) == data[CHUNK - 10:CHUNK + 20]
         assert await reader.read(ref, ref.size - 5, 100) == data[-5:]
@@ -89,7 +148,9 @@ async def test_disk_cache_survives_restart_and_verifies(registry, blob, tmp_path
     async with _client(registry) as client:
         fetch = Counting(client)
         reader = ChunkReader(fetch, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
-        assert await reader.read(ref, 0, ref.size) == data
+        async with write_behind(reader) as kernel:
+            kernel.holds(ref, data)
+            assert await reader.read(ref, 0, ref.size) == data
         assert len(fetch.calls) == 11
         hexpart = ref.digest.split(":")[1]
         complete = tmp_path / "blobs" / "sha256" / hexpart
@@ -102,7 +163,7 @@ async def test_disk_cache_survives_restart_and_verifies(registry, blob, tmp_path
                               disk=DiskCache(tmp_path, 1 << 30, CHUNK))
         assert await reader2.read(ref, 3 * CHUNK + 7, 2 * CHUNK) == data[3 * CHUNK + 7:5 * CHUNK + 7]
         assert fetch2.calls == []
-        assert reader2.stats.disk_hits == 3  # chunks 3, 4, 5
+        assert reader2.snapshot()["disk_hits"] == 3  # chunks 3, 4, 5
 
         # Damage the cached file: the next process refuses it and drops it.
         raw = bytearray(complete.read_bytes())
@@ -124,12 +185,16 @@ async def test_partial_cache_resumes_after_restart(registry, blob, tmp_path) -> 
     async with _client(registry) as client:
         fetch = Counting(client)
         reader = ChunkReader(fetch, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
-        await reader.read(ref, 2 * CHUNK, CHUNK)
-        await reader.read(ref, 5 * CHUNK, 10)
+        async with write_behind(reader) as kernel:
+            kernel.holds(ref, data)
+            await reader.read(ref, 2 * CHUNK, CHUNK)
+            await reader.read(ref, 5 * CHUNK, 10)
         fetch2 = Counting(client)
         reader2 = ChunkReader(fetch2, chunk_size=CHUNK,
                               disk=DiskCache(tmp_path, 1 << 30, CHUNK))
-        assert await reader2.read(ref, 0, ref.size) == data
+        async with write_behind(reader2) as kernel:
+            kernel.holds(ref, data)
+            assert await reader2.read(ref, 0, ref.size) == data
         # Chunks 2 and 5 came from disk; the blob was then hashed in order and promoted.
         assert sorted(s // CHUNK for s, _ in fetch2.calls) == [0, 1, 3, 4, 6, 7, 8, 9, 10]
         assert (tmp_path / "blobs" / "sha256" / ref.digest.split(":")[1]).exists()
@@ -137,18 +202,24 @@ async def test_partial_cache_resumes_after_restart(registry, blob, tmp_path) -> 
 
 async def test_wrong_bytes_from_network_are_dropped_when_complete(registry, blob,
                                                                   tmp_path) -> None:
+    """Chunks from the network cannot be checked one by one: they are served, and the
+    whole-blob hash of the write-behind catches them. The blob then leaves the disk cache
+    and memory, so later reads fetch it again."""
     ref, data = blob
     async with _client(registry) as client:
         fetch = Counting(client)
         fetch.corrupt = True
         disk = DiskCache(tmp_path, 1 << 30, CHUNK)
         reader = ChunkReader(fetch, chunk_size=CHUNK, disk=disk)
-        with pytest.raises(DigestMismatch):
-            await reader.read(ref, 0, ref.size)
+        async with write_behind(reader) as kernel:
+            served = await reader.read(ref, 0, ref.size)
+            assert served != data
+            kernel.holds(ref, served)
         hexpart = ref.digest.split(":")[1]
         assert not (tmp_path / "blobs" / "sha256" / hexpart).exists()
         assert not (tmp_path / "partial" / "sha256" / f"{hexpart}.data").exists()
-        assert reader.memory.currsize == 0  # nothing of the bad blob stays in memory
+        assert reader.memory.bytes == 0  # nothing of the bad blob stays in memory
+        assert reader.snapshot()["digest_failures"] == 1
         fetch.corrupt = False
         assert await reader.read(ref, 0, ref.size) == data
 
@@ -170,7 +241,7 @@ async def test_readahead_grows_on_sequential_reads(registry, blob) -> None:
         assert windows[0] == 0 and windows[1] == CHUNK
         assert max(windows) == 4 * CHUNK  # doubled up to the cap, not beyond
         assert windows == sorted(windows)
-        assert reader.stats.prefetches > 0
+        assert reader.snapshot()["prefetches"] > 0
         # Prefetched chunks were fetched once each, not again by the foreground reads.
         assert len(fetch.calls) == len(set(fetch.calls)) == 11
 
@@ -186,12 +257,12 @@ async def test_no_readahead_on_random_reads(registry, blob) -> None:
                 assert await handle.read(offset, 100) == data[offset:offset + 100]
                 assert handle.readahead.window == 0
             handle.close()
-        assert reader.stats.prefetches == 0
+        assert reader.snapshot()["prefetches"] == 0
         assert sorted(s // CHUNK for s, _ in fetch.calls) == [0, 2, 5, 7, 9]
 
 
 async def test_small_jumps_do_not_reset_stream() -> None:
-    from galleryfs.mount.reader import ReadAhead
+    from galleryfs.mount.prefetch import ReadAhead
 
     ra = ReadAhead(1 << 20, 64 << 20)
     ra.observe(0, 128 << 10)
@@ -210,9 +281,9 @@ async def test_memory_lru_bound_in_bytes(registry, blob) -> None:
         reader = ChunkReader(Counting(client), chunk_size=CHUNK, memory_bytes=3 * CHUNK)
         for i in range(11):
             assert await reader.read(ref, i * CHUNK, 10) == data[i * CHUNK:i * CHUNK + 10]
-            assert reader.memory.currsize <= 3 * CHUNK
+            assert reader.memory.bytes <= 3 * CHUNK
         assert len(reader.memory) == 3
-        assert reader.stats.memory_misses == 11
+        assert reader.snapshot()["memory_misses"] == 11
 
 
 async def test_disk_cache_evicts_least_recently_used(registry, tmp_path: Path) -> None:
@@ -223,9 +294,12 @@ async def test_disk_cache_evicts_least_recently_used(registry, tmp_path: Path) -
     async with _client(registry) as client:
         disk = DiskCache(tmp_path, 5 * CHUNK, CHUNK)
         reader = ChunkReader(Counting(client), chunk_size=CHUNK, disk=disk)
-        for ref, data in blobs:
-            assert await reader.read(ref, 0, ref.size) == data
-            assert disk.used_bytes <= 5 * CHUNK
+        async with write_behind(reader) as kernel:
+            for ref, data in blobs:
+                kernel.holds(ref, data)
+                assert await reader.read(ref, 0, ref.size) == data
+                await kernel.flush()
+                assert disk.used_bytes <= 5 * CHUNK
         stored = {p.name for p in (tmp_path / "blobs" / "sha256").iterdir()}
         assert blobs[0][0].digest.split(":")[1] not in stored
         assert blobs[2][0].digest.split(":")[1] in stored
@@ -245,7 +319,7 @@ async def test_random_reads_fetch_only_their_bytes(registry, blob) -> None:
         # One Range request of exactly the bytes asked for, not a chunk each.
         assert fetch.calls == [(9 * CHUNK + 5, 9 * CHUNK + 4101), (2 * CHUNK, 2 * CHUNK + 4096),
                                (7 * CHUNK - 4096, 7 * CHUNK)]
-        assert reader.stats.prefetches == 0
+        assert reader.snapshot()["prefetches"] == 0
 
 
 async def test_verified_blob_is_trusted_by_its_stamp(registry, blob, tmp_path) -> None:
@@ -254,7 +328,9 @@ async def test_verified_blob_is_trusted_by_its_stamp(registry, blob, tmp_path) -
     async with _client(registry) as client:
         reader = ChunkReader(Counting(client), chunk_size=CHUNK,
                              disk=DiskCache(tmp_path, 1 << 30, CHUNK))
-        assert await reader.read(ref, 0, ref.size) == data
+        async with write_behind(reader) as kernel:
+            kernel.holds(ref, data)
+            assert await reader.read(ref, 0, ref.size) == data
     assert (tmp_path / "verified" / "sha256" / hexpart).exists()
     # A restart trusts the stamped blob without hashing it...
     disk = DiskCache(tmp_path, 1 << 30, CHUNK)
@@ -312,62 +388,80 @@ async def test_holes_are_read_exactly_from_the_disk_cache(registry, blob, tmp_pa
     async with _client(registry) as client:
         fetch = Counting(client)
         reader = ChunkReader(fetch, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
-        assert await reader.read(ref, 0, ref.size) == data  # fills the cache
+        async with write_behind(reader) as kernel:
+            kernel.holds(ref, data)
+            assert await reader.read(ref, 0, ref.size) == data  # fills the cache
         reader.memory.clear()
-        calls, hits = len(fetch.calls), reader.stats.disk_hits
+        calls, hits = len(fetch.calls), reader.snapshot()["disk_hits"]
         handle = reader.open(ref, None)
         for offset in (5 * CHUNK + 100, 2 * CHUNK - 10):
             assert bytes(await handle.read(offset, 4096)) == data[offset:offset + 4096]
         handle.close()
         assert len(fetch.calls) == calls
-        assert reader.stats.disk_hits == hits + 2
-        assert reader.memory.currsize == 0
+        assert reader.snapshot()["disk_hits"] == hits + 2
+        assert reader.memory.bytes == 0
 
 
-async def test_store_queue_holds_back_owners_when_the_disk_is_slow(tmp_path) -> None:
-    """Chunks waiting for the disk are bounded: past the queue and the writers, whoever
-    hands over another chunk waits (read-ahead slows down instead of memory growing)."""
-    import threading
+def _lose_blob(registry, digest: str) -> None:  # noqa: ANN001 - harness registry
+    """Delete the blob's bytes from the registry's storage (its repository link stays):
+    damage, as after a botched garbage collection or a lost storage object."""
+    import shutil
 
-    from trio.testing import wait_all_tasks_blocked
+    hexpart = digest.split(":")[1]
+    path = registry.storage_dir / "docker/registry/v2/blobs/sha256" / hexpart[:2] / hexpart
+    assert path.is_dir(), path
+    shutil.rmtree(path)
 
-    from galleryfs.mount.reader import STORE_QUEUE, STORE_WORKERS
 
-    gate = threading.Event()
+async def test_a_blob_the_registry_lost_is_damage_not_absence(registry, blob) -> None:
+    """A listed file whose blob the registry answers 404 for reads as EIO (BlobMissing),
+    not ENOENT: the file exists, its bytes are gone. Through the mount's own fetchers."""
+    import errno
 
-    class SlowDisk(DiskCache):
-        def write_chunk(self, digest: str, size: int, index: int, data) -> bool:  # noqa: ANN001
-            gate.wait(30)
-            return super().write_chunk(digest, size, index, data)
+    from galleryfs.errors import BlobMissing
+    from galleryfs.mount.operations import errno_for
+    from galleryfs.registry.ranges import DirectRanges
 
-    data = os.urandom(10 * CHUNK)
-    ref = BlobRef(REPO, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    ref, _ = blob
+    _lose_blob(registry, ref.digest)
+    async with _client(registry) as client:
+        ranges = DirectRanges(client)
+        reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=CHUNK)
+        try:
+            async with trio.open_nursery() as nursery:
+                handle = reader.open(ref, nursery)
+                # Offset 0 (a chunk, as a stream starts), then a random read (exact bytes),
+                # then a stream whose read-ahead spans fail first.
+                for offset in (0, 5 * CHUNK + 7, 100, 200):
+                    with pytest.raises(BlobMissing) as caught:
+                        await handle.read(offset, 100)
+                    assert errno_for(caught.value) == errno.EIO
+                handle.close()
+        finally:
+            ranges.close()
 
+
+async def test_without_write_behind_reads_write_nothing_to_disk(registry, blob,
+                                                                tmp_path) -> None:
+    """The write-behind is the only writer of the disk cache: a read alone writes nothing."""
+    ref, data = blob
+    async with _client(registry) as client:
+        disk = DiskCache(tmp_path, 1 << 30, CHUNK)
+        reader = ChunkReader(Counting(client), chunk_size=CHUNK, disk=disk)
+        assert await reader.read(ref, 0, ref.size) == data
+        assert not any(disk.has_chunk(ref.digest, ref.size, i) for i in range(reader.nchunks(ref)))
+        assert reader.snapshot()["stores"] == 0
+
+
+async def test_snapshot_keys(tmp_path) -> None:
+    """The counters the stats xattr shows (scripts/bench and the mount tests read them)."""
     async def never(*args: object) -> bytes:
         raise AssertionError("no fetch expected")
 
-    reader = ChunkReader(never, chunk_size=CHUNK, disk=SlowDisk(tmp_path, 1 << 30, CHUNK))
-    handed: list[int] = []
-
-    async def hand(i: int) -> None:
-        await reader._queue_store(ref, i, data[i * CHUNK:(i + 1) * CHUNK])
-        handed.append(i)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(reader.store_workers)
-        for i in range(10):
-            nursery.start_soon(hand, i)
-        await wait_all_tasks_blocked()
-        assert len(handed) == STORE_QUEUE + STORE_WORKERS  # the rest wait their turn
-        gate.set()
-        with trio.fail_after(30):
-            await reader.flush()  # every chunk counts as pending from the moment it is handed
-        assert sorted(handed) == list(range(10))
-        nursery.cancel_scope.cancel()
-    # The counters say where the time went: every chunk written, and the hands that
-    # found the queue full waited (for the gate) rather than piling chunks up.
-    snap = reader.snapshot()
-    assert snap["stores"] == 10
-    assert isinstance(snap["store_wait_s"], float) and isinstance(snap["store_write_s"], float)
-    assert reader.stats.store_wait_ns > 0 and reader.stats.store_write_ns > 0
-    assert (tmp_path / "blobs" / "sha256" / ref.digest.split(":")[1]).read_bytes() == data
+    common = {"coalesced", "digest_failures", "disk_hits", "disk_misses", "fetched_bytes",
+              "fetches", "in_flight", "memory_bytes", "memory_hits", "memory_limit",
+              "memory_misses", "prefetches", "readahead_cap", "readahead_windows", "spans",
+              "store_write_s", "stores"}
+    assert set(ChunkReader(never, chunk_size=CHUNK).snapshot()) == common
+    with_disk = ChunkReader(never, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+    assert set(with_disk.snapshot()) == common | {"disk_bytes", "disk_evictions", "disk_limit"}

@@ -1,5 +1,5 @@
-"""Write-behind of the disk cache (fill.py) against a real registry, with a stand-in for
-the kernel's page cache (the mount tests use the real one)."""
+"""Write-behind of the disk cache (writeback.py) against a real registry, with a stand-in
+for the kernel's page cache (the mount tests use the real one)."""
 
 from __future__ import annotations
 
@@ -12,39 +12,12 @@ import trio.testing
 from galleryfs.mount.diskcache import DiskCache
 from galleryfs.mount.reader import BlobRef, ChunkReader
 from galleryfs.mount.writeback import PageCacheFill
-from tests.test_chunks import CHUNK, Counting, _client, push_blob
+from tests.test_chunks import CHUNK, MAX_WRITE, Counting, PageCache, _client, push_blob
 
 pytestmark = pytest.mark.trio
 
 INODE = 7
 REPO = "fill/blob"
-MAX_WRITE = 16 << 10  # the kernel answers a retrieve in pieces of at most this
-
-
-class PageCache:
-    """What the kernel does with FUSE_NOTIFY_RETRIEVE: answers later, from the bytes it
-    holds, cut at its maximum write size and at the first page it does not hold."""
-
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self.nursery = nursery
-        self.files: dict[int, bytes] = {}
-        self.holes: list[tuple[int, int]] = []
-        self.fill: PageCacheFill | None = None
-        self.asked = 0
-        self.served = 0
-
-    def retrieve(self, inode: int, size: int, offset: int, cookie: int) -> None:
-        if inode not in self.files:
-            raise FileNotFoundError("no such inode")
-        self.asked += 1
-        end = min(offset + size, offset + MAX_WRITE, len(self.files[inode]))
-        for lo, hi in self.holes:
-            if lo < end and hi > offset:
-                end = max(offset, lo // 4096 * 4096)
-        assert self.fill is not None
-        self.served += end - offset
-        self.nursery.start_soon(self.fill.retrieve_reply, cookie, inode, offset,
-                                self.files[inode][offset:end])
 
 
 @pytest.fixture
@@ -70,11 +43,19 @@ async def _setup(nursery: trio.Nursery, client, tmp_path, quiet: float  # noqa: 
 async def _read(reader: ChunkReader, fill: PageCacheFill, kernel: PageCache, ref: BlobRef,
                 data: bytes, holes: list[tuple[int, int]] | None = None) -> None:
     """Read the whole blob as a mount would, leaving its bytes (less `holes`) in the
-    kernel's page cache."""
+    kernel's page cache.
+
+    Chunk by chunk, in order, as the kernel asks: memory (one chunk's worth) then ends up
+    holding the last chunk, whatever the fetch timings. One read of the whole blob would
+    fetch every chunk at once, and memory would keep whichever arrived last, which the
+    fill would take from there rather than from the page cache or the registry.
+    """
     fill.opened(ref, INODE)
     kernel.files[INODE] = data
     kernel.holes = holes or []
-    assert await reader.read(ref, 0, ref.size) == data
+    for offset in range(0, ref.size, CHUNK):
+        assert await reader.read(ref, offset, CHUNK) == data[offset:offset + CHUNK]
+    assert reader.held(ref, reader.nchunks(ref) - 1) is not None
 
 
 def _complete(tmp_path, digest: str) -> bool:  # noqa: ANN001
@@ -90,27 +71,30 @@ async def test_owed_chunks_wait_for_quiet_or_flush_then_come_from_the_page_cache
         n = reader.nchunks(ref)
         # Reads still going on (no quiet yet): nothing is written during them.
         await trio.testing.wait_all_tasks_blocked()
-        assert fill.owed == n and reader.stats.stores == 0
+        assert fill.owed == n and reader.snapshot()["stores"] == 0
         assert not disk.has_chunk(ref.digest, ref.size, 0)
         assert await fill.flush(30)
         nursery.cancel_scope.cancel()
     assert _complete(tmp_path, ref.digest)
     assert len(fetch.calls) == n  # every chunk fetched once, none again for the cache
     assert fill.stats.filled == n and fill.stats.fetched == 0 and fill.stats.missed == 0
-    # All but the one chunk the memory cache held came from the page cache, in pieces.
-    assert fill.stats.from_memory == 1 and kernel.served >= ref.size - CHUNK
+    # All but the last chunk, which the memory cache held, came from the page cache, in
+    # pieces.
+    assert fill.stats.from_memory == 1 and kernel.served == ref.size - (ref.size % CHUNK)
     assert kernel.asked >= kernel.served // MAX_WRITE
 
 
 async def test_a_chunk_the_page_cache_dropped_is_fetched_again_unless_flushing(
-        registry, blob, tmp_path) -> None:
+        registry, blob, tmp_path, mock_clock) -> None:
     ref, data = blob
     async with _client(registry) as client, trio.open_nursery() as nursery:
         reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 0.05)
+        # The clock stands still while the blob is read: the quiet the fill waits for
+        # comes after the last read, not during a slow fetch.
         await _read(reader, fill, kernel, ref, data, [(3 * CHUNK + 5000, 3 * CHUNK + 6000)])
-        with trio.fail_after(30):
-            while not _complete(tmp_path, ref.digest):
-                await trio.sleep(0.02)
+        mock_clock.jump(1)
+        await fill.drained()
+        assert _complete(tmp_path, ref.digest)
         nursery.cancel_scope.cancel()
     # Written in full, chunk 3 fetched a second time, and the whole blob verified.
     assert [c for c in fetch.calls if c[0] == 3 * CHUNK] == [(3 * CHUNK, 4 * CHUNK)] * 2
@@ -129,15 +113,18 @@ async def test_a_chunk_the_page_cache_dropped_is_fetched_again_unless_flushing(
     assert not disk.has_chunk(ref.digest, ref.size, 3) and disk.has_chunk(ref.digest, ref.size, 4)
 
 
-async def test_quiet_starts_the_fill(registry, blob, tmp_path) -> None:
+async def test_quiet_starts_the_fill(registry, blob, tmp_path, mock_clock) -> None:
     ref, data = blob
     async with _client(registry) as client, trio.open_nursery() as nursery:
         reader, fill, kernel, fetch, disk = await _setup(nursery, client, tmp_path, 0.05)
         await _read(reader, fill, kernel, ref, data)
-        with trio.fail_after(30):
-            while not _complete(tmp_path, ref.digest):
-                await trio.sleep(0.02)
-        assert fill.owed == 0
+        # Not a moment too early: nothing written until the quiet has passed.
+        mock_clock.jump(0.04)
+        await trio.testing.wait_all_tasks_blocked()
+        assert fill.owed == reader.nchunks(ref) and fill.stats.filled == 0
+        mock_clock.jump(0.02)
+        await fill.drained()
+        assert fill.owed == 0 and _complete(tmp_path, ref.digest)
         nursery.cancel_scope.cancel()
     assert len(fetch.calls) == reader.nchunks(ref)
 
@@ -160,7 +147,7 @@ async def test_a_stream_drops_the_chunks_it_passed_while_they_are_owed(registry,
         held = []
         for offset in range(0, ref.size, 16 << 10):
             out += await handle.read(offset, 16 << 10)
-            held.append(reader.memory.currsize)
+            held.append(reader.memory.bytes)
         handle.close()
         assert bytes(out) == data
         # Not on disk yet, but left to the kernel's page cache: memory holds the window

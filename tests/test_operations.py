@@ -538,8 +538,6 @@ async def test_read_during_an_outage_is_eio_with_one_warning(
 
 
 @pytest.mark.trio
-@pytest.mark.xfail(strict=False, reason="a blob the registry lost (404) maps to ENOENT until "
-                   "the reader raises BlobMissing (mapped to EIO)")
 async def test_blob_the_registry_lost_is_eio(registry_session: Registry, tmp_path: Path) -> None:
     data = os.urandom(CHUNK + 1)  # this test's own blob: no other revision shares it
     repo = f"{GALLERY}-lost/m"
@@ -612,17 +610,14 @@ def test_errno_for_every_error_class_is_chosen() -> None:
     classes = {c for c in vars(errors).values()
                if isinstance(c, type) and issubclass(c, GalleryError)}
     covered = {GalleryError, UsageError, InvalidReference, RegistryError, AuthError, NotFound,
-               TooLarge, RegistryUnavailable, DigestMismatch, UnsupportedContent}
-    blob_missing = getattr(errors, "BlobMissing", None)
-    assert classes - covered - {blob_missing} == set()
+               TooLarge, RegistryUnavailable, DigestMismatch, UnsupportedContent,
+               errors.BlobMissing}
+    assert classes - covered == set()
 
 
 def test_errno_for_a_lost_blob_is_eio() -> None:
-    blob_missing = getattr(errors, "BlobMissing", None)
-    if blob_missing is None:
-        pytest.xfail("galleryfs.errors has no BlobMissing yet")
-    assert issubclass(blob_missing, RegistryError)
-    assert errno_for(blob_missing("gone", 404)) == errno.EIO
+    assert issubclass(errors.BlobMissing, RegistryError)
+    assert errno_for(errors.BlobMissing("gone", 404)) == errno.EIO
 
 
 def test_errno_for_a_group_reports_its_first_gallery_error() -> None:

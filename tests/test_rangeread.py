@@ -192,6 +192,7 @@ async def _sequential(handle, size: int, piece: int = 16384) -> bytes:  # noqa: 
 def test_sequential_reads_prefetch_in_spans_and_fill_the_disk_cache(registry: Registry,
                                                                     tmp_path) -> None:
     from galleryfs.mount.diskcache import DiskCache
+    from tests.test_chunks import write_behind
 
     data, blob = _pushed(registry, 40 * CHUNK + 123)
     digest = blob.digest
@@ -199,20 +200,18 @@ def test_sequential_reads_prefetch_in_spans_and_fill_the_disk_cache(registry: Re
     async def run() -> None:
         async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
             ranges, reader = _span_reader(client, 8, DiskCache(tmp_path, 1 << 30, CHUNK))
-            async with trio.open_nursery() as nursery:
-                await nursery.start(reader.store_workers)
+            # The disk cache is written as in a mount: by the write-behind, at a flush.
+            async with write_behind(reader) as kernel, trio.open_nursery() as nursery:
+                kernel.holds(blob, data)
                 handle = reader.open(blob, nursery)
                 assert await _sequential(handle, len(data)) == data
                 handle.close()
-                with trio.fail_after(30):
-                    await reader.flush()
-                nursery.cancel_scope.cancel()
             # Every chunk reached the disk cache, and the blob was verified and promoted.
             assert (tmp_path / "blobs" / "sha256" / digest.split(":")[1]).read_bytes() == data
-            assert reader.stats.spans > 0
+            assert reader.snapshot()["spans"] > 0
             # Fewer requests than chunks: the stream went out in multi-chunk ranges.
             assert client.requests_sent < 41 * 0.5, client.requests_sent
-            assert reader.stats.fetched_bytes == len(data)
+            assert reader.snapshot()["fetched_bytes"] == len(data)
             ranges.close()
 
     trio.run(run)
@@ -234,7 +233,7 @@ def test_a_failed_span_leaves_its_chunks_to_the_readers(registry: Registry) -> N
                         assert await _sequential(handle, len(data)) == data
                     handle.close()
                 assert proxy.faults == []
-                assert reader._flights == {}  # nothing left claimed
+                assert reader.snapshot()["in_flight"] == 0  # nothing left claimed
                 ranges.close()
 
     trio.run(run)
@@ -251,7 +250,7 @@ def test_closing_a_file_mid_stream_releases_its_spans(registry: Registry) -> Non
                 assert await _sequential(handle, 8 * CHUNK) == data[:8 * CHUNK]
                 handle.close()
             # The nursery is done: every span ran or was cancelled, none left claimed.
-            assert reader._flights == {}
+            assert reader.snapshot()["in_flight"] == 0
             # A new reader of the same blob is served normally.
             handle = reader.open(blob, None)
             assert bytes(await handle.read(20 * CHUNK, 100)) == data[20 * CHUNK:20 * CHUNK + 100]

@@ -30,13 +30,13 @@ DigestMismatch (and is removed), never wrong bytes. Silent media corruption unde
 unchanged stamp is left to the disk, as for any local file.
 
 Chunk data is written with O_DIRECT where the file system takes it: on the VMs this
-runs on, a buffered write of a fresh 4 MiB chunk costs ~10 ms of kernel CPU (page cache
-allocation and ext4 bookkeeping: 2.4 s per GiB on 2 cores shared with the reader and the
-network path), a direct one ~1 ms of CPU for the same wall time. The cache file's bytes
-are not wanted in the page cache anyway: the reader already has them in the FUSE file's
-page cache. Direct writes need aligned memory and lengths, so a chunk is copied, 1 MiB at
-a time, into a reused aligned buffer and the blob's last piece is padded to the block
-size; the file is cut to the blob's size when it is promoted.
+runs on, a buffered write of a fresh chunk costs several times the kernel CPU of a direct
+one for the same wall time (page cache allocation and ext4 bookkeeping, on cores shared
+with the reader and the network path). The cache file's bytes are not wanted in the page
+cache anyway: the reader already has them in the FUSE file's page cache. Direct writes
+need aligned memory and lengths, so a chunk is copied, 1 MiB at a time, into a reused
+aligned buffer and the blob's last piece is padded to the block size; the file is cut to
+the blob's size when it is promoted.
 
 All methods are synchronous and thread-safe: callers run them in trio worker threads.
 Eviction is least-recently-used by whole blob, down to `max_bytes`, never touching a
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 _MAGIC = b"GFSC"
 _VERSION = 1
 _HEADER = struct.Struct("<4sIQ")  # magic, version, chunk size
-_HASH_PIECE = 8 << 20
 # O_DIRECT alignment of offsets, lengths and memory: the page size covers every
 # logical block size in use (512 or 4096).
 _ALIGN = mmap.PAGESIZE
@@ -87,8 +86,8 @@ class _Partial:
     hashed: int = 0  # chunks fed to the hasher, in order
     ahead: dict[int, Chunk] = field(default_factory=dict)  # written, not yet hashed
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # Chunk data is written outside `lock` (two writers keep the disk busy while one
-    # hashes); closing waits for those writes.
+    # Chunk data is written outside `lock`, so disk I/O never holds it; closing waits
+    # for those writes.
     writing: int = 0
     idle: threading.Condition = field(init=False)
     closed: bool = False
@@ -225,11 +224,11 @@ class DiskCache:
             self.drop(digest)
             raise DigestMismatch(
                 f"cached {digest} has {st.st_size} bytes, expected {size}: dropped")
-        h = hashlib.sha256()
-        with open(complete, "rb") as f:
-            while piece := f.read(_HASH_PIECE):
-                h.update(piece)
-        if "sha256:" + h.hexdigest() != digest:
+        try:
+            intact = digests.of_file(complete, size) == digest
+        except DigestMismatch:  # it changed size under us
+            intact = False
+        if not intact:
             self.drop(digest)
             raise DigestMismatch(f"cached {digest} does not match its digest: dropped")
         self._verified.add(digest)

@@ -6,12 +6,13 @@ chunks are written in the order they were fetched, their bytes taken from the me
 cache or asked back from the kernel's page cache of the file that read them
 (FUSE_NOTIFY_RETRIEVE, through galleryfs's build of pyfuse3).
 
-Why not write during the read: a cache write competes with the read it caches. On the
-bench machine the registry reads the blobs from the same disk; with `O_DIRECT` cache
-writes during a cold read of 512 MiB in 8 files, fetches waited ~40 ms per 4 MiB chunk
-for the writers and the read took 2.6-3.3 s, against 1.4-1.5 s with no cache writes
-(buffered writes cost CPU instead: 2.2 s). After the read the bytes are in the page
-cache anyway; asking the kernel for them costs a memory copy.
+Why not write during the read: a cache write competes with the read it caches. Where
+the registry reads the blobs from the same disk (the bench machine), cache writes during
+a cold read of many files made fetches wait for the writers and slowed the read
+markedly; buffered writes cost CPU instead (measured in scripts/bench G2). After the read the
+bytes are in the page cache anyway; asking the kernel for them costs a memory copy. This
+is the only way the disk cache is written during a mount: it needs galleryfs's build of
+pyfuse3 (`notify_retrieve`).
 
 A chunk the kernel dropped before the fill (or never held: read-ahead the reader did not
 reach, gone from the memory cache) is fetched again from the registry. An unmount takes
@@ -30,11 +31,12 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
 from ..errors import GalleryError
-from .reader import BlobRef, ChunkReader
+from .blob import BlobRef, Chunk
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,24 @@ MAX_OWED = 8192
 PIECE_TIMEOUT = 5.0
 
 Retrieve = Callable[[int, int, int, int], None]  # (inode, size, offset, cookie)
+
+
+class Source(Protocol):
+    """What the write-behind asks of the reader (ChunkReader)."""
+
+    chunk_size: int
+
+    def held(self, blob: BlobRef, index: int) -> Chunk | None:
+        """The chunk if it is still in memory."""
+        ...
+
+    async def fetch_range(self, blob: BlobRef, start: int, end: int) -> Chunk:
+        """Bytes from the registry, kept nowhere."""
+        ...
+
+    async def store(self, blob: BlobRef, index: int, data: Chunk) -> None:
+        """Into the disk cache (a digest failure is the reader's to handle)."""
+        ...
 
 
 @dataclass
@@ -67,9 +87,9 @@ class _Reply:
 
 
 class PageCacheFill:
-    def __init__(self, reader: ChunkReader, retrieve: Retrieve, *, quiet: float = QUIET,
+    def __init__(self, source: Source, retrieve: Retrieve, *, quiet: float = QUIET,
                  max_owed: int = MAX_OWED) -> None:
-        self.reader = reader
+        self.source = source
         self.retrieve = retrieve
         self.quiet = quiet
         self.max_owed = max_owed
@@ -93,7 +113,8 @@ class PageCacheFill:
         self._inodes[blob.digest] = inode
 
     def owe(self, blob: BlobRef, index: int) -> None:
-        """A chunk went to a reader but not to the disk cache (ChunkReader.defer)."""
+        """A chunk fetched from the registry went to a reader, not yet to the disk cache
+        (ChunkReader.defer)."""
         self._owed[(blob.digest, index)] = blob
         self._owed.move_to_end((blob.digest, index))
         while len(self._owed) > self.max_owed:
@@ -136,22 +157,26 @@ class PageCacheFill:
                 log.exception("write-behind of %s chunk %d failed", digest, index)
                 self.stats.missed += 1
 
+    async def drained(self) -> None:
+        """Until nothing is owed: every owed chunk written, or given up."""
+        await self._drained.wait()
+
     async def flush(self, timeout: float) -> bool:
         """Write what is owed now, without waiting for quiet. True when nothing is left."""
         self._flushing += 1
         self._wake.set()
         try:
             with trio.move_on_after(timeout):
-                await self._drained.wait()
+                await self.drained()
         finally:
             self._flushing -= 1
         return not self._owed
 
     async def _fill(self, blob: BlobRef, index: int, *, refetch: bool) -> None:
         t0 = trio.current_time()
-        cs = self.reader.chunk_size
+        cs = self.source.chunk_size
         start, end = index * cs, min(blob.size, (index + 1) * cs)
-        data = self.reader.memory.get((blob.digest, index))
+        data: Chunk | None = self.source.held(blob, index)
         if data is not None:
             self.stats.from_memory += 1
         else:
@@ -164,13 +189,13 @@ class PageCacheFill:
                 self.stats.missed += 1
                 return
             try:
-                data = await self.reader.fetch_range(blob, start, end)
+                data = await self.source.fetch_range(blob, start, end)
             except GalleryError as exc:
                 log.debug("write-behind of %s chunk %d: %s", blob.digest, index, exc)
                 self.stats.missed += 1
                 return
             self.stats.fetched += 1
-        await self.reader.store(blob, index, data)
+        await self.source.store(blob, index, data)
         self.stats.filled += 1
         self.stats.fill_ns += int((trio.current_time() - t0) * 1e9)
 

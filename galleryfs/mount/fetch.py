@@ -1,0 +1,93 @@
+"""Blob bytes from the registry for the mount: bounded in time, checked in length, counted.
+
+Every network fetch of the data path goes through `BlobFetch`, so a dead registry turns
+into an error rather than a hang, and a blob the registry lost turns into `BlobMissing`:
+a file the listing shows but whose bytes are gone is damage (EIO), not absence (ENOENT).
+
+Two shapes: `range`, exactly bytes [start, end) in one buffer; and `span`, one request
+for a run of chunks handed over chunk by chunk as they arrive (the registry spends far
+less CPU per byte on a few long ranges than on many chunk-sized ones).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+import trio
+
+from ..errors import BlobMissing, NotFound, RegistryUnavailable
+from .blob import BlobRef, Chunk
+
+# (repo, digest, start, end) -> exactly bytes [start, end)
+Fetcher = Callable[[str, str, int, int], Awaitable[Chunk]]
+# (offset, bytes) of one piece of a span, handed over as it arrives
+Deliver = Callable[[int, bytearray], Awaitable[None]]
+# (repo, digest, start, end, piece size, deliver): bytes [start, end) with one request,
+# delivered piece by piece in order; returns the offset reached (end unless it failed)
+SpanFetcher = Callable[[str, str, int, int, int, Deliver], Awaitable[int]]
+# A span's piece for its taker: False when it was no longer wanted (not counted).
+Take = Callable[[int, bytearray], bool]
+
+
+@dataclass
+class FetchStats:
+    fetches: int = 0  # chunks or exact ranges received (and wanted)
+    fetched_bytes: int = 0
+    spans: int = 0  # span requests started
+
+
+class BlobFetch:
+    def __init__(self, fetch: Fetcher, span_fetch: SpanFetcher | None = None, *,
+                 timeout: float = 60.0) -> None:
+        self.fetch = fetch
+        self.span_fetch = span_fetch
+        self.timeout = timeout
+        self.stats = FetchStats()
+
+    @property
+    def spans(self) -> bool:
+        return self.span_fetch is not None
+
+    async def range(self, blob: BlobRef, start: int, end: int) -> Chunk:
+        """Bytes [start, end) of the blob, straight from the registry."""
+        try:
+            with trio.move_on_after(self.timeout) as scope:
+                data = await self.fetch(blob.repo, blob.digest, start, end)
+        except NotFound as exc:
+            _missing(blob, exc)
+        if scope.cancelled_caught:
+            raise RegistryUnavailable(
+                f"{blob.repo}@{blob.digest}: no data within {self.timeout:g}s")
+        if len(data) != end - start:
+            raise RegistryUnavailable(
+                f"{blob.repo}@{blob.digest}: got {len(data)} bytes for a {end - start} byte range")
+        self.stats.fetches += 1
+        self.stats.fetched_bytes += len(data)
+        return data
+
+    async def span(self, blob: BlobRef, start: int, end: int, piece: int, take: Take) -> None:
+        """Bytes [start, end) with one request, handed to `take` `piece` bytes at a time.
+        Returns early, without an error, on a timeout (a piece's time for every piece):
+        the caller gives up what was not taken."""
+        assert self.span_fetch is not None
+        stats = self.stats
+
+        async def deliver(offset: int, data: bytearray) -> None:
+            if take(offset, data):
+                stats.fetches += 1
+                stats.fetched_bytes += len(data)
+
+        stats.spans += 1
+        try:
+            with trio.move_on_after(self.timeout * math.ceil((end - start) / piece)):
+                await self.span_fetch(blob.repo, blob.digest, start, end, piece, deliver)
+        except NotFound as exc:
+            _missing(blob, exc)
+
+
+def _missing(blob: BlobRef, exc: NotFound) -> NoReturn:
+    raise BlobMissing(f"{blob.repo}@{blob.digest}: the registry has lost the blob of a listed "
+                      f"file ({exc})", exc.status) from exc

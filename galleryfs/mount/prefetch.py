@@ -1,0 +1,240 @@
+"""Read-ahead: what to fetch before it is asked for, and when.
+
+`ReadAhead` is the pure window logic of one open file: when reads are sequential, the
+window starts at one chunk and doubles up to a cap for every chunk consumed. Kernel
+readahead and mmap faults arrive slightly out of order, so a forward skip of a few chunks
+or a step back of a quarter chunk does not break a stream (as in Mountpoint for S3).
+
+`Stream` acts on it for one open file. With span fetches, the window is refilled when
+less than half of it is at hand, the gap claimed at once and fetched with one range
+request; without, chunk by chunk. Chunks the stream has passed are dropped from memory.
+`Prefetcher` holds what the streams share: how many prefetches run at once, the cap.
+
+Neither touches a cache: they ask a `Source` (the ChunkReader) a few questions, such as
+"is chunk i at hand?", "claim chunks i..j for one request", "drop what lies behind".
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Protocol
+
+import trio
+
+from .blob import BlobRef, Chunk
+from .chunkcache import Span
+
+log = logging.getLogger(__name__)
+
+WINDOW_CAP = 32 << 20
+# Stream tolerances: a forward skip of 16 MiB (at least two chunks) and a step back of
+# a quarter chunk keep a running stream going (as in Mountpoint for S3).
+SEQ_FORWARD = 16 << 20
+SEQ_BACK_FRACTION = 4
+# Starting a stream takes a read that continues the previous one (within a page): with
+# the running-stream tolerances, one random 4 KiB read in ~60 over a GiB would look
+# sequential and cost a whole chunk of read-ahead.
+SEQ_START_SLACK = 4096
+
+
+class Source(Protocol):
+    """What read-ahead asks of the reader."""
+
+    chunk_size: int
+
+    def nchunks(self, blob: BlobRef) -> int: ...
+
+    def at_hand(self, blob: BlobRef, index: int) -> bool:
+        """In memory or on its way there."""
+        ...
+
+    def in_memory(self, blob: BlobRef, index: int) -> bool: ...
+
+    def on_disk(self, blob: BlobRef, index: int) -> bool: ...
+
+    async def chunk(self, blob: BlobRef, index: int) -> Chunk:
+        """Load the chunk into memory, from wherever it is."""
+        ...
+
+    def claim_span(self, blob: BlobRef, first: int, last: int) -> Span | None:
+        """Claim chunks first.. up to last (or the first at hand or on disk) for one
+        request; None when there is nothing to claim."""
+        ...
+
+    async def fetch_span(self, span: Span) -> None:
+        """Fetch a claimed span; always releases what it did not deliver."""
+        ...
+
+    def release_span(self, span: Span) -> None: ...
+
+    def drop_behind(self, blob: BlobRef, start: int, end: int) -> int:
+        """Drop chunks [start, end) from memory where that costs no refetch; returns the
+        index below which all are gone."""
+        ...
+
+
+class ReadAhead:
+    """Sequential-access detection and window sizing for one open file (pure logic)."""
+
+    def __init__(self, chunk_size: int, cap: int = WINDOW_CAP) -> None:
+        self.chunk_size = chunk_size
+        self.cap = max(cap, chunk_size)
+        self.window = 0
+        self.forward = max(SEQ_FORWARD, 2 * chunk_size)
+        self.back = chunk_size // SEQ_BACK_FRACTION
+        self.last_end: int | None = None
+        self._grow_mark = -1  # chunk index where the window last grew
+
+    def observe(self, offset: int, size: int) -> int:
+        """Record a read; return the window to keep fetched beyond its end."""
+        end = offset + size
+        if self.last_end is None:
+            near = False
+        elif self.window:
+            near = self.last_end - self.back <= offset <= self.last_end + self.forward
+        else:
+            near = abs(offset - self.last_end) <= SEQ_START_SLACK
+        if near:
+            assert self.last_end is not None
+            chunk = end // self.chunk_size
+            if self.window == 0:
+                self.window = self.chunk_size
+                self._grow_mark = chunk
+            elif chunk > self._grow_mark:
+                self.window = min(self.cap, self.window * 2)
+                self._grow_mark = chunk
+            self.last_end = max(self.last_end, end)
+        else:
+            # First read, or a jump: fetch only what is asked until a stream shows.
+            self.window = 0
+            self.last_end = end
+        return self.window
+
+
+class Prefetcher:
+    """What the streams of all open files share."""
+
+    def __init__(self, source: Source, *, spans: bool, window_cap: int = WINDOW_CAP,
+                 concurrency: int = 2) -> None:
+        self.source = source
+        self.spans = spans
+        self.window_cap = window_cap
+        self.limiter = trio.CapacityLimiter(concurrency)
+        self.prefetches = 0  # chunks prefetched (claimed in a span, or loaded alone)
+        self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
+
+    def stream(self, blob: BlobRef, nursery: trio.Nursery | None) -> Stream:
+        """Read-ahead for one open file; prefetches run in `nursery` (None: never)."""
+        stream = Stream(self, blob, nursery)
+        self._streams.add(stream)
+        return stream
+
+    def windows(self) -> list[int]:
+        """The read-ahead window of every open file, in bytes."""
+        return sorted((s.readahead.window for s in self._streams if not s.closed),
+                      reverse=True)
+
+
+class Stream:
+    def __init__(self, prefetcher: Prefetcher, blob: BlobRef,
+                 nursery: trio.Nursery | None) -> None:
+        self.prefetcher = prefetcher
+        self.source = prefetcher.source
+        self.blob = blob
+        self.nursery = nursery
+        self.readahead = ReadAhead(self.source.chunk_size, prefetcher.window_cap)
+        self.closed = False
+        self._scopes: set[trio.CancelScope] = set()
+        self._scheduled: set[int] = set()
+        self._dropped = 0  # chunks below this index were dropped behind the stream
+
+    def advance(self, pos: int, window: int) -> None:
+        """A read ended at `pos` with `window` bytes wanted ahead of it."""
+        if self.nursery is None or self.closed:
+            return
+        source, blob, nursery = self.source, self.blob, self.nursery
+        first = pos // source.chunk_size
+        last = min(source.nchunks(blob) - 1, (pos + window - 1) // source.chunk_size)
+        # Forget what lies behind the stream so the set stays small.
+        self._scheduled = {i for i in self._scheduled if i >= first}
+        # Drop behind: chunks the stream has passed leave memory. The kernel's page
+        # cache holds them until the write-behind has them on disk (a late read of one
+        # it dropped meanwhile fetches it again): kept here, two streams' passed chunks
+        # pushed each other's read-ahead out of memory, and a third of two 1 GiB reads
+        # was fetched twice.
+        if first > self._dropped:
+            self._dropped = source.drop_behind(blob, self._dropped, first)
+
+        def covered(i: int) -> bool:
+            return i in self._scheduled or source.at_hand(blob, i)
+
+        if not self.prefetcher.spans:
+            for i in range(first, last + 1):
+                if not covered(i):
+                    self._scheduled.add(i)
+                    nursery.start_soon(self._prefetch, i)
+            return
+        # Refill only when less than half the window is at hand or on its way, then in
+        # long spans: fewer, longer requests.
+        ahead = 0
+        while first + ahead <= last and covered(first + ahead):
+            ahead += 1
+        if ahead and 2 * ahead >= last - first + 1:
+            return
+        run: list[int] = []
+        for i in range(first, last + 2):
+            on_disk = i <= last and not covered(i) and source.on_disk(blob, i)
+            if i <= last and not covered(i) and not on_disk:
+                run.append(i)
+                continue
+            if run:
+                span = source.claim_span(blob, run[0], run[-1])
+                if span is not None:
+                    nursery.start_soon(self._prefetch_span, span)
+                run = []
+            if on_disk:
+                self._scheduled.add(i)
+                nursery.start_soon(self._prefetch, i)
+
+    async def _prefetch_span(self, span: Span) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                if self.closed:
+                    return
+                async with self.prefetcher.limiter:
+                    self.prefetcher.prefetches += len(span.flights)
+                    await self.source.fetch_span(span)
+            except Exception as exc:  # noqa: BLE001 - never let a prefetch end the mount
+                # The foreground reads of these chunks will fetch and report them.
+                log.debug("prefetch span of %s failed: %s", self.blob.digest, exc)
+            finally:
+                self._scopes.discard(scope)
+                self.source.release_span(span)  # if it never ran
+
+    async def _prefetch(self, index: int) -> None:
+        if self.closed:
+            return
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                async with self.prefetcher.limiter:
+                    if self.source.in_memory(self.blob, index):
+                        return
+                    self.prefetcher.prefetches += 1
+                    await self.source.chunk(self.blob, index)
+            except Exception as exc:  # noqa: BLE001 - never let a prefetch end the mount
+                # The foreground read of this chunk will fetch and report it.
+                log.debug("prefetch of %s chunk %d failed: %s", self.blob.digest, index, exc)
+            finally:
+                self._scopes.discard(scope)
+                self._scheduled.discard(index)
+
+    def close(self) -> None:
+        """Stop: prefetches of this file are cancelled (their claims released)."""
+        if self.closed:
+            return
+        self.closed = True
+        for scope in list(self._scopes):
+            scope.cancel()
