@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import logging
+import math
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -113,6 +114,8 @@ def parse_size(text: str, *, zero: bool = False) -> int:
         value = float(t[: len(t) - len(unit)] if unit else t)
     except ValueError:
         raise UsageError(f"invalid size {text!r}: use e.g. 512M or 10G") from None
+    if not math.isfinite(value) or value * units[unit] >= 1 << 63:
+        raise UsageError(f"invalid size {text!r}: use e.g. 512M or 10G")
     if value < 0 or value == 0 and not zero:
         raise UsageError(f"invalid size {text!r}: must be positive")
     return int(value * units[unit])

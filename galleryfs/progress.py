@@ -11,7 +11,7 @@ class Progress:
         self.enabled = not quiet and sys.stderr.isatty()
         self._bar: Any = None
         if self.enabled:
-            # Imported here: ~30 ms of start-up that a quiet or piped run never needs.
+            # Imported here: start-up time that a quiet or piped run never needs.
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True,

@@ -343,6 +343,7 @@ def test_sizes_and_a_zero_cache_size() -> None:
 
     assert parse_size("512M") == 512 << 20 and parse_size("10G") == 10 << 30
     assert parse_size("0", zero=True) == 0
-    for bad, zero in (("0", False), ("-1G", True), ("lots", True)):
+    for bad, zero in (("0", False), ("-1G", True), ("lots", True), ("nan", True), ("inf", True),
+                      ("1e400", True), ("9999999T", True)):
         with pytest.raises(UsageError):
             parse_size(bad, zero=zero)

@@ -14,7 +14,7 @@ import trio
 from galleryfs import gallery
 from galleryfs.gallery.locations import BlobLocations
 from galleryfs.reference import parse
-from galleryfs.registry import uploads as directupload
+from galleryfs.registry import uploads
 from galleryfs.registry.client import ClientOptions, RegistryClient
 from galleryfs.registry.credentials import Credentials
 from galleryfs.registry.uploads import DirectUploads
@@ -28,8 +28,8 @@ REPO = "up/blob"
 @pytest.fixture(autouse=True)
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     # Files of a few MiB take the direct path, in several sendfile() calls.
-    monkeypatch.setattr(directupload, "DIRECT_MIN", 1 << 20)
-    monkeypatch.setattr(directupload, "_SEND_PIECE", 1 << 20)
+    monkeypatch.setattr(uploads, "DIRECT_MIN", 1 << 20)
+    monkeypatch.setattr(uploads, "_SEND_PIECE", 1 << 20)
 
 
 @pytest.fixture
@@ -399,7 +399,7 @@ def test_a_cancel_mid_body_drops_the_session_by_its_current_url(
 
     path, _, digest = big_file
     first_sent, release = threading.Event(), threading.Event()
-    real_send_piece = directupload._send_piece
+    real_send_piece = uploads._send_piece
 
     def send_piece(sock, f, offset: int, n: int, buf) -> int:  # noqa: ANN001
         if offset:  # every piece after the first waits for the test
@@ -408,7 +408,7 @@ def test_a_cancel_mid_body_drops_the_session_by_its_current_url(
         first_sent.set()
         return got
 
-    monkeypatch.setattr(directupload, "_send_piece", send_piece)
+    monkeypatch.setattr(uploads, "_send_piece", send_piece)
 
     async def run() -> None:
         async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.faultproxy import FaultProxy
-from tests.mounting import galleryfs, isolated_env, mounted
+from tests.mounting import fuse_available, galleryfs, isolated_env, mounted
 from tests.registry_harness import Registry
 
 pytestmark = pytest.mark.mount
@@ -73,3 +73,39 @@ def test_signal_unmounts_cleanly(registry: Registry, tmp_path: Path, sig: str) -
     finally:
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+
+
+def test_the_daemon_keeps_the_password_out_of_argv_environment_and_log(
+        basic_registry: Registry, tmp_path: Path) -> None:
+    """The background child gets its credentials on stdin: nothing another user can read
+    in /proc, nor the log a support request would carry (even with --debug), holds them."""
+    import subprocess
+    import sys
+
+    if not fuse_available():
+        pytest.skip("/dev/fuse cannot be opened")
+    reg = basic_registry
+    env = isolated_env(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = tmp_path / "c"
+    r = subprocess.run(
+        [sys.executable, "-m", "galleryfs", "mount", reg.host, str(mnt), "--plain-http", "--debug",
+         "--cache-dir", str(cache), "-u", reg.username, "--password-stdin"],
+        input=reg.password + "\n", capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert os.listdir(mnt) == []  # authenticated: the (empty) catalog answered
+        (pid,) = _daemon_pids(str(tmp_path))
+        secret = reg.password.encode()
+        assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert secret not in Path(f"/proc/{pid}/environ").read_bytes()
+    finally:
+        done = galleryfs("unmount", str(mnt), env=env)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    assert done.returncode == 0, done.stderr
+    logs = list((cache / "logs").glob("*.log"))
+    assert logs and all(secret not in log.read_bytes() for log in logs)
+    assert any(b"DEBUG" in log.read_bytes() for log in logs)  # the log did say things
+    assert secret not in (r.stdout + r.stderr).encode()

@@ -538,7 +538,8 @@ async def test_read_during_an_outage_is_eio_with_one_warning(
 
 
 @pytest.mark.trio
-async def test_blob_the_registry_lost_is_eio(registry_session: Registry, tmp_path: Path) -> None:
+async def test_blob_the_registry_lost_is_eio(registry_session: Registry, tmp_path: Path,
+                                             debug_logs: pytest.LogCaptureFixture) -> None:
     data = os.urandom(CHUNK + 1)  # this test's own blob: no other revision shares it
     repo = f"{GALLERY}-lost/m"
     digest = await push(registry_session, {"weights.bin": data}, f"{repo}:v1", tmp_path)
@@ -552,6 +553,9 @@ async def test_blob_the_registry_lost_is_eio(registry_session: Registry, tmp_pat
         info = await fs.ops.open(f.st_ino, os.O_RDONLY, CTX)
         # Damaged data, not a missing name: ENOENT from read(2) would make no sense.
         assert await errno_of(fs.ops.read(info.fh, 0, 4096)) == errno.EIO
+    # ... and said in the log, once, as damage.
+    (record,) = [r for r in warnings(debug_logs) if r.name == "galleryfs.mount.operations"]
+    assert blob in record.getMessage() and "EIO" in record.getMessage()
 
 
 @pytest.mark.trio

@@ -35,18 +35,18 @@ def mount_main(config: MountConfig, *, foreground: bool) -> int:
     Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
     trio.run(serve.check_registry, config)
     if foreground:
-        setup_logging(config.debug)
+        # The CLI's logging stays: warnings only, or everything with --debug.
         serve.run(config)
         return 0
     return _spawn(config)
 
 
 def setup_logging(debug: bool) -> None:
-    """Logging of the serving process, in the foreground or the child's log file."""
+    """Logging of the background child, into its log file."""
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s galleryfs: %(levelname)s: %(name)s: %(message)s",
-        force=True)  # the CLI's warnings-only set-up came first
+        force=True)
     if not debug:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 

@@ -28,6 +28,7 @@ from ..errors import (
     UnsupportedContent,
     first_error,
 )
+from . import xattrs
 from .reader import BlobHandle, BlobRef, ChunkReader
 from .tree import ROOT_INODE, Kind, Tree
 from .writeback import PageCacheFill
@@ -35,14 +36,11 @@ from .writeback import PageCacheFill
 log = logging.getLogger(__name__)
 
 IMMUTABLE_TIMEOUT = 3600.0
-XATTR_DIGEST = b"user.galleryfs.digest"
-XATTR_MEDIATYPE = b"user.galleryfs.mediatype"
-XATTR_STATS = b"user.galleryfs.stats"
-XATTR_UNSUPPORTED = b"user.galleryfs.unsupported"
-# Reading it on the mount root writes what the disk cache is owed (see fill.py) and
-# answers once done; `galleryfs unmount` reads it first. Not listed: `getfattr -d`
-# should not wait on it.
-XATTR_FLUSH = b"user.galleryfs.flush"
+XATTR_DIGEST = xattrs.DIGEST
+XATTR_MEDIATYPE = xattrs.MEDIATYPE
+XATTR_STATS = xattrs.STATS
+XATTR_UNSUPPORTED = xattrs.UNSUPPORTED
+XATTR_FLUSH = xattrs.FLUSH
 FLUSH_TIMEOUT = 120.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 

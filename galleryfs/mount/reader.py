@@ -256,7 +256,7 @@ class ChunkReader:
         # Only chunks the disk cache will hold (owed to the write-behind, meanwhile in
         # the kernel's page cache): a late or out-of-order read of one then costs a page
         # cache or disk read, not a fetch. In flight ones are skipped, not waited for.
-        if self.disk is None or not self.disk.takes(blob):
+        if self.defer is None or self.disk is None or not self.disk.takes(blob):
             return start
         reached = start
         for i in range(start, end):

@@ -28,7 +28,7 @@ for a folder's attributes). When a refresh fails but an older listing exists, th
 one is served (with a warning) rather than failing `ls`. A namespace folder's mtime is
 the moment its listing last changed, and `fresh_for` says how long its listing stays
 fresh: the kernel caches a listing while the folder's attributes are valid and re-reads
-it when the mtime has moved (see `fs.Operations.opendir`).
+it when the mtime has moved (see `operations.Operations.opendir`).
 
 Inodes are allocated on first sight of a name and kept for the mount's lifetime: keys
 are stable (repository, tag, digest, path), so a name always gets the same inode.

@@ -10,7 +10,7 @@ import sys
 
 from ..errors import GalleryError, UsageError
 from .mountpoint import fusermount, is_dead
-from .operations import XATTR_FLUSH
+from .xattrs import FLUSH as XATTR_FLUSH
 
 log = logging.getLogger(__name__)
 
