@@ -84,3 +84,45 @@ def of_file(path: str | os.PathLike[str], size: int | None = None) -> str:
         raise DigestMismatch(
             f"{os.fspath(path)}: not the {size} bytes it was listed with (it changed while read)")
     return f"sha256:{h.hexdigest()}"
+
+
+def chunk_digests(data: bytes | bytearray | memoryview, chunk_size: int) -> bytes:
+    """The raw sha256 digests of `data` cut into `chunk_size` pieces, concatenated."""
+    view = memoryview(data)
+    return b"".join(hashlib.sha256(view[i:i + chunk_size]).digest()
+                    for i in range(0, len(view), chunk_size))
+
+
+def of_file_chunks(path: str | os.PathLike[str], size: int, chunk_size: int
+                   ) -> tuple[str, bytes]:
+    """One pass over a file: its sha256 digest and the raw sha256 digests of its
+    `chunk_size` pieces, concatenated (a chunk table's body). A file of any length but
+    `size` raises DigestMismatch, as in `of_file`."""
+    if chunk_size <= 0 or chunk_size % _FILE_PIECE and _FILE_PIECE % chunk_size:
+        raise ValueError(f"chunk size {chunk_size} does not tile {_FILE_PIECE}-byte reads")
+    whole = hashlib.sha256()
+    chunk = hashlib.sha256()
+    in_chunk = 0
+    tables: list[bytes] = []
+    got = 0
+    piece = min(_FILE_PIECE, chunk_size)
+    buf = bytearray(piece)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            whole.update(view[:n])
+            chunk.update(view[:n])
+            in_chunk += n
+            got += n
+            if in_chunk == chunk_size:
+                tables.append(chunk.digest())
+                chunk = hashlib.sha256()
+                in_chunk = 0
+            if got > size:
+                break
+    if in_chunk:
+        tables.append(chunk.digest())
+    if got != size:
+        raise DigestMismatch(
+            f"{os.fspath(path)}: not the {size} bytes it was listed with (it changed while read)")
+    return f"sha256:{whole.hexdigest()}", b"".join(tables)

@@ -9,8 +9,11 @@ as hostile: anything that could leave the revision folder is dropped.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
+import math
 import posixpath
 from dataclasses import dataclass, field
 
@@ -26,6 +29,15 @@ ANNOTATION_FILEPATH = "org.cncf.model.filepath"
 ANNOTATION_TITLE = "org.opencontainers.image.title"
 ANNOTATION_CREATED = "org.opencontainers.image.created"
 KINDS = ("weight", "weight.config", "doc", "code", "dataset")
+# A file's chunk table (README, Security and integrity): the sha256 of every
+# `chunks.size` bytes of the blob, in order, as base64 of the concatenated raw digests.
+# Kept in the layer's annotations, so the manifest digest covers it, garbage collection
+# cannot part it from the revision, and other tools still see one plain file per layer.
+ANNOTATION_CHUNK_SIZE = "io.galleryfs.chunks.size"
+ANNOTATION_CHUNK_SHA256 = "io.galleryfs.chunks.sha256"
+CHUNK_DIGEST = 32  # bytes of a raw sha256
+MIN_TABLE_CHUNK = 64 << 10
+MAX_TABLE_CHUNK = 1 << 30
 
 # Larger than any model file we can imagine (1 PiB); a descriptor above it is hostile.
 MAX_LAYER_SIZE = 1 << 50
@@ -92,6 +104,65 @@ def build_manifest(config: Descriptor, layers: list[Descriptor],
     return dumps(manifest)
 
 
+@dataclass(frozen=True)
+class ChunkTable:
+    """The expected sha256 of each `chunk_size` piece of one blob (the last may be short)."""
+
+    chunk_size: int
+    digests: bytes  # CHUNK_DIGEST bytes per chunk, in order
+
+    def __post_init__(self) -> None:
+        size = self.chunk_size
+        if not MIN_TABLE_CHUNK <= size <= MAX_TABLE_CHUNK or size & (size - 1):
+            raise ValueError(f"chunk size {size} is not a power of two in "
+                             f"[{MIN_TABLE_CHUNK}, {MAX_TABLE_CHUNK}]")
+        if not self.digests or len(self.digests) % CHUNK_DIGEST:
+            raise ValueError("a chunk table holds whole sha256 digests, at least one")
+
+    def __len__(self) -> int:
+        return len(self.digests) // CHUNK_DIGEST
+
+    def expected(self, index: int) -> bytes:
+        """The raw sha256 that chunk `index` must have."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"chunk {index} of a {len(self)}-chunk table")
+        return self.digests[index * CHUNK_DIGEST:(index + 1) * CHUNK_DIGEST]
+
+    def fits(self, size: int) -> bool:
+        """The table has exactly one digest per chunk of a `size`-byte blob."""
+        return size > 0 and len(self) == math.ceil(size / self.chunk_size)
+
+    def to_annotations(self) -> dict[str, str]:
+        return {ANNOTATION_CHUNK_SIZE: str(self.chunk_size),
+                ANNOTATION_CHUNK_SHA256: base64.b64encode(self.digests).decode()}
+
+    @classmethod
+    def from_annotations(cls, annotations: dict, size: int) -> ChunkTable | None:
+        """The table a layer's annotations carry for its `size`-byte blob; None when it
+        carries none; ValueError when what it carries is not a table for that blob."""
+        raw_size = annotations.get(ANNOTATION_CHUNK_SIZE)
+        raw_digests = annotations.get(ANNOTATION_CHUNK_SHA256)
+        if raw_size is None and raw_digests is None:
+            return None
+        if not isinstance(raw_size, str) or not raw_size.isdigit() or len(raw_size) > 12:
+            raise ValueError(f"chunk size {str(raw_size)[:20]!r} is not a number")
+        if not isinstance(raw_digests, str):
+            raise ValueError("chunk digests missing")
+        try:
+            body = base64.b64decode(raw_digests, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("chunk digests are not base64") from None
+        table = cls(int(raw_size), body)
+        if not table.fits(size):
+            raise ValueError(f"{len(table)} chunk digests do not fit a {size}-byte blob "
+                             f"in {table.chunk_size}-byte chunks")
+        return table
+
+    @classmethod
+    def of_bytes(cls, data: bytes | bytearray | memoryview, chunk_size: int) -> ChunkTable:
+        return cls(chunk_size, digests.chunk_digests(data, chunk_size))
+
+
 # ---- reading ------------------------------------------------------------------------
 
 
@@ -105,6 +176,9 @@ class RevisionFile:
     media_type: str
     servable: bool = True
     reason: str = ""
+    # The chunk table the manifest carries for this file, if any (bound to the revision
+    # digest with the rest of the manifest).
+    table: ChunkTable | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +281,14 @@ def parse_manifest(digest: str, body: bytes, media_type: str = "") -> Revision:
             files.append(RevisionFile(path, layer_digest, size, layer_type, False,
                                       f"packed layer ({layer_type}) is not supported yet"))
         else:
-            files.append(RevisionFile(path, layer_digest, size, layer_type))
+            try:
+                table = ChunkTable.from_annotations(annotations, size)
+            except ValueError as exc:
+                # Bound to the digest like everything else: a pusher wrote it wrong. The
+                # file is served as one without a table (verified whole, see the mount).
+                log.warning("%s: layer %d: chunk table ignored: %s", digest, i, exc)
+                table = None
+            files.append(RevisionFile(path, layer_digest, size, layer_type, table=table))
     for line in skipped:
         log.warning("%s: %s", digest, line)
     return Revision(digest, manifest, tuple(files), tuple(skipped))
