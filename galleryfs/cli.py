@@ -16,6 +16,7 @@ import trio
 
 from . import __version__, gallery
 from .errors import GalleryError, UsageError, first_error
+from .gallery.pushing import check_annotations, check_created
 from .progress import Progress
 from .reference import Reference, parse, parse_model
 from .registry import credentials
@@ -178,6 +179,10 @@ def _annotations(items: list[str]) -> dict[str, str]:
 def cmd_push(args: argparse.Namespace) -> int:
     ref = parse_model(args.ref)
     annotations = _annotations(args.annotation)
+    # Before a password is read or the registry is asked anything.
+    check_annotations(annotations)
+    if args.created is not None:
+        check_created(args.created)
     result = trio.run(_with_client, args, ref, lambda c: gallery.push(
         c, args.directory, ref, annotations=annotations, created=args.created,
         progress=_progress(args)))

@@ -16,6 +16,7 @@ import trio
 from galleryfs.cli import main
 from galleryfs.registry.client import ClientOptions, RegistryClient
 from tests.registry_harness import Registry
+from tests.schema import pushed, validate_every_config
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +25,12 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+
+
+@pytest.fixture(autouse=True)
+def _configs_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every config pushed here must validate against ModelPack's published schema.
+    validate_every_config(monkeypatch)
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str, stdin: str | None = None,
@@ -61,6 +68,21 @@ def test_push_pull_round_trip_and_dedup(registry: Registry, model_dir: Path, tmp
     assert code == 0, err
     digest = out.split("@", 1)[1].split()[0]
     assert "13 uploaded" in out
+    manifest, config = pushed(registry.host, "team-a/minilm", "v1")  # schema-checked
+    assert config["config"] == {"architecture": "BertModel", "format": "safetensors",
+                                "paramSize": "22.7M", "precision": "float32"}
+    assert config["modelfs"]["diffIds"] == [layer["digest"] for layer in manifest["layers"]]
+    info = json.loads(cli(capsys, "inspect", ref, *conn(registry))[1])
+    model = info["model"]
+    assert model["format"] == "safetensors" and model["architecture"] == "BertModel"
+    assert model["modelType"] == "bert" and model["dtypes"] == ["F32", "I64"]
+    assert 22_000_000 < model["parameters"] < 23_500_000
+    weights = next(f for f in info["files"] if f["path"] == "model.safetensors")
+    assert weights["size"] == (model_dir / "model.safetensors").stat().st_size
+    assert weights["dtypes"] == ["F32", "I64"] and weights["parameters"] == model["parameters"]
+    assert weights["tensors"] > 90
+    assert weights["chunkTable"] == {"chunkSize": 4 << 20,
+                                     "chunks": -(-weights["size"] // (4 << 20))}
 
     # Same directory again: same digest, nothing sent.
     code, out2, _ = cli(capsys, "push", str(model_dir), ref, *conn(registry))
@@ -101,11 +123,15 @@ def test_tag_ls_inspect_rm(registry: Registry, model_dir: Path, tmp_path: Path,
     info = json.loads(out)
     assert info["artifactType"] == "application/vnd.cncf.model.manifest.v1+json"
     assert [f["path"] for f in info["files"]] == ["config.json", "sub/weights.bin"]
-    meta = info["config"]["galleryfs"]
-    assert meta["architecture"] == "LlamaForCausalLM" and meta["dtype"] == "bfloat16"
-    assert meta["formats"] == ["pytorch"] and meta["annotations"] == {"team": "nlp"}
-    assert info["annotations"] == {"team": "nlp"}
+    assert "galleryfs" not in info["config"]  # ModelPack's schema allows no such key
+    assert info["model"] == {"format": "pytorch", "architecture": "LlamaForCausalLM",
+                             "architectures": ["LlamaForCausalLM"], "modelType": "llama",
+                             "precision": "bfloat16"}
+    assert info["annotations"] == {"team": "nlp",
+                                   "io.galleryfs.model.architectures": "LlamaForCausalLM",
+                                   "io.galleryfs.model.type": "llama"}
     assert info["config"]["config"]["precision"] == "bfloat16"
+    assert [f["size"] for f in info["files"]] == [(small / "config.json").stat().st_size, 1001]
 
     # A tag shared with others cannot be removed alone on Distribution 2.x: clear refusal.
     code, _, err = cli(capsys, "rm", f"{base}:prod", *conn(registry))
@@ -313,6 +339,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (["inspect", "not a ref"], "invalid reference", 2),
         (["ls", "127.0.0.1:1", "--timeout", "2"], "cannot reach registry", 1),
         (["push", "{tmp}", "{host}/g/m@sha256:" + "a" * 64], "takes a tag", 2),
+        (["push", "{tmp}", "{host}/g/m:v1", "--created", "yesterday"], "RFC 3339", 2),
+        (["push", "{tmp}", "{host}/g/m:v1", "-a", "io.galleryfs.model.type=x"], "galleryfs's own", 2),
     ],
 )
 def test_errors_are_one_line(registry: Registry, tmp_path: Path, args: list[str], message: str,
@@ -324,6 +352,49 @@ def test_errors_are_one_line(registry: Registry, tmp_path: Path, args: list[str]
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("created", [
+    "yesterday", "2025-01-01", "2025-01-01T00:00:00", "2025-01-01 00:00:00Z",
+    "2025-02-30T00:00:00Z", "2025-01-01T24:00:00Z", "2025-01-01T00:00:00+2:00",
+    "2025-01-01T00:00:00+24:00", "1714564800", "2025-01-01T00:00:00Z\n", "",
+])
+def test_created_must_be_rfc3339_and_nothing_is_sent(registry: Registry, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     created: str) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    code, out, err = cli(capsys, "push", str(tmp_path / "m"), f"{registry.host}/g/m:v1",
+                         "--created", created, *conn(registry))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "not an RFC 3339 date-time" in err, err
+    # Refused before the registry heard anything: no repository, no blob.
+    assert not (registry.storage_dir / "docker").exists()
+
+
+def test_created_and_annotations_are_kept_where_the_schema_allows(
+        registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
+                                                 "model_type": "gpt2"}))
+    (src / "w.bin").write_bytes(b"\x80" + os.urandom(100))
+    ref = f"{registry.host}/g/m"
+    for tag, created in (("utc", "2025-06-01T12:00:00Z"), ("offset", "2025-06-01T14:00:00.5+02:00"),
+                         ("lower", "2025-06-01t12:00:00z")):
+        code, _, err = cli(capsys, "push", str(src), f"{ref}:{tag}", "--created", created,
+                           "-a", "team=nlp", "-a", "org.opencontainers.image.source=https://x",
+                           *conn(registry))
+        assert code == 0, err
+        manifest, config = pushed(registry.host, "g/m", tag)  # schema-checked, formats too
+        assert config["descriptor"] == {"createdAt": created}
+        assert manifest["annotations"]["org.opencontainers.image.created"] == created
+        assert manifest["annotations"]["team"] == "nlp"
+        info = json.loads(cli(capsys, "inspect", f"{ref}:{tag}", *conn(registry))[1])
+        assert info["created"] == created and info["model"]["createdAt"] == created
+    rows = json.loads(cli(capsys, "ls", ref, "--json", *conn(registry))[1])
+    assert {r["created"] for r in rows} == {"2025-06-01T12:00:00Z", "2025-06-01T14:00:00.5+02:00",
+                                            "2025-06-01t12:00:00z"}
 
 
 def test_httpx_command_line_tool_is_not_imported() -> None:

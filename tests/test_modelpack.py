@@ -95,6 +95,10 @@ def test_describe_real_model(model_dir: Path) -> None:
     assert info["paramSize"] == "22.7M"
     assert info["tensorDtypes"]["F32"] > 90  # (position_ids are I64)
     assert info["precision"] == "float32"
+    # Per file too (pushed as the layer's io.galleryfs.file.* annotations).
+    assert info["files"]["model.safetensors"]["parameters"] == info["parameters"]
+    assert info["files"]["model.safetensors"]["tensorDtypes"] == info["tensorDtypes"]
+    assert set(info["files"]) == {"model.safetensors"}
 
 
 def test_safetensors_header_limit(tmp_path: Path) -> None:

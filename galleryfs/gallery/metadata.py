@@ -81,6 +81,7 @@ def describe(root: Path, files: list[str]) -> dict:
     formats: set[str] = set()
     params = 0
     dtypes: Counter[str] = Counter()
+    per_file: dict[str, dict] = {}
     for rel in files:
         path = root / rel
         fmt = file_format(path)
@@ -91,6 +92,8 @@ def describe(root: Path, files: list[str]) -> dict:
             if summary:
                 params += summary[0]
                 dtypes.update(summary[1])
+                per_file[rel] = {"parameters": summary[0],
+                                 "tensorDtypes": dict(sorted(summary[1].items()))}
     hf: dict = {}
     if "config.json" in files:
         try:
@@ -113,5 +116,6 @@ def describe(root: Path, files: list[str]) -> dict:
         "parameters": params or None,
         "paramSize": human_params(params) if params else None,
         "tensorDtypes": dict(sorted(dtypes.items())),
+        "files": per_file,  # path -> parameters, tensorDtypes (safetensors files)
     }
     return out

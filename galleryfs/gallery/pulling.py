@@ -19,6 +19,14 @@ from ..modelpack import Revision
 from ..reference import Reference
 from ..registry.client import RegistryClient
 from .defaults import CONCURRENCY, DEFAULT_TAG, ProgressFactory, open_bar
+from .pushing import (
+    FILE_DTYPES,
+    FILE_PARAMETERS,
+    FILE_TENSORS,
+    MODEL_ARCHITECTURES,
+    MODEL_PARAMETERS,
+    MODEL_TYPE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +55,90 @@ async def read_config(client: RegistryClient, repo: str, revision: Revision) -> 
     return config if isinstance(config, dict) else None
 
 
+def _count(raw: object) -> int | None:
+    """A count from an annotation (a string a pusher wrote: maybe anything)."""
+    if isinstance(raw, str) and raw.isdigit() and len(raw) <= 20:
+        return int(raw)
+    return None
+
+
+def _text(raw: object) -> str | None:
+    return raw if isinstance(raw, str) else None
+
+
+def _names(raw: object) -> list[str]:
+    if not isinstance(raw, str):
+        return []
+    return [n for n in raw.split(",") if n]
+
+
+_LayerKey = tuple[str, str, int]
+
+
+def _key(f: modelpack.RevisionFile) -> _LayerKey:
+    return f.path, f.digest, f.size
+
+
+def _layer_annotations(revision: Revision) -> dict[_LayerKey, dict]:
+    """The annotations of each file's layer, by (path, digest, size)."""
+    out: dict[_LayerKey, dict] = {}
+    for layer in revision.manifest.get("layers") or []:
+        annotations = layer.get("annotations") if isinstance(layer, dict) else None
+        if not isinstance(annotations, dict):
+            continue
+        path = modelpack.safe_path(annotations.get(modelpack.ANNOTATION_FILEPATH)
+                                   or annotations.get(modelpack.ANNOTATION_TITLE))
+        digest, size = layer.get("digest"), layer.get("size")
+        if path is not None and isinstance(digest, str) and isinstance(size, int):
+            out.setdefault((path, digest, size), annotations)
+    return out
+
+
+def _file_facts(f: modelpack.RevisionFile, annotations: dict) -> dict:
+    facts: dict = {}
+    dtypes = _names(annotations.get(FILE_DTYPES))
+    if dtypes:
+        facts["dtypes"] = dtypes
+    for key, name in ((FILE_TENSORS, "tensors"), (FILE_PARAMETERS, "parameters")):
+        count = _count(annotations.get(key))
+        if count is not None:
+            facts[name] = count
+    if f.table is not None:
+        facts["chunkTable"] = {"chunkSize": f.table.chunk_size, "chunks": len(f.table)}
+    return facts
+
+
+def describe_model(revision: Revision, config: dict | None,
+                   layers: dict[_LayerKey, dict] | None = None) -> dict:
+    """What the revision says about its model: from the ModelPack config (descriptor,
+    config) and galleryfs's annotations on the manifest and its layers."""
+    layers = _layer_annotations(revision) if layers is None else layers
+    section = config.get("config") if isinstance(config, dict) else None
+    section = section if isinstance(section, dict) else {}
+    descriptor = config.get("descriptor") if isinstance(config, dict) else None
+    descriptor = descriptor if isinstance(descriptor, dict) else {}
+    annotations = revision.annotations
+    dtypes: set[str] = set()
+    for f in revision.files:
+        dtypes.update(_names((layers.get(_key(f)) or {}).get(FILE_DTYPES)))
+    model = {
+        "format": section.get("format"),
+        "architecture": section.get("architecture"),
+        "architectures": _names(annotations.get(MODEL_ARCHITECTURES)),
+        "modelType": _text(annotations.get(MODEL_TYPE)),
+        "precision": section.get("precision"),
+        "paramSize": section.get("paramSize"),
+        "parameters": _count(annotations.get(MODEL_PARAMETERS)),
+        "dtypes": sorted(dtypes),
+        "createdAt": descriptor.get("createdAt"),
+    }
+    return {k: v for k, v in model.items() if v not in (None, "", [])}
+
+
 async def inspect(client: RegistryClient, ref: Reference) -> dict:
     revision = await resolve(client, ref)
     config = await read_config(client, ref.repository, revision)
+    layers = _layer_annotations(revision)
     return {
         "reference": str(ref.with_version(ref.tag, None) if ref.tag else ref),
         "digest": revision.digest,
@@ -57,8 +146,10 @@ async def inspect(client: RegistryClient, ref: Reference) -> dict:
         "artifactType": revision.manifest.get("artifactType"),
         "size": revision.size,
         "created": revision.created,
+        "model": describe_model(revision, config, layers),
         "files": [
             {"path": f.path, "size": f.size, "digest": f.digest, "mediaType": f.media_type,
+             **_file_facts(f, layers.get(_key(f)) or {}),
              **({} if f.servable else {"unsupported": f.reason})}
             for f in revision.files
         ],

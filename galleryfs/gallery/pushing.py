@@ -4,10 +4,13 @@ config, each blob brought into the registry the cheapest way, then the manifest 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import trio
@@ -15,7 +18,7 @@ import trio
 from .. import digest as digests
 from .. import modelpack
 from ..errors import UsageError
-from ..modelpack import Descriptor
+from ..modelpack import ChunkTable, Descriptor
 from ..reference import Reference, check_tag
 from ..registry.client import RegistryClient
 from ..registry.uploads import DirectUploads
@@ -27,6 +30,80 @@ from .locations import BlobLocations
 
 log = logging.getLogger(__name__)
 
+# Chunk tables (README, Security and integrity): every file larger than one table chunk
+# gets one, in its layer's annotations. 4 MiB chunks, doubled for the whole revision
+# while the tables would take more than TABLE_BUDGET bytes of annotations (the manifest
+# must stay well below the 4 MiB registries and clients accept).
+TABLE_CHUNK = 4 << 20
+TABLE_BUDGET = 1 << 20
+
+# galleryfs's own annotations. On a layer: what a safetensors file holds. On the
+# manifest: model-level facts the config schema has no key for.
+ANNOTATION_PREFIX = "io.galleryfs."
+FILE_DTYPES = "io.galleryfs.file.dtypes"  # "F32,I64": safetensors dtypes of its tensors
+FILE_TENSORS = "io.galleryfs.file.tensors"  # tensor count
+FILE_PARAMETERS = "io.galleryfs.file.parameters"  # element count of its tensors
+MODEL_PARAMETERS = "io.galleryfs.model.parameters"  # exact (config.paramSize is rounded)
+MODEL_TYPE = "io.galleryfs.model.type"  # Hugging Face model_type
+MODEL_ARCHITECTURES = "io.galleryfs.model.architectures"  # comma-separated
+_DTYPE_NAME = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+
+# RFC 3339 section 5.6 date-time: a date, "T", a time and an offset (or Z), nothing less
+# (ModelPack's config schema checks descriptor.createdAt as a JSON Schema date-time).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})", re.IGNORECASE | re.ASCII)
+
+
+def check_created(text: str) -> str:
+    """`text` if it is an RFC 3339 date-time, else UsageError."""
+    valid = bool(_RFC3339.fullmatch(text))
+    if valid:
+        try:
+            datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        except ValueError:
+            valid = False  # 2025-02-30, 25:00, an offset of +24:00
+    if not valid:
+        raise UsageError(f"--created {text[:60]!r}: not an RFC 3339 date-time "
+                         "(e.g. 2025-06-01T12:00:00Z or 2025-06-01T14:00:00+02:00)")
+    return text
+
+
+def check_annotations(annotations: dict[str, str]) -> None:
+    for key in annotations:
+        if key.startswith(ANNOTATION_PREFIX):
+            raise UsageError(f"--annotation {key[:60]}: the {ANNOTATION_PREFIX} keys are "
+                             "galleryfs's own")
+
+
+def table_annotation_bytes(size: int, chunk_size: int) -> int:
+    """What the chunk table of a `size`-byte file takes in its layer's annotations."""
+    if size <= chunk_size:
+        return 0  # one chunk: the blob digest checks it
+    chunks = math.ceil(size / chunk_size)
+    return (len(modelpack.ANNOTATION_CHUNK_SIZE) + len(str(chunk_size))
+            + len(modelpack.ANNOTATION_CHUNK_SHA256)
+            + 4 * math.ceil(chunks * modelpack.CHUNK_DIGEST / 3))
+
+
+def table_chunk_size(sizes: list[int]) -> int:
+    """The table chunk size of a revision with files of these sizes: TABLE_CHUNK,
+    doubled while the tables would exceed TABLE_BUDGET. Depends on the sizes only, so
+    the same files give the same tables (and the same revision digest)."""
+    chunk = TABLE_CHUNK
+    while (chunk < modelpack.MAX_TABLE_CHUNK
+           and sum(table_annotation_bytes(s, chunk) for s in sizes) > TABLE_BUDGET):
+        chunk *= 2
+    return chunk
+
+
+def hash_file(path: str | os.PathLike[str], size: int, chunk_size: int
+              ) -> tuple[str, ChunkTable | None]:
+    """A file's digest and, when it is larger than one chunk, its chunk table: one read."""
+    if size <= chunk_size:
+        return digests.of_file(path, size), None
+    digest, body = digests.of_file_chunks(path, size, chunk_size)
+    return digest, ChunkTable(chunk_size, body)
+
 
 @dataclass
 class LocalFile:
@@ -36,6 +113,7 @@ class LocalFile:
     size: int
     # Sent while it was hashed (or found not needed then): the bar has counted it.
     sent_while_hashed: bool = False
+    table: ChunkTable | None = None
 
 
 @dataclass
@@ -77,35 +155,50 @@ def scan_directory(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
-# Sends a file while hashing it and returns (digest, size), or None when that does not
-# pay for this file (it is then hashed on its own).
-Hasher = Callable[[Path], Awaitable[tuple[str, int] | None]]
+# Sends a file while hashing it (with chunks of the given size) and returns (digest,
+# size, chunk table), or None when that does not pay for this file (it is then hashed
+# on its own).
+Hashed = tuple[str, int, ChunkTable | None]
+Hasher = Callable[[Path, int], Awaitable[Hashed | None]]
+
+
+def _remembered(cache: HashCache, src: Path, chunk_size: int) -> Hashed | None:
+    known = cache.get(src)
+    if known is None:
+        return None
+    digest, size = known
+    if size <= chunk_size:
+        return digest, size, None
+    table = cache.get_table(src, digest, chunk_size)
+    return (digest, size, table) if table is not None else None
 
 
 async def hash_files(files: list[tuple[str, Path]], cache: HashCache | None = None,
-                     hasher: Hasher | None = None) -> list[LocalFile]:
-    """Each file's digest and size, from the cache when its metadata is unchanged, else
-    from `hasher`, else read here (two files at a time)."""
+                     hasher: Hasher | None = None, chunk_size: int = TABLE_CHUNK
+                     ) -> list[LocalFile]:
+    """Each file's digest, size and chunk table, from the cache when its metadata is
+    unchanged, else from `hasher`, else read here (two files at a time)."""
     out: list[LocalFile] = [None] * len(files)  # type: ignore[list-item]
     limiter = trio.CapacityLimiter(2)
 
     async def one(i: int, rel: str, src: Path) -> None:
-        known = cache.get(src) if cache else None
+        known = _remembered(cache, src, chunk_size) if cache else None
         sent = False
         if known:
-            d, size = known
+            d, size, table = known
         else:
             before = await trio.to_thread.run_sync(src.stat)
-            got = await hasher(src) if hasher else None
+            got = await hasher(src, chunk_size) if hasher else None
             sent = got is not None
             if got is None:
                 async with limiter:
-                    got = (await trio.to_thread.run_sync(digests.of_file, src, before.st_size),
-                           before.st_size)
-            d, size = got
+                    d, table = await trio.to_thread.run_sync(
+                        hash_file, src, before.st_size, chunk_size)
+                got = d, before.st_size, table
+            d, size, table = got
             if cache:
-                cache.put(src, d, size, before)
-        out[i] = LocalFile(rel, src, d, size, sent)
+                cache.put(src, d, size, before, table)
+        out[i] = LocalFile(rel, src, d, size, sent, table)
 
     async with trio.open_nursery() as nursery:
         for i, (rel, src) in enumerate(files):
@@ -115,9 +208,9 @@ async def hash_files(files: list[tuple[str, Path]], cache: HashCache | None = No
     return out
 
 
-def build_config(root: Path, files: list[LocalFile], annotations: dict[str, str],
-                 created: str | None) -> bytes:
-    description = metadata.describe(root, [f.path for f in files])
+def build_config(description: dict, files: list[LocalFile], created: str | None) -> bytes:
+    """The ModelPack config: only the keys its published schema allows (every object
+    there has additionalProperties: false). What has no key goes into annotations."""
     descriptor: dict = {}
     if created:
         descriptor["createdAt"] = created
@@ -128,28 +221,50 @@ def build_config(root: Path, files: list[LocalFile], annotations: dict[str, str]
             "format": description["format"],
             "paramSize": description["paramSize"],
             "precision": description["precision"],
-        }.items() if v},
+        }.items() if v and isinstance(v, str)},
+        # Raw layers: each layer's uncompressed digest is its digest.
         "modelfs": {"type": "layers", "diffIds": [f.digest for f in files]},
-        "galleryfs": {
-            "files": [{"path": f.path, "size": f.size, "digest": f.digest,
-                       "kind": modelpack.layer_kind(f.path)} for f in files],
-            "totalSize": sum(f.size for f in files),
-            **description,
-            "annotations": dict(sorted(annotations.items())),
-        },
     }
     return modelpack.dumps(config)
 
 
+def file_annotations(summary: dict | None) -> dict[str, str]:
+    """What a safetensors file holds (`metadata.describe`'s per-file summary)."""
+    if not summary:
+        return {}
+    dtypes = summary.get("tensorDtypes") or {}
+    names = sorted(d for d in dtypes if _DTYPE_NAME.match(d))
+    out = {FILE_TENSORS: str(sum(dtypes.values())), FILE_PARAMETERS: str(summary["parameters"])}
+    if names:
+        out[FILE_DTYPES] = ",".join(names)
+    return out
+
+
+def model_annotations(description: dict) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if description.get("parameters"):
+        out[MODEL_PARAMETERS] = str(description["parameters"])
+    if isinstance(description.get("modelType"), str) and description["modelType"]:
+        out[MODEL_TYPE] = description["modelType"]
+    architectures = [a for a in description.get("architectures") or [] if isinstance(a, str)]
+    if architectures:
+        out[MODEL_ARCHITECTURES] = ",".join(architectures)
+    return out
+
+
 def manifest_for(files: list[LocalFile], config_bytes: bytes, annotations: dict[str, str],
-                   created: str | None) -> bytes:
+                 created: str | None, description: dict | None = None) -> bytes:
+    description = description or {}
+    per_file = description.get("files") or {}
     config = Descriptor(modelpack.CONFIG_TYPE, digests.of_bytes(config_bytes), len(config_bytes))
     layers = [
         Descriptor(modelpack.layer_media_type(modelpack.layer_kind(f.path)), f.digest, f.size,
-                   {modelpack.ANNOTATION_FILEPATH: f.path, modelpack.ANNOTATION_TITLE: f.path})
+                   {modelpack.ANNOTATION_FILEPATH: f.path, modelpack.ANNOTATION_TITLE: f.path,
+                    **file_annotations(per_file.get(f.path)),
+                    **(f.table.to_annotations() if f.table else {})})
         for f in files
     ]
-    manifest_annotations = dict(annotations)
+    manifest_annotations = {**annotations, **model_annotations(description)}
     if created:
         manifest_annotations[modelpack.ANNOTATION_CREATED] = created
     return modelpack.build_manifest(config, layers, manifest_annotations)
@@ -160,18 +275,24 @@ async def push(client: RegistryClient, root: Path, ref: Reference, *,
                progress: ProgressFactory | None = None,
                locations: BlobLocations | None = None) -> PushResult:
     annotations = dict(annotations or {})
+    check_annotations(annotations)
+    if created is not None:
+        check_created(created)
     if ref.digest:
         raise UsageError("push takes a tag, not a digest: the digest follows from the content")
     tag = check_tag(ref.tag or DEFAULT_TAG)
     scanned = await trio.to_thread.run_sync(scan_directory, root)
     sizes = await trio.to_thread.run_sync(lambda: [src.stat().st_size for _, src in scanned])
+    chunk_size = table_chunk_size(sizes)
     with open_bar(progress, sum(sizes), f"push {ref.model}") as bar:
         job = _Push(client, ref.repository,
                     locations if locations is not None else BlobLocations(), bar)
         try:
-            files = await hash_files(scanned, HashCache(), job.send_while_hashing)
-            config_bytes = build_config(root, files, annotations, created)
-            manifest = manifest_for(files, config_bytes, annotations, created)
+            files = await hash_files(scanned, HashCache(), job.send_while_hashing, chunk_size)
+            description = await trio.to_thread.run_sync(
+                metadata.describe, root, [f.path for f in files])
+            config_bytes = build_config(description, files, created)
+            manifest = manifest_for(files, config_bytes, annotations, created, description)
             result = PushResult(digest=digests.of_bytes(manifest), tags=[tag])
             if (not any(f.sent_while_hashed for f in files)
                     and await client.head_manifest(job.repo, tag) == result.digest):
@@ -251,13 +372,20 @@ class _Push:
                 asking.set()
         return blob.answer
 
-    async def send_while_hashing(self, src: Path) -> tuple[str, int] | None:
+    async def send_while_hashing(self, src: Path, chunk_size: int) -> Hashed | None:
         """A `Hasher`: a large file whose digest is not known yet is sent while it is
-        hashed (the hash decides at the end whether the upload was needed)."""
+        hashed, its chunk table with it (the hash decides at the end whether the upload
+        was needed)."""
         size = (await trio.to_thread.run_sync(src.stat)).st_size
         if not self.uploads.worth_it(size):
             return None
         carrying: _Blob | None = None
+        table: ChunkTable | None = None
+
+        def hashing(path: str, size: int) -> str:  # in the uploader's hashing thread
+            nonlocal table
+            digest, table = hash_file(path, size, chunk_size)
+            return digest
 
         async def decide(digest: str) -> str | None:
             nonlocal carrying
@@ -273,7 +401,7 @@ class _Push:
         try:
             async with self.limiter:
                 digest, outcome = await self.uploads.upload_hashing(
-                    self.repo, str(src), size, decide, self.bar)
+                    self.repo, str(src), size, decide, self.bar, hash_file=hashing)
         finally:
             if carrying is not None:
                 assert carrying.sending is not None
@@ -284,7 +412,7 @@ class _Push:
             await blob.sending.wait()  # the file that sent it settles the blob
         else:
             blob.settled = True  # outcome is blob.answer: what decide() said
-        return digest, size
+        return digest, size, table
 
     def all_there(self, files: list[LocalFile], result: PushResult) -> None:
         for digest, same in _by_digest(files).items():

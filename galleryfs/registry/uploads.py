@@ -59,6 +59,9 @@ _TLS_PIECE = 1 << 20
 # the registry needs no upload for it, None to upload it.
 Outcome = str | None
 Decide = Callable[[str], Awaitable[Outcome]]
+# Reads a file of a given size once and returns its digest ("sha256:<hex>"); a caller
+# may learn more of the file on the way (by a closure), here it is only the digest.
+HashFile = Callable[[str, int], str]
 
 
 @dataclass
@@ -93,19 +96,24 @@ class DirectUploads:
         await self.client.upload_blob(repo, digest, size, path, progress)
 
     async def upload_hashing(self, repo: str, path: str, size: int, decide: Decide,
-                             progress: ProgressFn | None = None) -> tuple[str, Outcome]:
-        """Send the file to `repo` while hashing it. `decide(digest)` runs as soon as the
-        digest is known: "existing" or "mounted" stops the upload. Returns the digest
-        and what `decide` said (None: the blob was uploaded)."""
+                             progress: ProgressFn | None = None, *,
+                             hash_file: HashFile | None = None) -> tuple[str, Outcome]:
+        """Send the file to `repo` while hashing it with `hash_file(path, size)` in a
+        worker thread (`digest.of_file` unless the caller wants more out of the same
+        read). `decide(digest)` runs as soon as the digest is known: "existing" or
+        "mounted" stops the upload. Returns the digest and what `decide` said (None:
+        the blob was uploaded)."""
         assert self.worth_it(size)
-        return await self._upload(repo, path, size, progress, decide=decide)
+        return await self._upload(repo, path, size, progress, decide=decide,
+                                  hash_file=hash_file)
 
     async def _upload(self, repo: str, path: str, size: int, progress: ProgressFn | None, *,
-                      digest: str | None = None, decide: Decide | None = None
-                      ) -> tuple[str, Outcome]:
+                      digest: str | None = None, decide: Decide | None = None,
+                      hash_file: HashFile | None = None) -> tuple[str, Outcome]:
         session = _Session(await self.client.start_upload(repo))
         try:
-            return await self._send_session(repo, path, size, progress, session, digest, decide)
+            return await self._send_session(repo, path, size, progress, session, digest, decide,
+                                            hash_file)
         except BaseException:
             if session.open:
                 await self._drop(session)
@@ -113,8 +121,8 @@ class DirectUploads:
 
     async def _send_session(self, repo: str, path: str, size: int,
                             progress: ProgressFn | None, session: _Session,
-                            digest: str | None, decide: Decide | None
-                            ) -> tuple[str, Outcome]:
+                            digest: str | None, decide: Decide | None,
+                            hash_file: HashFile | None) -> tuple[str, Outcome]:
         """One streamed PATCH of the file into the session, hashed meanwhile unless the
         digest is known; then `PUT ?digest=`, or the session dropped if `decide` says
         the registry needs no upload, or the blob sent again through httpx."""
@@ -126,8 +134,9 @@ class DirectUploads:
 
         async def hash_then_decide() -> None:
             nonlocal digest, outcome
-            digest = await trio.to_thread.run_sync(digests.of_file, path, size,
-                                                   abandon_on_cancel=True)
+            digest = digests.validate(
+                await trio.to_thread.run_sync(hash_file or digests.of_file, path, size,
+                                              abandon_on_cancel=True))
             if decide is not None:
                 outcome = await decide(digest)
             if outcome is not None:
