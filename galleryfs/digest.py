@@ -109,7 +109,8 @@ def of_file_chunks(path: str | os.PathLike[str], size: int, chunk_size: int
     buf = bytearray(piece)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
+        # Never past a chunk's end: a short read must not move the boundaries.
+        while n := f.readinto(view[:min(piece, chunk_size - in_chunk)]):
             whole.update(view[:n])
             chunk.update(view[:n])
             in_chunk += n
