@@ -37,7 +37,9 @@ async def check_registry(config: MountConfig) -> None:
     host, root = config.root
     async with RegistryClient(host, config.options) as client:
         await client.ping()
-        await Tree(RegistrySource(client), root, refresh=config.refresh).check()
+        source = RegistrySource(client, config.policy.keys)
+        await Tree(source, root, refresh=config.refresh, policy=config.policy,
+                   voucher=source).check()
 
 
 def run(config: MountConfig, ready_fd: int | None = None) -> None:
@@ -49,7 +51,9 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
 async def _serve(config: MountConfig, ready_fd: int | None) -> None:
     host, root = config.root
     async with RegistryClient(host, config.options) as client:
-        tree = Tree(RegistrySource(client), root, refresh=config.refresh)
+        policy = config.policy
+        source = RegistrySource(client, policy.keys)
+        tree = Tree(source, root, refresh=config.refresh, policy=policy, voucher=source)
         await tree.check()
         # --cache-size 0: no disk cache. A cold read then writes nothing locally (where the
         # cache shares a disk with the data being read, that write is what bounds it), and
