@@ -398,6 +398,15 @@ def test_ls_hides_accessories_and_rm_takes_them_along(registry: Registry, tmp_pa
     assert tags(registry, "g/m") == []
 
 
+def test_a_revision_cannot_be_tagged_like_an_accessory(registry_session: Registry,
+                                                       tmp_path: Path, capsys) -> None:
+    digest = push_files(registry_session, tmp_path, "acc/m:v1", {"a": b"1"})
+    code, _, err = cli(capsys, "tag", f"{registry_session.host}/acc/m:v1", sig_tag(digest),
+                       *conn())
+    assert code == 2 and "kept for signatures and referrers" in err
+    assert sig_tag(digest) not in tags(registry_session, "acc/m")
+
+
 def test_rm_never_takes_a_revision_along(registry: Registry, tmp_path: Path, capsys) -> None:
     a = push_files(registry, tmp_path, "g/m:a", {"config.json": b"a"})
     b = push_files(registry, tmp_path, "g/m:b", {"config.json": b"b"})

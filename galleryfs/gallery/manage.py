@@ -20,6 +20,9 @@ MAX_ACCESSORIES = 100
 async def tag(client: RegistryClient, ref: Reference, new_tags: list[str]) -> str:
     for t in new_tags:
         check_tag(t)
+        if is_accessory_tag(t):
+            raise UsageError(f"invalid tag {t!r}: tags named sha256-<hex>[.suffix] are kept "
+                             "for signatures and referrers, and never shown as revisions")
     manifest = await client.get_manifest(ref.repository, ref.version or DEFAULT_TAG)
     for t in new_tags:
         await client.put_manifest(ref.repository, t, manifest.body,
