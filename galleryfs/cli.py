@@ -15,7 +15,7 @@ from typing import TypeVar
 import trio
 
 from . import __version__, gallery
-from .errors import GalleryError, UsageError, first_error
+from .errors import GalleryError, Unsigned, UsageError, first_error
 from .gallery.pushing import check_annotations, check_created
 from .progress import Progress
 from .reference import Reference, parse, parse_model
@@ -81,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SRC_REF")
     p.add_argument("target", metavar="DST_REF")
 
+    p = sub.add_parser("sign", parents=[conn],
+                       help="sign a revision (cosign format, stored beside it as sha256-<hex>.sig)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--key", required=True, metavar="PRIVATE.pem",
+                   help="EC P-256 private key (PEM, unencrypted)")
+
+    p = sub.add_parser("verify", parents=[conn],
+                       help="check that a key signed exactly this revision (exit 0 if so, 1 if not)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--key", required=True, action="append", metavar="PUBLIC.pem",
+                   help="trusted public key (PEM; repeatable: any one of them will do)")
+
+    p = sub.add_parser("index", parents=[conn],
+                       help="attach signed chunk tables to an existing revision")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--key", required=True, metavar="PRIVATE.pem",
+                   help="EC P-256 private key that signs the tables")
+
     p = sub.add_parser("login", parents=[conn], help="store credentials for a registry (mode 0600)")
     p.add_argument("host", metavar="HOST")
 
@@ -97,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=float, default=30.0, metavar="SECONDS",
                    help="how long listings and tags are trusted (default 30)")
     p.add_argument("--chunk-size", default="4M", metavar="SIZE", help="range request size (default 4M)")
+    p.add_argument("--require-signed-by", action="append", default=[], metavar="PUBLIC.pem",
+                   help="show only revisions this key signed (repeatable: any one of them)")
+    p.add_argument("--audit", action="store_true",
+                   help="with --require-signed-by: show unsigned revisions, with a warning")
 
     p = sub.add_parser("unmount", help="unmount a galleryfs mount")
     p.add_argument("mountpoint", type=Path)
@@ -288,6 +310,63 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+# The trust commands import `cryptography` when they run: the others need not load it.
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .trust import cosign
+    from .trust.keys import load_private
+
+    ref = parse_model(args.ref)
+    key = load_private(args.key)  # before a password is read or a registry contacted
+
+    async def run(client: RegistryClient) -> cosign.Signed:
+        digest = (await client.get_manifest(ref.repository, ref.version or gallery.DEFAULT_TAG)
+                  ).digest
+        return await cosign.sign(client, ref.repository, digest, key)
+
+    signed = trio.run(_with_client, args, ref, run)
+    state = "signed" if signed.added else "already signed by this key"
+    print(f"{state}: {ref.host}/{ref.repository}@{signed.digest}")
+    print(f"  signature stored as {ref.host}/{ref.repository}:{signed.tag}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .trust.keys import load_public
+    from .trust.vouch import verify_reference
+
+    ref = parse_model(args.ref)
+    keys = [load_public(k) for k in args.key]
+    digest, verdict = trio.run(_with_client, args, ref, lambda c: verify_reference(
+        c, ref.repository, ref.version or gallery.DEFAULT_TAG, keys))
+    if not verdict.signed:
+        raise Unsigned(f"{ref.host}/{ref.repository}@{digest} is not signed by this key: "
+                       f"{verdict.reason}")
+    print(f"verified: {ref.host}/{ref.repository}@{digest} is signed by {verdict.signer} "
+          f"({verdict.scheme})")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .trust import chunks
+    from .trust.keys import load_private
+
+    ref = parse_model(args.ref)
+    key = load_private(args.key)
+    result = trio.run(_with_client, args, ref, lambda c: chunks.index(
+        c, ref.repository, ref.version or gallery.DEFAULT_TAG, key))
+    where = f"{ref.host}/{ref.repository}"
+    if result.signature is None:
+        print(f"{where}@{result.revision}: no file needs a chunk table (each has one, or is "
+              "one chunk or less)")
+        return 0
+    print(f"indexed {where}@{result.revision}: chunk tables for {result.files} files")
+    print(f"  stored as {where}:{result.tag} ({result.referrer})")
+    print(f"  signed: {where}:{result.signature.tag}")
+    return 0
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     ref = parse(args.host)
     if ref.repository:
@@ -330,13 +409,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
     require_patched_pyfuse3()
     from .mount.config import MountConfig, default_cache_dir
     from .mount.daemon import mount_main
+    from .trust.keys import load_public
 
+    keys = [load_public(k).pem() for k in args.require_signed_by]
     config = MountConfig(
         source=args.source, mountpoint=str(args.mountpoint),
         options=options_for(args, parse(args.source).host),
         cache_dir=args.cache_dir or default_cache_dir(),
         cache_size=parse_size(args.cache_size, zero=True), refresh=args.refresh,
         chunk_size=parse_size(args.chunk_size), debug=args.debug,
+        trusted_keys=keys, audit=args.audit,
     )
     return mount_main(config, foreground=args.foreground)
 
@@ -349,7 +431,8 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "push": cmd_push, "pull": cmd_pull, "ls": cmd_ls, "tag": cmd_tag, "inspect": cmd_inspect,
-    "rm": cmd_rm, "cp": cmd_cp, "login": cmd_login, "logout": cmd_logout,
+    "rm": cmd_rm, "cp": cmd_cp, "sign": cmd_sign, "verify": cmd_verify, "index": cmd_index,
+    "login": cmd_login, "logout": cmd_logout,
     "mount": cmd_mount, "unmount": cmd_unmount,
 }
 

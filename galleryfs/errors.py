@@ -10,6 +10,7 @@
     │   └── TooLarge              a manifest over the cap, a blob over its descriptor
     ├── RegistryUnavailable       no answer: connection refused, TLS failure, timeout
     ├── DigestMismatch            bytes that do not hash to the digest that named them
+    ├── Unsigned                  no signature by a trusted key (or a registry that wants one)
     └── UnsupportedContent        a layer or manifest kind galleryfs cannot serve yet
 """
 
@@ -63,6 +64,11 @@ class DigestMismatch(GalleryError):
 
 class UnsupportedContent(GalleryError):
     pass
+
+
+class Unsigned(GalleryError):
+    """A revision no trusted key signed (`galleryfs verify`, the mount's
+    `--require-signed-by`), or a registry that serves only signed artifacts (Harbor's 412)."""
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

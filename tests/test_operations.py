@@ -594,6 +594,7 @@ async def test_unservable_layer_is_refused_at_open(registry_session: Registry,
     (NotADirectoryError(5), errno.ENOTDIR),
     (AuthError("x", 401), errno.EACCES),
     (AuthError("x", 403), errno.EACCES),
+    (errors.Unsigned("x"), errno.EACCES),
     (UnsupportedContent("x"), errno.EOPNOTSUPP),
     (NotServable("x"), errno.EOPNOTSUPP),
     (RegistryUnavailable("x"), errno.EIO),
@@ -615,7 +616,7 @@ def test_errno_for_every_error_class_is_chosen() -> None:
                if isinstance(c, type) and issubclass(c, GalleryError)}
     covered = {GalleryError, UsageError, InvalidReference, RegistryError, AuthError, NotFound,
                TooLarge, RegistryUnavailable, DigestMismatch, UnsupportedContent,
-               errors.BlobMissing}
+               errors.BlobMissing, errors.Unsigned}
     assert classes - covered == set()
 
 

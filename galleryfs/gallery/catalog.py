@@ -10,6 +10,7 @@ from .. import modelpack
 from ..errors import NotFound, UnsupportedContent
 from ..modelpack import Revision
 from ..registry.client import RegistryClient
+from ..trust.accessories import is_accessory_tag
 
 
 @dataclass
@@ -35,7 +36,8 @@ async def list_models(client: RegistryClient, prefix: str) -> list[str]:
 
 
 async def list_revisions(client: RegistryClient, repo: str) -> list[RevisionInfo]:
-    tags = await client.list_tags(repo)
+    # Signatures, chunk tables, referrer indexes: kept beside revisions, not revisions.
+    tags = [t for t in await client.list_tags(repo) if not is_accessory_tag(t)]
     by_digest: dict[str, RevisionInfo] = {}
     limiter = trio.CapacityLimiter(8)
     manifests: dict[str, Revision | None] = {}

@@ -7,16 +7,22 @@ import trio
 
 from .. import digest as digests
 from .. import modelpack
-from ..errors import UsageError
+from ..errors import NotFound, UsageError
 from ..reference import Reference, check_tag
 from ..registry.client import RegistryClient
+from ..trust.accessories import accessory_tags, is_accessory_tag
 from .blobs import without_upload
 from .defaults import CONCURRENCY, DEFAULT_TAG, ProgressFactory, open_bar
+
+MAX_ACCESSORIES = 100
 
 
 async def tag(client: RegistryClient, ref: Reference, new_tags: list[str]) -> str:
     for t in new_tags:
         check_tag(t)
+        if is_accessory_tag(t):
+            raise UsageError(f"invalid tag {t!r}: tags named sha256-<hex>[.suffix] are kept "
+                             "for signatures and referrers, and never shown as revisions")
     manifest = await client.get_manifest(ref.repository, ref.version or DEFAULT_TAG)
     for t in new_tags:
         await client.put_manifest(ref.repository, t, manifest.body,
@@ -25,15 +31,59 @@ async def tag(client: RegistryClient, ref: Reference, new_tags: list[str]) -> st
 
 
 async def remove(client: RegistryClient, ref: Reference) -> str:
-    """Remove a tag (`REF:TAG`) or a whole revision (`REF@DIGEST`)."""
+    """Remove a tag (`REF:TAG`) or a whole revision (`REF@DIGEST`). What is kept beside a
+    removed revision (its signatures, chunk tables and their signatures) goes with it."""
+    repo = ref.repository
     if ref.digest:
-        await client.get_manifest(ref.repository, ref.digest)  # a clear 404 first
-        await client.delete_manifest(ref.repository, ref.digest)
-        return f"deleted revision {ref.digest} and all its tags"
+        await client.get_manifest(repo, ref.digest)  # a clear 404 first
+        await client.delete_manifest(repo, ref.digest)
+        return f"deleted revision {ref.digest} and all its tags" + await _remove_accessories(
+            client, repo, ref.digest)
     if not ref.tag:
         raise UsageError(f"{ref}: name a tag (:TAG) or a revision (@sha256:...) to remove")
-    await client.delete_tag(ref.repository, ref.tag)
+    digest = await client.head_manifest(repo, ref.tag)
+    await client.delete_tag(repo, ref.tag)
+    if digest and digests.is_digest(digest) and await client.head_manifest(repo, digest) is None:
+        # A registry that cannot remove a tag alone removed the revision (its last tag).
+        return (f"untagged {ref.tag}; its revision {digest} is gone with it"
+                + await _remove_accessories(client, repo, digest))
     return f"untagged {ref.tag}"
+
+
+async def accessories(client: RegistryClient, repo: str, digest: str
+                      ) -> list[tuple[str, str]]:
+    """(tag, digest) of what is kept beside revision `digest`: `sha256-<hex>.sig`,
+    `.chunks`, ..., and what is kept beside those in turn (a `.chunks` referrer's own
+    signature). A manifest that a revision tag also names is never among them."""
+    tags = await client.list_tags(repo)
+    revisions = {await client.head_manifest(repo, t) for t in tags if not is_accessory_tag(t)}
+    found: list[tuple[str, str]] = []
+    seen, queue = {digest}, [digest]
+    while queue and len(found) < MAX_ACCESSORIES:
+        for t in accessory_tags(queue.pop(0), tags):
+            try:
+                d = (await client.get_manifest(repo, t)).digest
+            except NotFound:
+                continue
+            if d in revisions:
+                continue
+            found.append((t, d))
+            if d not in seen:
+                seen.add(d)
+                queue.append(d)
+    return found
+
+
+async def _remove_accessories(client: RegistryClient, repo: str, digest: str) -> str:
+    found = await accessories(client, repo, digest)
+    for _, d in found:
+        try:
+            await client.delete_manifest(repo, d)
+        except NotFound:
+            pass  # gone with the revision (Harbor), or with another tag of the same manifest
+    if not found:
+        return ""
+    return "; removed with it: " + ", ".join(t for t, _ in found)
 
 
 async def copy(src_client: RegistryClient, src: Reference, dst_client: RegistryClient,

@@ -19,6 +19,8 @@ from ..reference import parse
 from ..registry.client import ClientOptions
 from ..registry.credentials import Credentials
 from ..registry.retry import RetryPolicy
+from ..trust.keys import parse_public
+from ..trust.policy import Policy
 from .reader import DEFAULT_CHUNK
 
 DEFAULT_CACHE_SIZE = 10 << 30
@@ -42,6 +44,10 @@ class MountConfig:
     refresh: float = DEFAULT_REFRESH  # seconds listings and tags are trusted
     chunk_size: int = DEFAULT_CHUNK  # bytes per range request
     debug: bool = False
+    # --require-signed-by: the trusted public keys, as PEM text (read by the command line,
+    # so the daemon child needs no key file); --audit: log unsigned revisions, show them.
+    trusted_keys: list[str] = dataclasses.field(default_factory=list)
+    audit: bool = False
 
     def __post_init__(self) -> None:
         self.mountpoint = os.path.abspath(self.mountpoint)
@@ -53,6 +59,14 @@ class MountConfig:
             raise UsageError("--refresh must not be negative")
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
             raise UsageError("--chunk-size must be between 4K and 256M")
+        if self.audit and not self.trusted_keys:
+            raise UsageError("--audit needs --require-signed-by")
+        self.policy  # noqa: B018 - every key parses, or a one-line error now
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(tuple(parse_public(pem.encode(), f"--require-signed-by key {i + 1}")
+                            for i, pem in enumerate(self.trusted_keys)), self.audit)
 
     @property
     def root(self) -> tuple[str, str]:

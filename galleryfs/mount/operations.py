@@ -25,12 +25,13 @@ from ..errors import (
     NotFound,
     RegistryError,
     RegistryUnavailable,
+    Unsigned,
     UnsupportedContent,
     first_error,
 )
 from . import xattrs
 from .reader import BlobHandle, BlobRef, ChunkReader
-from .tree import ROOT_INODE, Kind, Tree
+from .tree import ROOT_INODE, Kind, Refused, Tree
 from .writeback import PageCacheFill
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,9 @@ def errno_for(exc: BaseException) -> int:
         return errno.ENOENT
     if isinstance(exc, NotADirectoryError):
         return errno.ENOTDIR
-    if isinstance(exc, AuthError):
+    if isinstance(exc, (AuthError, Unsigned)):
+        # Unsigned: no trusted key signed the revision (--require-signed-by), or the
+        # registry serves only signed artifacts: access is refused, nothing is damaged.
         return errno.EACCES
     if isinstance(exc, UnsupportedContent):
         # "Operation not supported" says what is true: the bytes exist, galleryfs
@@ -84,7 +87,8 @@ def fuse_errors(fn: F) -> F:
         except Exception as exc:
             code = errno_for(exc)
             op = fn.__name__
-            if code in (errno.ENOENT, errno.EROFS, errno.ENOTDIR):
+            if code in (errno.ENOENT, errno.EROFS, errno.ENOTDIR) or isinstance(
+                    exc, Refused):  # the tree warned once per revision already
                 log.debug("%s: %s", op, exc)
             elif isinstance(exc, (GalleryError, OSError)):
                 kind = ("digest mismatch" if isinstance(exc, DigestMismatch) else

@@ -37,6 +37,7 @@ async def check_registry(config: MountConfig) -> None:
     host, root = config.root
     async with RegistryClient(host, config.options) as client:
         await client.ping()
+        # Only that the root exists: the serving tree asks for signatures, once.
         await Tree(RegistrySource(client), root, refresh=config.refresh).check()
 
 
@@ -49,7 +50,9 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
 async def _serve(config: MountConfig, ready_fd: int | None) -> None:
     host, root = config.root
     async with RegistryClient(host, config.options) as client:
-        tree = Tree(RegistrySource(client), root, refresh=config.refresh)
+        policy = config.policy
+        source = RegistrySource(client, policy.keys)
+        tree = Tree(source, root, refresh=config.refresh, policy=policy, voucher=source)
         await tree.check()
         # --cache-size 0: no disk cache. A cold read then writes nothing locally (where the
         # cache shares a disk with the data being read, that write is what bounds it), and

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from ..modelpack import Revision, parse_manifest
 from ..registry.client import RegistryClient
+from ..trust.keys import PublicKey
+from ..trust.policy import Verdict
+from ..trust.vouch import vouch
 
 
 class RegistrySource:
-    """A `Source` over a RegistryClient.
+    """A `Source` (and, with keys, a `Voucher`) over a RegistryClient.
 
     Repositories come from Harbor's project API where the registry has it, else from
-    `/v2/_catalog` (see `RegistryClient.repositories`).
+    `/v2/_catalog` (see `RegistryClient.repositories`). Signatures and signed chunk tables
+    are looked up beside each revision (`trust.vouch`).
     """
 
-    def __init__(self, client: RegistryClient) -> None:
+    def __init__(self, client: RegistryClient, keys: tuple[PublicKey, ...] = ()) -> None:
         self.client = client
+        self.keys = keys
 
     async def catalog(self) -> list[str]:
         return await self.client.repositories()
@@ -25,3 +30,6 @@ class RegistrySource:
     async def manifest(self, repo: str, reference: str) -> Revision:
         m = await self.client.get_manifest(repo, reference)
         return parse_manifest(m.digest, m.body, m.media_type)
+
+    async def vouch(self, repo: str, revision: Revision) -> Verdict:
+        return await vouch(self.client, repo, revision, list(self.keys))

@@ -18,6 +18,16 @@ name segments never contain ':'. Revision folders are listed for every revision 
 current tag points to; any other revision of the repository is reachable (not listed)
 by looking up its `sha256:<hex>` name.
 
+Signatures (`--require-signed-by`, see `trust.policy`). Tags named after a digest
+(`sha256-<hex>.sig`, `.chunks`, referrer indexes: `trust.accessories`) are never shown.
+Under a policy, a revision is looked up in its repository once (`Voucher.vouch`) before
+its folder exists: one no trusted key signed is left out of the listing with its tags,
+and looking it up by digest raises `Unsigned` (EACCES), with one warning per revision;
+`--audit` shows it, with the warning. A verdict is kept for good once signed, else for
+`refresh` seconds like the listing (a signature added later shows on the next refresh).
+Chunk tables the voucher found (a `.chunks` referrer a trusted key signed) are given to
+the revision's files that have none before the folder is built.
+
 When the mount is rooted at a model (`REGISTRY/GALLERY/MODEL`) no catalog is read, so
 models nested below the root model do not appear there (and no collision can arise).
 
@@ -52,8 +62,11 @@ from typing import Protocol
 import trio
 
 from .. import digest as digests
-from ..errors import GalleryError, NotFound, UnsupportedContent, first_error
+from ..errors import GalleryError, NotFound, Unsigned, UnsupportedContent, first_error
 from ..modelpack import Revision, RevisionFile
+from ..trust.accessories import is_accessory_tag
+from ..trust.chunks import with_tables
+from ..trust.policy import Decision, Policy, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +92,16 @@ class Source(Protocol):
     async def tags(self, repo: str) -> list[str]: ...
 
     async def manifest(self, repo: str, reference: str) -> Revision: ...
+
+
+class Voucher(Protocol):
+    """Who vouches for a revision: its signatures, checked against the trusted keys."""
+
+    async def vouch(self, repo: str, revision: Revision) -> Verdict: ...
+
+
+class Refused(Unsigned):
+    """A revision the mount's signature policy refuses (logged once by the tree)."""
 
 
 class Kind(enum.Enum):
@@ -151,8 +174,17 @@ class Tree:
         refresh: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         mount_time_ns: int | None = None,
+        policy: Policy | None = None,
+        voucher: Voucher | None = None,
     ) -> None:
         self.source = source
+        self.policy = policy or Policy()
+        if self.policy.enforced and voucher is None:
+            raise ValueError("a signature policy needs a voucher")
+        self.voucher = voucher
+        self._verdicts: dict[tuple[str, str], tuple[Verdict, float]] = {}
+        self._vouching: dict[tuple[str, str], trio.Lock] = {}
+        self._policy_warned: set[tuple[str, str]] = set()
         self.root_repo = root_repo.strip("/")
         self.refresh = refresh
         self.clock = clock
@@ -424,19 +456,27 @@ class Tree:
                         repo=child_repo).inode
         if not is_repo:
             return entries
-        tags = sorted(set(await self.source.tags(folder.repo)))
+        # Signatures, chunk tables, referrer indexes: kept beside revisions, not revisions.
+        tags = sorted(t for t in set(await self.source.tags(folder.repo))
+                      if not is_accessory_tag(t))
         resolved: dict[str, str] = {}
 
         async def resolve(tag: str, limiter: trio.CapacityLimiter) -> None:
             async with limiter:
                 try:
                     revision = await self.source.manifest(folder.repo, tag)
-                except (NotFound, UnsupportedContent) as exc:
-                    # A tag deleted since the listing, or an image index: leave it out
-                    # rather than break the whole folder.
+                except (NotFound, UnsupportedContent, Unsigned) as exc:
+                    # A tag deleted since the listing, an image index, a revision the
+                    # registry serves only signed (Harbor's 412): leave it out rather
+                    # than break the whole folder.
                     log.warning("%s:%s is left out: %s", folder.repo, tag, exc)
                     return
-            self._revisions.setdefault(revision.digest, revision)
+                self._revisions.setdefault(revision.digest, revision)
+                try:
+                    # Here, so that revisions are vouched for in parallel.
+                    await self._admit(folder.repo, revision)
+                except Refused:
+                    return  # hidden, with its tags
             resolved[tag] = revision.digest
 
         limiter = trio.CapacityLimiter(RESOLVE_CONCURRENCY)
@@ -466,13 +506,49 @@ class Tree:
         key = ("rev", folder.repo, digest)
         inode = self._keys.get(key)
         if inode is not None:
-            return self._nodes[inode]
+            return self._nodes[inode]  # admitted when it was made
         revision = self._revisions.get(digest)
         if revision is None:
             revision = await self.source.manifest(folder.repo, digest)
             self._revisions[digest] = revision
+        revision = await self._admit(folder.repo, revision)
+        inode = self._keys.get(key)
+        if inode is not None:  # made by a concurrent lookup meanwhile
+            return self._nodes[inode]
         return self._node(key, Kind.REVISION, digest, folder.inode, repo=folder.repo,
                           digest=digest, mtime_ns=_created_ns(revision) or self.mount_time_ns)
+
+    async def _admit(self, repo: str, revision: Revision) -> Revision:
+        """The revision (with the chunk tables its voucher found) if the policy lets it be
+        shown; Unsigned if not. The verdict is asked once per refresh, kept once signed."""
+        if not self.policy.enforced:
+            return revision
+        assert self.voucher is not None
+        key = (repo, revision.digest)
+        async with self._vouching.setdefault(key, trio.Lock()):
+            cached = self._verdicts.get(key)
+            if cached is None or (not cached[0].signed
+                                  and self.clock() - cached[1] >= self.refresh):
+                verdict = await self.voucher.vouch(repo, revision)
+                self._verdicts[key] = (verdict, self.clock())
+                if verdict.tables:
+                    revision = with_tables(self._revisions.get(revision.digest, revision),
+                                           dict(verdict.tables))
+                    self._revisions[revision.digest] = revision
+            verdict = self._verdicts[key][0]
+        decision = self.policy.decide(verdict)
+        if decision is not Decision.SHOW and key not in self._policy_warned:
+            self._policy_warned.add(key)
+            if decision is Decision.REFUSE:
+                log.warning("%s@%s is hidden and refused: not signed by a trusted key (%s)",
+                            repo, revision.digest, verdict.reason)
+            else:
+                log.warning("audit: %s@%s is not signed by a trusted key (%s); shown "
+                            "because of --audit", repo, revision.digest, verdict.reason)
+        if decision is Decision.REFUSE:
+            raise Refused(f"{repo}@{revision.digest}: not signed by a trusted key "
+                           f"({verdict.reason})")
+        return self._revisions.get(revision.digest, revision)
 
     async def _expand(self, folder: Node) -> Node:
         """Give a revision folder (and its subfolders) their fixed children."""

@@ -25,6 +25,7 @@ from ..errors import (
     RegistryError,
     RegistryUnavailable,
     TooLarge,
+    Unsigned,
 )
 from .auth import RegistryAuth
 from .credentials import Credentials
@@ -149,6 +150,11 @@ class RegistryClient:
             raise AuthError(f"{self.host}: access denied to {what}{detail}", status)
         if status == 404:
             raise NotFound(f"{what}: not found on {self.host}{detail}", status)
+        if status == 412:
+            # Harbor, when the project lets only signed artifacts be pulled.
+            raise Unsigned(f"{what}: the registry refuses unsigned artifacts in this project "
+                           "(HTTP 412): sign the revision with `galleryfs sign`, or ask the "
+                           f"project's admin{detail}")
         raise RegistryError(f"{what}: registry answered HTTP {status}{detail}", status)
 
     async def _request(self, method: str, url: str, what: str, **kwargs: object) -> httpx.Response:

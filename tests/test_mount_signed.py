@@ -1,0 +1,118 @@
+"""A real kernel mount under a signature policy (`--require-signed-by`, `--audit`), and the
+accessory tags a mount never shows."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from galleryfs.cli import main
+from tests.mounting import fuse_available, galleryfs, isolated_env
+from tests.registry_harness import Registry
+from tests.test_mount import start_foreground, unmount, wait_for_mount
+from tests.test_signing import push_files, sig_tag, write_key
+
+pytestmark = [pytest.mark.mount,
+              pytest.mark.skipif(not fuse_available(), reason="/dev/fuse unavailable")]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def signed_gallery(registry: Registry, tmp_path: Path,
+                   capsys: pytest.CaptureFixture[str]) -> dict:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    alice = write_key(keys, "alice", ec.generate_private_key(ec.SECP256R1()))
+    data = os.urandom((5 << 20) + 99)
+    good = push_files(registry, tmp_path, "g/m:good", {"w.bin": data})
+    bad = push_files(registry, tmp_path, "g/m:bad", {"w.bin": b"unsigned"})
+    for command in ("sign", "index"):
+        assert main([command, f"{registry.host}/g/m:good", "--key", str(alice[0]),
+                     "--plain-http", "--quiet"]) == 0
+    capsys.readouterr()
+    return {"alice": alice, "good": good, "bad": bad, "data": data}
+
+
+def _mount(registry: Registry, tmp_path: Path, name: str, *options: str):  # noqa: ANN202
+    mnt, log = tmp_path / f"mnt-{name}", tmp_path / f"log-{name}"
+    mnt.mkdir()
+    proc = start_foreground(registry.host, mnt, tmp_path / f"cache-{name}", log, *options)
+    wait_for_mount(proc, mnt, log)
+    return mnt, log, proc
+
+
+def test_mount_shows_only_signed_revisions(registry: Registry, tmp_path: Path,
+                                           signed_gallery: dict) -> None:
+    good, bad = signed_gallery["good"], signed_gallery["bad"]
+    mnt, log, proc = _mount(registry, tmp_path, "policy", "--require-signed-by",
+                            str(signed_gallery["alice"][1]))
+    try:
+        model = mnt / "g" / "m"
+        assert sorted(os.listdir(model)) == sorted(["good", good])
+        assert (model / "good" / "w.bin").read_bytes() == signed_gallery["data"]
+        assert not (model / "bad").exists()  # the tag is hidden
+        for _ in range(3):
+            with pytest.raises(PermissionError) as caught:
+                os.stat(model / bad)
+            assert caught.value.errno == errno.EACCES
+        with pytest.raises(PermissionError):
+            os.listdir(model / bad)
+    finally:
+        unmount(mnt, proc)
+    refused = [line for line in log.read_text().splitlines() if "hidden and refused" in line]
+    assert len(refused) == 1 and bad in refused[0]
+
+
+def test_audit_mount_lists_unsigned_revisions_with_a_warning(registry: Registry,
+                                                             tmp_path: Path,
+                                                             signed_gallery: dict) -> None:
+    good, bad = signed_gallery["good"], signed_gallery["bad"]
+    mnt, log, proc = _mount(registry, tmp_path, "audit", "--require-signed-by",
+                            str(signed_gallery["alice"][1]), "--audit")
+    try:
+        model = mnt / "g" / "m"
+        assert sorted(os.listdir(model)) == sorted(["bad", "good", bad, good])
+        assert (model / "bad" / "w.bin").read_bytes() == b"unsigned"
+    finally:
+        unmount(mnt, proc)
+    audit = [line for line in log.read_text().splitlines() if "audit:" in line]
+    assert len(audit) == 1 and bad in audit[0]
+
+
+def test_mount_never_shows_accessory_tags(registry: Registry, tmp_path: Path,
+                                          signed_gallery: dict) -> None:
+    good, bad = signed_gallery["good"], signed_gallery["bad"]
+    mnt, log, proc = _mount(registry, tmp_path, "plain")
+    try:
+        model = mnt / "g" / "m"
+        names = os.listdir(model)
+        assert sorted(names) == sorted(["bad", "good", bad, good])
+        with pytest.raises(FileNotFoundError):
+            os.stat(model / sig_tag(good))
+        with pytest.raises(FileNotFoundError):
+            os.stat(model / ("sha256-" + good.split(":")[1] + ".chunks"))
+    finally:
+        unmount(mnt, proc)
+
+
+def test_mount_with_a_bad_key_file_is_a_usage_error(registry_session: Registry,
+                                                    tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "rsa.pub").write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    for key in (tmp_path / "missing.pem", tmp_path / "rsa.pub"):
+        r = galleryfs("mount", registry_session.host, str(tmp_path / "mnt"), "--plain-http",
+                      "--require-signed-by", str(key), env=isolated_env(tmp_path))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith("galleryfs: error: key ")
+    r = galleryfs("mount", registry_session.host, str(tmp_path / "mnt"), "--plain-http",
+                  "--audit", env=isolated_env(tmp_path))
+    assert r.returncode == 2 and "--audit needs --require-signed-by" in r.stderr
