@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=float, default=30.0, metavar="SECONDS",
                    help="how long listings and tags are trusted (default 30)")
     p.add_argument("--chunk-size", default="4M", metavar="SIZE", help="range request size (default 4M)")
+    p.add_argument("--verify", choices=("strict", "end"), default="strict",
+                   help="files without a chunk table: verify the whole blob before serving "
+                        "it (strict, default), or serve unverified bytes (end: weaker)")
 
     p = sub.add_parser("unmount", help="unmount a galleryfs mount")
     p.add_argument("mountpoint", type=Path)
@@ -331,7 +334,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         options=options_for(args, parse(args.source).host),
         cache_dir=args.cache_dir or default_cache_dir(),
         cache_size=parse_size(args.cache_size, zero=True), refresh=args.refresh,
-        chunk_size=parse_size(args.chunk_size), debug=args.debug,
+        chunk_size=parse_size(args.chunk_size), debug=args.debug, verify=args.verify,
     )
     return mount_main(config, foreground=args.foreground)
 

@@ -20,6 +20,8 @@ from ..registry.client import ClientOptions
 from ..registry.credentials import Credentials
 from ..registry.retry import RetryPolicy
 from .reader import DEFAULT_CHUNK
+from .verify import MODES as VERIFY_MODES
+from .verify import STRICT
 
 DEFAULT_CACHE_SIZE = 10 << 30
 DEFAULT_REFRESH = 30.0
@@ -42,6 +44,7 @@ class MountConfig:
     refresh: float = DEFAULT_REFRESH  # seconds listings and tags are trusted
     chunk_size: int = DEFAULT_CHUNK  # bytes per range request
     debug: bool = False
+    verify: str = STRICT  # files without a chunk table: verified whole first, or at the end
 
     def __post_init__(self) -> None:
         self.mountpoint = os.path.abspath(self.mountpoint)
@@ -53,6 +56,8 @@ class MountConfig:
             raise UsageError("--refresh must not be negative")
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
             raise UsageError("--chunk-size must be between 4K and 256M")
+        if self.verify not in VERIFY_MODES:
+            raise UsageError(f"--verify takes {' or '.join(VERIFY_MODES)}")
 
     @property
     def root(self) -> tuple[str, str]:

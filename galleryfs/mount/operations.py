@@ -31,6 +31,7 @@ from ..errors import (
 from . import xattrs
 from .reader import BlobHandle, BlobRef, ChunkReader
 from .tree import ROOT_INODE, Kind, Tree
+from .verify import ChunkMismatch
 from .writeback import PageCacheFill
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def fuse_errors(fn: F) -> F:
         except Exception as exc:
             code = errno_for(exc)
             op = fn.__name__
-            if code in (errno.ENOENT, errno.EROFS, errno.ENOTDIR):
+            if code in (errno.ENOENT, errno.EROFS, errno.ENOTDIR) or isinstance(
+                    exc, ChunkMismatch):  # warned of once, where it was found
                 log.debug("%s: %s", op, exc)
             elif isinstance(exc, (GalleryError, OSError)):
                 kind = ("digest mismatch" if isinstance(exc, DigestMismatch) else
@@ -226,7 +228,10 @@ class Operations(pyfuse3.Operations):
             # Refused at open, so a reader gets a clear error before any byte rather
             # than EIO in the middle of a copy.
             raise NotServable(f"{self.tree.display_path(inode)}: {node.file.reason}")
-        blob = BlobRef(node.repo, node.file.digest, node.file.size)
+        # The size and table are this revision's claims: the reader serves only bytes
+        # that match them, and caches under them.
+        blob = BlobRef(node.repo, node.file.digest, node.file.size, node.file.table,
+                       label=self.tree.display_path(inode))
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = self.reader.open(blob, self.nursery)
