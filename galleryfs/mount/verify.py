@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..errors import DigestMismatch, RegistryUnavailable
+from ..errors import DigestMismatch, RegistryUnavailable, first_error
 from ..modelpack import CHUNK_DIGEST
 from .blob import BlobRef, Chunk, Expect
 from .diskstore import DiskStore
@@ -197,15 +197,19 @@ class Verifier:
 
         log.info("%s: no chunk table; verifying all %d bytes of %s before serving it "
                  "(--verify strict)", blob, blob.size, blob.digest)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(consume)
-            async with send:
-                if self.fetch.spans:
-                    await self.fetch.span(blob, 0, blob.size, cs, take)
-                else:
-                    for start in range(0, blob.size, cs):
-                        await take(start, await self.fetch.range(
-                            blob, start, min(blob.size, start + cs)))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                async with send:
+                    if self.fetch.spans:
+                        await self.fetch.span(blob, 0, blob.size, cs, take)
+                    else:
+                        for start in range(0, blob.size, cs):
+                            await take(start, await self.fetch.range(
+                                blob, start, min(blob.size, start + cs)))
+        except BaseExceptionGroup as group:
+            # Callers map single galleryfs errors to errno; a group would hide them.
+            raise first_error(group) from None
         self.stats.derived_bytes += reached
         if reached != blob.size:
             raise RegistryUnavailable(f"{blob}: {blob.digest} streamed only {reached} of "
