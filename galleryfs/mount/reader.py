@@ -55,6 +55,8 @@ DEFAULT_CHUNK = 4 << 20
 # from memory (they live on in the kernel's page cache, keep_cache, until the
 # write-behind has them on disk), so a larger budget would only raise the daemon's RSS.
 DEFAULT_MEMORY = WINDOW_CAP + DEFAULT_CHUNK
+# A span's pieces being hashed while the next is received.
+CHECKS_AHEAD = 1
 
 
 @dataclass
@@ -259,9 +261,16 @@ class ChunkReader:
         first = next(iter(flights))
         end = min(blob.size, (first + len(flights)) * cs)
         verify = self.verify
+        # Pieces received and not yet checked: the next one is received while one is
+        # hashed, and no more (memory stays within the read-ahead window's).
+        unchecked = trio.Semaphore(CHECKS_AHEAD)
 
         async def check(index: int, data: bytearray, expect: Expect) -> None:
-            if await verify.matches(data, expect):
+            try:
+                ok = await verify.matches(data, expect)
+            finally:
+                unchecked.release()
+            if ok:
                 verify.stats.verified_chunks += 1
                 if memory.deliver(span, index, data):
                     self._owe(blob, index)
@@ -285,6 +294,7 @@ class ChunkReader:
                     self._owe(blob, index)
             else:
                 # Checked beside the stream: the next piece is received meanwhile.
+                await unchecked.acquire()
                 checks.start_soon(check, index, data, expect)
             return True
 
