@@ -517,22 +517,21 @@ class DiskCache:
         complete, index = self._complete_paths(digest)
         with self._lock:
             part = self._partials.pop((digest, size), None)
-        if part is not None:
-            # Under the blob's lock and outside the cache lock (a writer holds the
-            # first and then takes the second); a duplicate write may still be going.
-            # No fsync: a chunk that did not reach the disk fails its check when read.
-            with part.lock:
-                part.wait_idle()
-                # A padded last chunk (direct writes) overshoots the blob's size.
-                os.ftruncate(part.data_fd, size)
-                part.close()
+        if part is None:  # dropped meanwhile (evicted)
+            return
+        # Under the blob's lock and outside the cache lock (a writer holds the first and
+        # then takes the second); a duplicate write may still be going. No fsync: a
+        # chunk that did not reach the disk fails its check when it is read back.
+        with part.lock:
+            part.wait_idle()
+            # A padded last chunk (direct writes) overshoots the blob's size.
+            os.ftruncate(part.data_fd, size)
+            part.close()
         with self._lock:
             # The index first: a complete blob without one is dropped as foreign.
             os.replace(map_path, index)
             os.replace(data_path, complete)
-            self._complete[digest] = _Complete(size, bytes(part.digests) if part is not None
-                                               else self._index_body(index.read_bytes(), size)
-                                               or b"")
+            self._complete[digest] = _Complete(size, bytes(part.digests))
             self._lru[(digest, None)] = self._lru.pop((digest, size), 0)
 
     def _unlink_partial(self, digest: str, size: int) -> None:
