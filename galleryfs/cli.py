@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show only revisions this key signed (repeatable: any one of them)")
     p.add_argument("--audit", action="store_true",
                    help="with --require-signed-by: show unsigned revisions, with a warning")
+    p.add_argument("--verify", choices=("strict", "end"), default="strict",
+                   help="files without a chunk table: verify the whole blob before serving "
+                        "it (strict, default), or serve unverified bytes (end: weaker)")
 
     p = sub.add_parser("unmount", help="unmount a galleryfs mount")
     p.add_argument("mountpoint", type=Path)
@@ -417,7 +420,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         options=options_for(args, parse(args.source).host),
         cache_dir=args.cache_dir or default_cache_dir(),
         cache_size=parse_size(args.cache_size, zero=True), refresh=args.refresh,
-        chunk_size=parse_size(args.chunk_size), debug=args.debug,
+        chunk_size=parse_size(args.chunk_size), debug=args.debug, verify=args.verify,
         trusted_keys=keys, audit=args.audit,
     )
     return mount_main(config, foreground=args.foreground)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from galleryfs.errors import DigestMismatch
+from galleryfs.modelpack import ChunkTable
 from galleryfs.mount.diskcache import DiskCache
 from galleryfs.mount.reader import BlobRef, ChunkReader
 from galleryfs.mount.writeback import PageCacheFill
@@ -37,11 +39,16 @@ def push_blob(url: str, repo: str, data: bytes) -> str:
     return digest
 
 
+def tabled(repo: str, digest: str, data: bytes, table_chunk: int = CHUNK) -> BlobRef:
+    """The blob as a revision with a chunk table describes it (galleryfs's own pushes)."""
+    return BlobRef(repo, digest, len(data), ChunkTable.of_bytes(data, table_chunk))
+
+
 @pytest.fixture
 def blob(registry) -> tuple[BlobRef, bytes]:  # noqa: ANN001 - harness fixture
     data = os.urandom(10 * CHUNK + 1234)
     digest = push_blob(registry.url, REPO, data)
-    return BlobRef(REPO, digest, len(data)), data
+    return tabled(REPO, digest, data), data
 
 
 class Counting:
@@ -165,19 +172,20 @@ async def test_disk_cache_survives_restart_and_verifies(registry, blob, tmp_path
         assert fetch2.calls == []
         assert reader2.snapshot()["disk_hits"] == 3  # chunks 3, 4, 5
 
-        # Damage the cached file: the next process refuses it and drops it.
+        # Damage the cached file, keeping its size and times: the next process checks
+        # the chunk it reads back, drops the blob and fetches the right bytes.
+        st = complete.stat()
         raw = bytearray(complete.read_bytes())
         raw[12345] ^= 0x01
         complete.write_bytes(bytes(raw))
+        os.utime(complete, ns=(st.st_atime_ns, st.st_mtime_ns))
         fetch3 = Counting(client)
         reader3 = ChunkReader(fetch3, chunk_size=CHUNK,
                               disk=DiskCache(tmp_path, 1 << 30, CHUNK))
-        with pytest.raises(DigestMismatch):
-            await reader3.read(ref, 0, 100)
-        assert not complete.exists()
-        # The next read fetches from the registry again and gets the right bytes.
         assert await reader3.read(ref, 0, 100) == data[:100]
+        assert not complete.exists()
         assert fetch3.calls == [(0, CHUNK)]
+        assert reader3.snapshot()["disk_damaged"] == 1
 
 
 async def test_partial_cache_resumes_after_restart(registry, blob, tmp_path) -> None:
@@ -200,17 +208,43 @@ async def test_partial_cache_resumes_after_restart(registry, blob, tmp_path) -> 
         assert (tmp_path / "blobs" / "sha256" / ref.digest.split(":")[1]).exists()
 
 
-async def test_wrong_bytes_from_network_are_dropped_when_complete(registry, blob,
-                                                                  tmp_path) -> None:
-    """Chunks from the network cannot be checked one by one: they are served, and the
-    whole-blob hash of the write-behind catches them. The blob then leaves the disk cache
-    and memory, so later reads fetch it again."""
+async def test_wrong_bytes_from_network_are_never_served(registry, blob, tmp_path,
+                                                         caplog) -> None:
+    """A chunk that does not match the file's table is an error for its reader, with one
+    warning and a count; nothing of it is kept, and the next read fetches it again."""
     ref, data = blob
     async with _client(registry) as client:
         fetch = Counting(client)
         fetch.corrupt = True
         disk = DiskCache(tmp_path, 1 << 30, CHUNK)
         reader = ChunkReader(fetch, chunk_size=CHUNK, disk=disk)
+        async with write_behind(reader) as kernel:
+            kernel.holds(ref, data)
+            with pytest.raises(DigestMismatch, match="chunk 3 of .* does not match its chunk "
+                                                     "table"):
+                await reader.read(ref, 3 * CHUNK + 5, 100)
+        assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == [
+            "WARNING"]
+        assert reader.snapshot()["verify_failures"] == 1
+        assert reader.memory.bytes == 0 and kernel.fill.owed == 0
+        assert not any(disk.has_chunk(ref.digest, ref.size, i) for i in range(11))
+        fetch.corrupt = False
+        assert await reader.read(ref, 3 * CHUNK + 5, 100) == data[3 * CHUNK + 5:3 * CHUNK + 105]
+        assert fetch.calls == [(3 * CHUNK, 4 * CHUNK)] * 2
+
+
+async def test_verify_end_serves_an_untabled_blob_and_drops_it_when_complete(
+        registry, blob, tmp_path) -> None:
+    """`--verify end` (weaker, documented): a blob without a table is served as the
+    registry sends it; the write-behind's whole-blob hash catches it afterwards. The blob
+    then leaves the disk cache and memory, so later reads fetch it again."""
+    ref, data = blob
+    ref = BlobRef(ref.repo, ref.digest, ref.size)  # no table
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        fetch.corrupt = True
+        disk = DiskCache(tmp_path, 1 << 30, CHUNK)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, disk=disk, verify="end")
         async with write_behind(reader) as kernel:
             served = await reader.read(ref, 0, ref.size)
             assert served != data
@@ -306,23 +340,41 @@ async def test_disk_cache_evicts_least_recently_used(registry, tmp_path: Path) -
         assert disk.evictions == 1
 
 
-async def test_random_reads_fetch_only_their_bytes(registry, blob) -> None:
+@pytest.mark.parametrize("verify", ["strict", "end"])
+async def test_random_reads_fetch_their_chunks_or_under_end_only_their_bytes(
+        registry, blob, verify) -> None:
+    """A random read is verified by the chunk it lies in, so it costs that chunk; under
+    `--verify end` a blob without a table is read exactly (unverified)."""
     ref, data = blob
+    if verify == "end":
+        ref = BlobRef(ref.repo, ref.digest, ref.size)
     async with _client(registry) as client:
         fetch = Counting(client)
-        reader = ChunkReader(fetch, chunk_size=CHUNK)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, verify=verify)
         async with trio.open_nursery() as nursery:
             handle = reader.open(ref, nursery)
-            for offset in (9 * CHUNK + 5, 2 * CHUNK, 7 * CHUNK - 4096):
+            for offset in (9 * CHUNK + 5, 2 * CHUNK, 7 * CHUNK - 4096, 9 * CHUNK + 8000):
                 assert await handle.read(offset, 4096) == data[offset:offset + 4096]
             handle.close()
-        # One Range request of exactly the bytes asked for, not a chunk each.
-        assert fetch.calls == [(9 * CHUNK + 5, 9 * CHUNK + 4101), (2 * CHUNK, 2 * CHUNK + 4096),
-                               (7 * CHUNK - 4096, 7 * CHUNK)]
+        if verify == "end":
+            # One Range request of exactly the bytes asked for, not a chunk each.
+            assert fetch.calls == [(9 * CHUNK + 5, 9 * CHUNK + 4101),
+                                   (2 * CHUNK, 2 * CHUNK + 4096),
+                                   (7 * CHUNK - 4096, 7 * CHUNK),
+                                   (9 * CHUNK + 8000, 9 * CHUNK + 12096)]
+        else:
+            # A chunk each (the last one was in memory already), all verified.
+            assert fetch.calls == [(9 * CHUNK, 10 * CHUNK), (2 * CHUNK, 3 * CHUNK),
+                                   (6 * CHUNK, 7 * CHUNK)]
+            assert reader.snapshot()["verified_chunks"] == 3
         assert reader.snapshot()["prefetches"] == 0
 
 
-async def test_verified_blob_is_trusted_by_its_stamp(registry, blob, tmp_path) -> None:
+async def test_a_flipped_byte_in_a_complete_cached_blob_is_never_served(
+        registry, blob, tmp_path) -> None:
+    """Every chunk read back from disk is hashed against the index kept with it (no stamp
+    of size and times to fool): a flipped byte whose file keeps its size and mtime costs a
+    fetch of its chunk, not a wrong byte."""
     ref, data = blob
     hexpart = ref.digest.split(":")[1]
     async with _client(registry) as client:
@@ -331,19 +383,50 @@ async def test_verified_blob_is_trusted_by_its_stamp(registry, blob, tmp_path) -
         async with write_behind(reader) as kernel:
             kernel.holds(ref, data)
             assert await reader.read(ref, 0, ref.size) == data
-    assert (tmp_path / "verified" / "sha256" / hexpart).exists()
-    # A restart trusts the stamped blob without hashing it...
-    disk = DiskCache(tmp_path, 1 << 30, CHUNK)
-    assert disk.has_chunk(ref.digest, ref.size, 3)
-    # ... but not once the file changed under it: then it is hashed again (and, intact
-    # here, served and stamped anew).
-    complete = tmp_path / "blobs" / "sha256" / hexpart
-    st = complete.stat()
-    os.utime(complete, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    disk2 = DiskCache(tmp_path, 1 << 30, CHUNK)
-    assert not disk2.has_chunk(ref.digest, ref.size, 3)
-    assert disk2.read_chunk(ref.digest, ref.size, 3) == data[3 * CHUNK:4 * CHUNK]
-    assert DiskCache(tmp_path, 1 << 30, CHUNK).has_chunk(ref.digest, ref.size, 3)
+        complete = tmp_path / "blobs" / "sha256" / hexpart
+        index = tmp_path / "blobs" / "sha256" / f"{hexpart}.chunks"
+        assert index.stat().st_size == 24 + 11 * 32
+        for untabled in (False, True):
+            with complete.open("r+b") as f:
+                f.seek(3 * CHUNK + 77)
+                byte = f.read(1)
+                f.seek(3 * CHUNK + 77)
+                f.write(bytes([byte[0] ^ 0x20]))
+            fetch = Counting(client)
+            reader = ChunkReader(fetch, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+            # With the table, and (the second time) without one: the disk's own index.
+            which = BlobRef(ref.repo, ref.digest, ref.size) if untabled else ref
+            assert await reader.read(which, 3 * CHUNK, 100) == data[3 * CHUNK:3 * CHUNK + 100]
+            assert fetch.calls == [(3 * CHUNK, 4 * CHUNK)]
+            assert reader.snapshot()["disk_damaged"] == 1
+            assert not complete.exists()
+            # Cached again, whole, for the second round.
+            reader.memory.clear()
+            async with write_behind(reader) as kernel:
+                kernel.holds(which, data)
+                assert await reader.read(which, 0, ref.size) == data
+            assert complete.exists()
+
+
+async def test_old_cache_layouts_are_discarded(tmp_path) -> None:
+    """A cache written before chunk indexes (a presence byte per chunk, stamps) is
+    emptied, not trusted; other files under the cache folder are left alone."""
+    hexpart = "ab" * 32
+    old = {tmp_path / "blobs" / "sha256" / hexpart,
+           tmp_path / "partial" / "sha256" / f"{hexpart}.data",
+           tmp_path / "partial" / "sha256" / f"{hexpart}.chunks",
+           tmp_path / "verified" / "sha256" / hexpart}
+    for path in old:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"GFSC\x01\x00\x00\x00" + bytes(100))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "mount-1.log").write_text("kept")
+    cache = DiskCache(tmp_path, 1 << 30, CHUNK)
+    assert not any(p.exists() for p in old)
+    assert not (tmp_path / "verified").exists()
+    assert (tmp_path / "logs" / "mount-1.log").read_text() == "kept"
+    assert (tmp_path / "FORMAT").read_text() == "2\n"
+    assert cache.used_bytes == 0
 
 
 @pytest.mark.parametrize("refuse_direct", [False, True])
@@ -381,9 +464,9 @@ async def test_disk_cache_writes_direct_or_falls_back(tmp_path, monkeypatch, ref
     assert cache.read_chunk(digest, len(data), 3) == data[3 * CHUNK:]
 
 
-async def test_holes_are_read_exactly_from_the_disk_cache(registry, blob, tmp_path) -> None:
-    """A read outside any stream (a page the kernel's cache lost) reads just its bytes from
-    a complete cached blob: no fetch, and no whole chunk pulled into memory."""
+async def test_holes_are_read_from_the_disk_cache(registry, blob, tmp_path) -> None:
+    """A read outside any stream (a page the kernel's cache lost) reads its chunk from a
+    complete cached blob, checked: no fetch."""
     ref, data = blob
     async with _client(registry) as client:
         fetch = Counting(client)
@@ -398,8 +481,7 @@ async def test_holes_are_read_exactly_from_the_disk_cache(registry, blob, tmp_pa
             assert bytes(await handle.read(offset, 4096)) == data[offset:offset + 4096]
         handle.close()
         assert len(fetch.calls) == calls
-        assert reader.snapshot()["disk_hits"] == hits + 2
-        assert reader.memory.bytes == 0
+        assert reader.snapshot()["disk_hits"] == hits + 3  # the second read spans two chunks
 
 
 def _lose_blob(registry, digest: str) -> None:  # noqa: ANN001 - harness registry
@@ -461,7 +543,9 @@ async def test_snapshot_keys(tmp_path) -> None:
     common = {"coalesced", "digest_failures", "disk_hits", "disk_misses", "fetched_bytes",
               "fetches", "in_flight", "memory_bytes", "memory_hits", "memory_limit",
               "memory_misses", "prefetches", "readahead_cap", "readahead_windows", "spans",
-              "store_write_s", "stores"}
+              "store_write_s", "stores", "verified_chunks", "verify_failures",
+              "derived_blobs", "derived_bytes"}
     assert set(ChunkReader(never, chunk_size=CHUNK).snapshot()) == common
     with_disk = ChunkReader(never, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
-    assert set(with_disk.snapshot()) == common | {"disk_bytes", "disk_evictions", "disk_limit"}
+    assert set(with_disk.snapshot()) == common | {"disk_bytes", "disk_evictions", "disk_limit",
+                                                  "disk_damaged"}

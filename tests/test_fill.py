@@ -12,7 +12,7 @@ import trio.testing
 from galleryfs.mount.diskcache import DiskCache
 from galleryfs.mount.reader import BlobRef, ChunkReader
 from galleryfs.mount.writeback import PageCacheFill
-from tests.test_chunks import CHUNK, MAX_WRITE, Counting, PageCache, _client, push_blob
+from tests.test_chunks import CHUNK, MAX_WRITE, Counting, PageCache, _client, push_blob, tabled
 
 pytestmark = pytest.mark.trio
 
@@ -23,7 +23,7 @@ REPO = "fill/blob"
 @pytest.fixture
 def blob(registry) -> tuple[BlobRef, bytes]:  # noqa: ANN001 - harness fixture
     data = os.urandom(10 * CHUNK + 1234)
-    return BlobRef(REPO, push_blob(registry.url, REPO, data), len(data)), data
+    return tabled(REPO, push_blob(registry.url, REPO, data), data), data
 
 
 async def _setup(nursery: trio.Nursery, client, tmp_path, quiet: float  # noqa: ANN001

@@ -166,10 +166,12 @@ CHUNK = 65536
 
 
 def _pushed(registry: Registry, size: int):  # noqa: ANN202 - (bytes, BlobRef)
+    from galleryfs.modelpack import ChunkTable
     from galleryfs.mount.reader import BlobRef
 
     data = os.urandom(size)
-    return data, BlobRef(REPO, push_blob(registry.url, REPO, data), size)
+    return data, BlobRef(REPO, push_blob(registry.url, REPO, data), size,
+                         ChunkTable.of_bytes(data, CHUNK))
 
 
 def _span_reader(client: RegistryClient, window_chunks: int, disk=None):  # noqa: ANN001, ANN202

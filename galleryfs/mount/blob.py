@@ -1,8 +1,12 @@
-"""What the mount's data path passes around: a blob to read, and the bytes of a chunk."""
+"""What the mount's data path passes around: a blob to read, the bytes of a chunk, and
+what a chunk must hash to."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
+
+from ..modelpack import CHUNK_DIGEST, ChunkTable
 
 # A chunk's bytes: received into a bytearray (ranges.py), read back from the disk cache as
 # bytes. Never copied to change type: reads hand out memoryviews into it.
@@ -11,6 +15,48 @@ Chunk = bytes | bytearray
 
 @dataclass(frozen=True)
 class BlobRef:
+    """A file's blob as one revision describes it. Its size and table are that revision's
+    claims: caches key what they hold by them, so one manifest's claims cannot change the
+    bytes another revision's file reads (README, Security and integrity)."""
+
     repo: str
     digest: str
     size: int
+    # The trusted chunk table (from the revision's manifest), if any.
+    table: ChunkTable | None = None
+    # Where the file shows in the mount (revision and path), for warnings.
+    label: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return self.label or f"{self.repo}@{self.digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """The raw sha256 of every `piece` bytes of one chunk, in order (one digest when the
+    piece is the chunk). Part of the memory cache's key: bytes are found only by readers
+    that expect exactly them."""
+
+    piece: int
+    digests: bytes
+
+    def matches(self, data: Chunk | memoryview) -> bool:
+        """Whether `data` hashes to these digests (in the calling thread: hashlib
+        releases the GIL on large buffers). No copy: pieces are memoryview slices."""
+        n = len(self.digests) // CHUNK_DIGEST
+        if -(-len(data) // self.piece) != n or not len(data):
+            return False
+        view = memoryview(data)
+        try:
+            for i in range(n):
+                got = hashlib.sha256(view[i * self.piece:(i + 1) * self.piece]).digest()
+                if got != self.digests[i * CHUNK_DIGEST:(i + 1) * CHUNK_DIGEST]:
+                    return False
+        finally:
+            view.release()
+        return True
+
+    @property
+    def whole(self) -> bytes | None:
+        """The chunk's own sha256, when this is one digest for the whole chunk."""
+        return self.digests if len(self.digests) == CHUNK_DIGEST else None

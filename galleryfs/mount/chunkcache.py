@@ -6,8 +6,11 @@ so two readers of one chunk cause one request. A `Span` claims a run of chunks a
 for one range request that delivers them one by one. Nothing here fetches, or knows where
 a chunk comes from: that is the reader's business.
 
-Keys are (blob digest, chunk index): content addressed, so two files (or revisions) with
-the same blob share their chunks.
+Keys are (blob digest, blob size, chunk index, expected digests): two files (or
+revisions) with the same blob and the same table share their chunks, while a revision
+that claims another size or table for a digest can neither find nor shadow the bytes
+another revision reads (README, Security and integrity). Only verified chunks (or, under
+`--verify end` without a table, chunks of the right length) are ever put here.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from dataclasses import dataclass, field
 import cachetools
 import trio
 
-from .blob import BlobRef, Chunk
+from .blob import BlobRef, Chunk, Expect
 
-Key = tuple[str, int]
+Key = tuple[str, int, int, Expect | None]
 
 
 class Abandoned(Exception):
@@ -51,7 +54,7 @@ class Span:
     delivered or released."""
 
     blob: BlobRef
-    flights: dict[int, Flight]
+    flights: dict[int, tuple[Key, Flight]]
 
 
 class ChunkCache:
@@ -98,9 +101,9 @@ class ChunkCache:
     def drop(self, key: Key) -> None:
         self._lru.pop(key, None)
 
-    def drop_blob(self, digest: str, nchunks: int) -> None:
-        for i in range(nchunks):
-            self._lru.pop((digest, i), None)
+    def drop_blob(self, digest: str, size: int) -> None:
+        for key in [k for k in self._lru if k[0] == digest and k[1] == size]:
+            self._lru.pop(key, None)
 
     def clear(self) -> None:
         self._lru.clear()
@@ -130,15 +133,20 @@ class ChunkCache:
 
     def deliver(self, span: Span, index: int, data: Chunk) -> bool:
         """Settle chunk `index` of the span; False when it was released meanwhile."""
-        flight = span.flights.pop(index, None)
-        if flight is None:
+        claimed = span.flights.pop(index, None)
+        if claimed is None:
             return False
-        self.settle((span.blob.digest, index), flight, data)
+        self.settle(claimed[0], claimed[1], data)
         return True
+
+    def abandon(self, span: Span, index: int) -> None:
+        """Give up one chunk of the span: its readers load it themselves."""
+        claimed = span.flights.pop(index, None)
+        if claimed is not None:
+            self.fail(claimed[0], claimed[1], Abandoned())
 
     def release(self, span: Span) -> None:
         """Give up what the span did not deliver: its readers load those chunks."""
-        digest = span.blob.digest
-        for index, flight in span.flights.items():
-            self.fail((digest, index), flight, Abandoned())
+        for key, flight in span.flights.values():
+            self.fail(key, flight, Abandoned())
         span.flights.clear()

@@ -22,6 +22,8 @@ from ..registry.retry import RetryPolicy
 from ..trust.keys import parse_public
 from ..trust.policy import Policy
 from .reader import DEFAULT_CHUNK
+from .verify import MODES as VERIFY_MODES
+from .verify import STRICT
 
 DEFAULT_CACHE_SIZE = 10 << 30
 DEFAULT_REFRESH = 30.0
@@ -48,6 +50,7 @@ class MountConfig:
     # so the daemon child needs no key file); --audit: log unsigned revisions, show them.
     trusted_keys: list[str] = dataclasses.field(default_factory=list)
     audit: bool = False
+    verify: str = STRICT  # files without a chunk table: verified whole first, or at the end
 
     def __post_init__(self) -> None:
         self.mountpoint = os.path.abspath(self.mountpoint)
@@ -59,6 +62,8 @@ class MountConfig:
             raise UsageError("--refresh must not be negative")
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
             raise UsageError("--chunk-size must be between 4K and 256M")
+        if self.verify not in VERIFY_MODES:
+            raise UsageError(f"--verify takes {' or '.join(VERIFY_MODES)}")
         if self.audit and not self.trusted_keys:
             raise UsageError("--audit needs --require-signed-by")
         self.policy  # noqa: B018 - every key parses, or a one-line error now

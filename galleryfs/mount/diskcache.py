@@ -1,33 +1,29 @@
-"""An on-disk, content-addressed cache of blob chunks, shared by every mount.
+"""An on-disk cache of blob chunks, shared by every mount, that never serves a damaged chunk.
 
-Keyed by blob digest only, so a file unchanged between revisions (or present in two
-galleries) is fetched once. Layout under the cache root::
+Keyed by blob digest and size, so a file unchanged between revisions (or present in two
+galleries) is fetched once, while a manifest that claims another size for the same
+digest can neither read nor overwrite the entry. Layout under the cache root::
 
-    blobs/sha256/<hex>               a complete blob, verified against its digest
-    partial/sha256/<hex>.data        a sparse file holding the chunks fetched so far
-    partial/sha256/<hex>.chunks      16-byte header + one byte per chunk (1 = present)
-    verified/sha256/<hex>            stamp of a verified complete blob: size, mtime, inode
+    FORMAT                                 the layout's version ("2"); any other: wiped
+    blobs/sha256/<hex>                     a complete blob, verified against its digest
+    blobs/sha256/<hex>.chunks              its chunk index (below)
+    partial/sha256/<hex>-<size>.data       a sparse file holding the chunks fetched so far
+    partial/sha256/<hex>-<size>.chunks     its chunk index
 
-A chunk's data is written before its byte in the `.chunks` record, but neither is
-synced: durability is not worth an fdatasync per chunk (it capped cold reads) in a cache
-whose every byte is checked against the digest before the blob is trusted. A crash can
-at worst leave a chunk recorded as present whose bytes did not reach the disk. Such a
-chunk of a partial blob may be served unverified, exactly like any partial chunk (they
-cannot be verified one by one yet; a per-chunk index bound to the revision digest would
-plug in at `read_chunk`/`write_chunk`), and when the blob completes the whole-blob hash
-fails, the entry is dropped (DigestMismatch) and its chunks are fetched again. The header
-carries the chunk size: a record written with another chunk size is dropped rather than
-misread.
+A chunk index is a header (magic, version, chunk size, blob size) and the raw sha256 of
+every chunk, in order; 32 zero bytes: not there. Every chunk read back is hashed and
+checked before it is served: against the digests the reader expects of it (its
+revision's chunk table, or the table derived when the blob was verified whole) when it
+knows them, else against the index. A chunk that fails is dropped (a complete blob
+whole) and the reader fetches it again: a flipped byte on disk costs a fetch, never a
+wrong byte. Nothing is synced: a crash can leave an index entry whose bytes did not
+reach the disk, which the same check catches.
 
-Chunks are hashed in blob order as they become contiguous; when the last one arrives
-the digest is compared and the blob is promoted to `blobs/` (fsync, then a rename) or
-dropped. Promotion writes a stamp (size, mtime, inode of the verified file). A complete
-blob whose stamp matches is served without hashing it again: re-hashing on first open
-was a stall of seconds per GB before the first byte of every remount. Anything that
-rewrites or replaces the file through the file system changes its stamp; such a blob
-(or one without a stamp) is re-hashed before it is served, and a damaged one turns into
-DigestMismatch (and is removed), never wrong bytes. Silent media corruption under an
-unchanged stamp is left to the disk, as for any local file.
+Only verified chunks are written (`write_chunk` takes the digests the chunk must have
+and checks them itself, in the writing thread), and the last piece of a blob completes
+it only if the whole hashes to its digest: then it is promoted to `blobs/` (a rename)
+and its index, whole-blob verified, can stand in for a table (`table`). Chunks are
+hashed in blob order as they become contiguous.
 
 Chunk data is written with O_DIRECT where the file system takes it: on the VMs this
 runs on, a buffered write of a fresh chunk costs several times the kernel CPU of a direct
@@ -39,7 +35,7 @@ aligned buffer and the blob's last piece is padded to the block size; the file i
 the blob's size when it is promoted.
 
 All methods are synchronous and thread-safe: callers run them in trio worker threads.
-Eviction is least-recently-used by whole blob, down to `max_bytes`, never touching a
+Eviction is least-recently-used by whole entry, down to `max_bytes`, never touching a
 blob that is pinned (open in the mount).
 """
 
@@ -59,12 +55,16 @@ from pathlib import Path
 
 from .. import digest as digests
 from ..errors import DigestMismatch
+from ..modelpack import CHUNK_DIGEST
+from .blob import Expect
 
 log = logging.getLogger(__name__)
 
+_FORMAT = "2\n"
 _MAGIC = b"GFSC"
-_VERSION = 1
-_HEADER = struct.Struct("<4sIQ")  # magic, version, chunk size
+_VERSION = 2
+_HEADER = struct.Struct("<4sIQQ")  # magic, version, chunk size, blob size
+_ABSENT = bytes(CHUNK_DIGEST)
 # O_DIRECT alignment of offsets, lengths and memory: the page size covers every
 # logical block size in use (512 or 4096).
 _ALIGN = mmap.PAGESIZE
@@ -73,13 +73,20 @@ _DIRECT_PIECE = 1 << 20  # bounds the aligned copy buffers
 _HASH_AHEAD = 4  # out-of-order chunks kept in memory for the hasher (~ fetches in flight)
 
 Chunk = bytes | bytearray | memoryview
+# An entry: (digest, size) of a partial blob, (digest, None) of a complete one.
+Entry = tuple[str, int | None]
+
+
+class ChunkRejected(DigestMismatch):
+    """A chunk offered to the cache does not hash to what it must: not written."""
 
 
 @dataclass
 class _Partial:
     data_fd: int
     map_fd: int
-    bitmap: bytearray
+    digests: bytearray  # the index's body: CHUNK_DIGEST bytes per chunk
+    bitmap: bytearray  # 1 where the index has a digest
     direct_fd: int | None = None  # the data file again, opened O_DIRECT
     direct_ok: bool = True
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
@@ -94,6 +101,9 @@ class _Partial:
 
     def __post_init__(self) -> None:
         self.idle = threading.Condition(self.lock)
+
+    def stored(self, index: int) -> bytes:
+        return bytes(self.digests[index * CHUNK_DIGEST:(index + 1) * CHUNK_DIGEST])
 
     def wait_idle(self) -> None:
         """Under `lock`: until no chunk write is halfway."""
@@ -110,6 +120,12 @@ class _Partial:
                     os.close(fd)
 
 
+@dataclass(frozen=True)
+class _Complete:
+    size: int
+    digests: bytes  # its index's body
+
+
 class DiskCache:
     def __init__(self, root: str | os.PathLike[str], max_bytes: int, chunk_size: int) -> None:
         self.root = Path(root)
@@ -117,48 +133,71 @@ class DiskCache:
         self.chunk_size = chunk_size
         self.complete_dir = self.root / "blobs" / "sha256"
         self.partial_dir = self.root / "partial" / "sha256"
-        self.stamp_dir = self.root / "verified" / "sha256"
         self.complete_dir.mkdir(parents=True, exist_ok=True)
         self.partial_dir.mkdir(parents=True, exist_ok=True)
-        self.stamp_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._partials: dict[str, _Partial] = {}
-        self._verified: set[str] = set()
+        self._partials: dict[tuple[str, int], _Partial] = {}
+        self._complete: dict[str, _Complete] = {}
         self._pins: dict[str, int] = {}
-        # digest -> bytes on disk, oldest use first.
-        self._lru: OrderedDict[str, int] = OrderedDict()
+        # entry -> bytes on disk, oldest use first.
+        self._lru: OrderedDict[Entry, int] = OrderedDict()
         self.evictions = 0
+        self.damaged = 0  # chunks read back that failed their check (dropped)
         # Off when the chunk size is not aligned, or once the file system refuses it.
         self.direct = bool(_O_DIRECT) and chunk_size % _ALIGN == 0
         self._buffers: list[mmap.mmap] = []  # aligned buffers for unaligned chunks
+        self._check_format()
         self._scan()
 
     # ---- bookkeeping -------------------------------------------------------------
 
+    def _check_format(self) -> None:
+        """A cache of another layout (galleryfs before chunk indexes: a presence byte per
+        chunk and stamps in `verified/`) is emptied rather than trusted."""
+        marker = self.root / "FORMAT"
+        try:
+            if marker.read_text() == _FORMAT:
+                return
+        except OSError:
+            pass
+        old = self.root / "verified" / "sha256"
+        for folder in (self.complete_dir, self.partial_dir, old):
+            if folder.is_dir():
+                for path in folder.iterdir():
+                    if _ours(path.name):
+                        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            old.rmdir()
+            old.parent.rmdir()
+        tmp = marker.with_name("FORMAT.tmp")
+        tmp.write_text(_FORMAT)
+        os.replace(tmp, marker)
+
     def _scan(self) -> None:
-        found: list[tuple[float, str, int]] = []
+        found: list[tuple[float, Entry, int]] = []
         for path in self.complete_dir.iterdir():
             if digests.is_digest("sha256:" + path.name):
                 st = path.stat()
-                found.append((st.st_mtime, path.name, st.st_size))
+                found.append((st.st_mtime, ("sha256:" + path.name, None), st.st_size))
             elif path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)
         for path in self.partial_dir.glob("*.data"):
-            hexpart = path.name[: -len(".data")]
-            if digests.is_digest("sha256:" + hexpart):
+            hexpart, _, size = path.name[: -len(".data")].partition("-")
+            if digests.is_digest("sha256:" + hexpart) and size.isdigit():
                 st = path.stat()
-                found.append((st.st_mtime, hexpart, st.st_blocks * 512))
-        for _, hexpart, size in sorted(found):
-            self._lru["sha256:" + hexpart] = self._lru.get("sha256:" + hexpart, 0) + size
+                found.append((st.st_mtime, ("sha256:" + hexpart, int(size)),
+                               st.st_blocks * 512))
+        for _, entry, size in sorted(found):
+            self._lru[entry] = size
 
     @property
     def used_bytes(self) -> int:
         with self._lock:
             return sum(self._lru.values())
 
-    def _touch(self, digest: str, added: int = 0) -> None:
+    def _touch(self, entry: Entry, added: int = 0) -> None:
         with self._lock:
-            self._lru[digest] = self._lru.pop(digest, 0) + added
+            self._lru[entry] = self._lru.pop(entry, 0) + added
 
     def pin(self, digest: str) -> None:
         with self._lock:
@@ -172,169 +211,180 @@ class DiskCache:
             else:
                 self._pins.pop(digest, None)
 
-    def _paths(self, digest: str) -> tuple[Path, Path, Path]:
+    @staticmethod
+    def _hex(digest: str) -> str:
         algo, _, hexpart = digests.validate(digest).partition(":")
         if algo != "sha256":
             raise ValueError(f"only sha256 blobs are cached, not {digest}")
-        return (self.complete_dir / hexpart, self.partial_dir / f"{hexpart}.data",
-                self.partial_dir / f"{hexpart}.chunks")
+        return hexpart
+
+    def _complete_paths(self, digest: str) -> tuple[Path, Path]:
+        hexpart = self._hex(digest)
+        return self.complete_dir / hexpart, self.complete_dir / f"{hexpart}.chunks"
+
+    def _partial_paths(self, digest: str, size: int) -> tuple[Path, Path]:
+        name = f"{self._hex(digest)}-{size}"
+        return self.partial_dir / f"{name}.data", self.partial_dir / f"{name}.chunks"
 
     @staticmethod
     def cacheable(digest: str) -> bool:
         return digest.startswith("sha256:") and digests.is_digest(digest)
 
-    # ---- complete blobs ----------------------------------------------------------
-
-    def _stamp_path(self, digest: str) -> Path:
-        return self.stamp_dir / digest.partition(":")[2]
-
-    @staticmethod
-    def _stamp_of(st: os.stat_result) -> str:
-        return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}\n"
-
-    def _stamped(self, digest: str, st: os.stat_result) -> bool:
-        """True when the file is the one verified at promotion (its stamp matches)."""
-        try:
-            return self._stamp_path(digest).read_text() == self._stamp_of(st)
-        except (OSError, ValueError):
-            return False
-
-    def _write_stamp(self, digest: str, path: Path) -> None:
-        stamp = self._stamp_path(digest)
-        tmp = stamp.with_name(stamp.name + ".tmp")
-        try:
-            tmp.write_text(self._stamp_of(path.stat()))
-            os.replace(tmp, stamp)
-        except OSError as exc:  # the blob is then re-hashed by the next process
-            log.debug("cannot stamp %s: %s", digest, exc)
-
-    def _complete_path(self, digest: str, size: int) -> Path | None:
-        """The verified complete file, or None; DigestMismatch if it is damaged."""
-        complete, _, _ = self._paths(digest)
-        try:
-            st = complete.stat()
-        except FileNotFoundError:
-            return None
-        if digest in self._verified:
-            return complete
-        if st.st_size == size and self._stamped(digest, st):
-            self._verified.add(digest)
-            return complete
-        if st.st_size != size:
-            self.drop(digest)
-            raise DigestMismatch(
-                f"cached {digest} has {st.st_size} bytes, expected {size}: dropped")
-        try:
-            intact = digests.of_file(complete, size) == digest
-        except DigestMismatch:  # it changed size under us
-            intact = False
-        if not intact:
-            self.drop(digest)
-            raise DigestMismatch(f"cached {digest} does not match its digest: dropped")
-        self._verified.add(digest)
-        self._write_stamp(digest, complete)
-        return complete
-
-    def read_chunk(self, digest: str, size: int, index: int) -> bytes | None:
-        """Chunk `index` of the blob if it is on disk, else None."""
-        start = index * self.chunk_size
-        length = min(self.chunk_size, size - start)
-        complete = self._complete_path(digest, size)
-        if complete is not None:
-            self._touch(digest)
-            fd = os.open(complete, os.O_RDONLY)
-            try:
-                return os.pread(fd, length, start)
-            finally:
-                os.close(fd)
-        part = self._partial(digest, size, create=False)
-        if part is None or not part.bitmap[index]:
-            return None
-        data = os.pread(part.data_fd, length, start)
-        if len(data) != length:
-            return None
-        self._touch(digest)
-        return data
-
-    def read_range(self, digest: str, size: int, start: int, end: int) -> bytes | None:
-        """Bytes [start, end) of the blob if every chunk they touch is on disk, else None."""
-        complete = self._complete_path(digest, size)
-        if complete is not None:
-            path_or_fd: Path | int = complete
-        else:
-            part = self._partial(digest, size, create=False)
-            first, last = start // self.chunk_size, (end - 1) // self.chunk_size
-            if part is None or not all(part.bitmap[first:last + 1]):
-                return None
-            path_or_fd = part.data_fd
-        self._touch(digest)
-        if isinstance(path_or_fd, int):
-            data = os.pread(path_or_fd, end - start, start)
-        else:
-            fd = os.open(path_or_fd, os.O_RDONLY)
-            try:
-                data = os.pread(fd, end - start, start)
-            finally:
-                os.close(fd)
-        return data if len(data) == end - start else None
-
-    def has_chunk(self, digest: str, size: int, index: int) -> bool:
-        # Called for every read of a stream: the blob being filled is answered from
-        # its bitmap in memory, without touching the file system.
-        with self._lock:
-            part = self._partials.get(digest)
-            if part is not None:
-                return bool(part.bitmap[index])
-            if digest in self._verified:
-                return True
-        complete, _, _ = self._paths(digest)
-        # Trusted without hashing only by a matching stamp (a stat and a tiny read).
-        try:
-            st = complete.stat()
-        except OSError:
-            return False
-        if st.st_size == size and self._stamped(digest, st):
-            with self._lock:
-                self._verified.add(digest)
-            return True
-        return False
-
-    # ---- partial blobs -----------------------------------------------------------
-
     def _nchunks(self, size: int) -> int:
         return -(-size // self.chunk_size)
 
+    def _header(self, size: int) -> bytes:
+        return _HEADER.pack(_MAGIC, _VERSION, self.chunk_size, size)
+
+    def _index_body(self, raw: bytes, size: int) -> bytes | None:
+        """The digests of an index file for a `size`-byte blob, or None if it is not one
+        (another format or chunk size, or cut short)."""
+        n = self._nchunks(size)
+        if len(raw) != _HEADER.size + n * CHUNK_DIGEST or raw[:_HEADER.size] != self._header(size):
+            return None
+        return raw[_HEADER.size:]
+
+    # ---- complete blobs ----------------------------------------------------------
+
+    def _complete_entry(self, digest: str, size: int) -> _Complete | None:
+        """The complete blob of `size` bytes, or None. A complete file of another size is
+        another claim's miss, left alone; one without a valid index is dropped."""
+        with self._lock:
+            known = self._complete.get(digest)
+        if known is not None:
+            return known if known.size == size else None
+        path, index = self._complete_paths(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        if st.st_size != size:
+            return None
+        try:
+            body = self._index_body(index.read_bytes(), size)
+        except OSError:
+            body = None
+        if body is None or _ABSENT in _digests_of(body):
+            log.info("%s: cached without a chunk index for %d-byte chunks, dropped",
+                     digest, self.chunk_size)
+            self._drop((digest, None))
+            return None
+        entry = _Complete(size, body)
+        with self._lock:
+            self._complete[digest] = entry
+        return entry
+
+    def table(self, digest: str, size: int) -> bytes | None:
+        """The chunk digests of a complete blob (whole-blob verified when it was
+        promoted), or None when the cache has no complete blob of that size."""
+        entry = self._complete_entry(digest, size)
+        return None if entry is None else entry.digests
+
+    def read_chunk(self, digest: str, size: int, index: int, expect: Expect | None = None
+                   ) -> bytes | None:
+        """Chunk `index` of the blob if it is on disk and intact (hashed and checked
+        against `expect` when given, else against its index), else None."""
+        start = index * self.chunk_size
+        length = min(self.chunk_size, size - start)
+        if length <= 0:
+            return None
+        complete = self._complete_entry(digest, size)
+        part: _Partial | None = None
+        if complete is not None:
+            entry: Entry = (digest, None)
+            stored = complete.digests[index * CHUNK_DIGEST:(index + 1) * CHUNK_DIGEST]
+            try:
+                fd = os.open(self._complete_paths(digest)[0], os.O_RDONLY)
+            except FileNotFoundError:  # evicted by another process meanwhile
+                with self._lock:
+                    self._complete.pop(digest, None)
+                return None
+            try:
+                data = os.pread(fd, length, start)
+            finally:
+                os.close(fd)
+        else:
+            part = self._partial(digest, size, create=False)
+            if part is None or not part.bitmap[index]:
+                return None
+            entry = (digest, size)
+            stored = part.stored(index)
+            data = os.pread(part.data_fd, length, start)
+        if len(data) == length:
+            if expect is None or expect.whole == stored:
+                if hashlib.sha256(data).digest() == stored:
+                    self._touch(entry)
+                    return data
+            elif expect.matches(data):
+                self._touch(entry)
+                return data
+            elif part is not None or hashlib.sha256(data).digest() == stored:
+                # Not the bytes this reader's table names. In a partial blob: dropped
+                # (its chunks are verified one by one, against whichever table asked);
+                # a complete one was verified whole, so its claim is wrong, not the disk.
+                if part is not None:
+                    self._forget_chunk(part, index)
+                return None
+        self.damaged += 1
+        log.warning("disk cache: chunk %d of %s is damaged: dropped, fetching it again",
+                    index, digest)
+        if part is not None:
+            self._forget_chunk(part, index)
+        else:
+            self._drop(entry)
+        return None
+
+    def _forget_chunk(self, part: _Partial, index: int) -> None:
+        with part.lock:
+            if part.closed:
+                return
+            os.pwrite(part.map_fd, _ABSENT, _HEADER.size + index * CHUNK_DIGEST)
+            part.digests[index * CHUNK_DIGEST:(index + 1) * CHUNK_DIGEST] = _ABSENT
+            part.bitmap[index] = 0
+
+    def has_chunk(self, digest: str, size: int, index: int) -> bool:
+        # Called for every read of a stream: the blob being filled is answered from
+        # its index in memory, without touching the file system.
+        with self._lock:
+            part = self._partials.get((digest, size))
+            if part is not None:
+                return bool(part.bitmap[index])
+        try:
+            return self._complete_entry(digest, size) is not None
+        except OSError:
+            return False
+
+    # ---- partial blobs -----------------------------------------------------------
+
     def _partial(self, digest: str, size: int, *, create: bool) -> _Partial | None:
         with self._lock:
-            part = self._partials.get(digest)
+            part = self._partials.get((digest, size))
             if part is not None:
                 return part
-            _, data_path, map_path = self._paths(digest)
+            data_path, map_path = self._partial_paths(digest, size)
             if not create and not map_path.exists():
                 return None
             n = self._nchunks(size)
-            bitmap = bytearray(n)
+            body = None
             try:
-                raw = map_path.read_bytes()
-                magic, version, chunk_size = _HEADER.unpack_from(raw)
-                if (magic, version, chunk_size) == (_MAGIC, _VERSION, self.chunk_size):
-                    got = raw[_HEADER.size:_HEADER.size + n]
-                    bitmap[: len(got)] = got
-                else:
+                body = self._index_body(map_path.read_bytes(), size)
+                if body is None:
                     log.info("%s: cache record of another format or chunk size, dropped",
                              digest)
-                    self._unlink_partial(digest)
-            except (OSError, struct.error):
+                    self._unlink_partial(digest, size)
+            except OSError:
                 pass
+            found = bytearray(body) if body is not None else bytearray(n * CHUNK_DIGEST)
+            bitmap = bytearray(d != _ABSENT for d in _digests_of(found))
             if not create and not any(bitmap):
                 return None
             data_fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o600)
             map_fd = os.open(map_path, os.O_RDWR | os.O_CREAT, 0o600)
             if not any(bitmap):
-                os.pwrite(map_fd, _HEADER.pack(_MAGIC, _VERSION, self.chunk_size) + bytes(n), 0)
-            part = _Partial(data_fd, map_fd, bitmap, self._open_direct(data_path))
-            self._partials[digest] = part
-            self._lru.setdefault(digest, 0)
+                os.pwrite(map_fd, self._header(size) + bytes(found), 0)
+            part = _Partial(data_fd, map_fd, found, bitmap, self._open_direct(data_path))
+            self._partials[(digest, size)] = part
+            self._lru.setdefault((digest, size), 0)
             return part
 
     def _open_direct(self, path: Path) -> int | None:
@@ -385,14 +435,31 @@ class DiskCache:
                 # As many as there are concurrent writers (a few).
                 self._buffers.append(buf)
 
-    def write_chunk(self, digest: str, size: int, index: int, data: Chunk) -> bool:
+    def write_chunk(self, digest: str, size: int, index: int, data: Chunk,
+                    expect: Expect | None = None, *, checked: bool = False) -> bool:
         """Store a chunk fetched from the network. True when the blob became complete.
 
-        Raises DigestMismatch (after dropping the entry) when the last chunk arrives and
-        the whole does not hash to the digest.
+        `expect`: the digests the chunk must hash to; it is hashed here and refused
+        (ChunkRejected, nothing written) when it does not, or when its length is not the
+        chunk's. `checked`: the caller verified these very bytes against `expect`
+        already (held in memory since), so a one-digest `expect` is the index entry as is.
+        None (`--verify end` without a table): stored as it is, and the whole-blob hash
+        at completion is the only check. Raises DigestMismatch (after dropping the
+        entry) when the last chunk arrives and the whole does not hash to the digest.
         """
-        complete, _, _ = self._paths(digest)
-        if complete.exists():
+        start = index * self.chunk_size
+        length = min(self.chunk_size, size - start)
+        if not 0 <= index < self._nchunks(size) or len(data) != length:
+            raise ChunkRejected(f"{digest}: chunk {index} of {len(data)} bytes offered for a "
+                                f"{length}-byte chunk")
+        if expect is not None and checked and expect.whole is not None:
+            own = expect.whole
+        else:
+            own = hashlib.sha256(data).digest()
+            if expect is not None and not (own == expect.whole if expect.whole is not None
+                                           else expect.matches(data)):
+                raise ChunkRejected(f"{digest}: chunk {index} does not match its table")
+        if self._complete_entry(digest, size) is not None:
             return False
         part = self._partial(digest, size, create=True)
         assert part is not None
@@ -402,7 +469,7 @@ class DiskCache:
             part.writing += 1
         try:
             # No fdatasync: see the module docstring for why a crash here is safe.
-            self._write_data(part, data, index * self.chunk_size)
+            self._write_data(part, data, start)
         finally:
             with part.lock:
                 part.writing -= 1
@@ -410,9 +477,11 @@ class DiskCache:
         with part.lock:
             if part.closed or part.bitmap[index]:
                 return False
-            os.pwrite(part.map_fd, b"\x01", _HEADER.size + index)
+            # The data before its index entry: an entry always names bytes written.
+            os.pwrite(part.map_fd, own, _HEADER.size + index * CHUNK_DIGEST)
+            part.digests[index * CHUNK_DIGEST:(index + 1) * CHUNK_DIGEST] = own
             part.bitmap[index] = 1
-            self._touch(digest, len(data))
+            self._touch((digest, size), len(data))
             # Hash what is contiguous from the start. Chunks ahead of that are kept in
             # memory until their turn (a few: the fetches in flight finish out of
             # order); reading them back would hit the disk, as they bypass its cache.
@@ -426,8 +495,8 @@ class DiskCache:
                 elif i in part.ahead:
                     piece = part.ahead.pop(i)
                 else:  # written by an earlier process, or not kept
-                    start = i * self.chunk_size
-                    piece = os.pread(part.data_fd, min(self.chunk_size, size - start), start)
+                    at = i * self.chunk_size
+                    piece = os.pread(part.data_fd, min(self.chunk_size, size - at), at)
                 part.hasher.update(piece)
                 part.hashed += 1
             done = part.hashed == n
@@ -437,68 +506,79 @@ class DiskCache:
                 self.evict(keep=digest)
             return False
         if got != digest:
-            self.drop(digest)
+            self._drop((digest, size))
             raise DigestMismatch(f"{digest}: fetched content hashes to {got}: dropped")
         self._promote(digest, size)
         self.evict()
         return True
 
     def _promote(self, digest: str, size: int) -> None:
-        complete, data_path, map_path = self._paths(digest)
+        data_path, map_path = self._partial_paths(digest, size)
+        complete, index = self._complete_paths(digest)
         with self._lock:
-            part = self._partials.pop(digest, None)
-        if part is not None:
-            # Under the blob's lock and outside the cache lock (a writer holds the
-            # first and then takes the second); a duplicate write may still be going.
-            with part.lock:
-                part.wait_idle()
-                # A padded last chunk (direct writes) overshoots the blob's size.
-                os.ftruncate(part.data_fd, size)
-                # Once per blob: the stamp below makes later processes trust the file
-                # without hashing it, so its bytes must be on disk before the stamp.
-                os.fsync(part.data_fd)
-                part.close()
+            part = self._partials.pop((digest, size), None)
+        if part is None:  # dropped meanwhile (evicted)
+            return
+        # Under the blob's lock and outside the cache lock (a writer holds the first and
+        # then takes the second); a duplicate write may still be going. No fsync: a
+        # chunk that did not reach the disk fails its check when it is read back.
+        with part.lock:
+            part.wait_idle()
+            # A padded last chunk (direct writes) overshoots the blob's size.
+            os.ftruncate(part.data_fd, size)
+            part.close()
         with self._lock:
+            # The index first: a complete blob without one is dropped as foreign.
+            os.replace(map_path, index)
             os.replace(data_path, complete)
-            map_path.unlink(missing_ok=True)
-            self._verified.add(digest)
-            self._write_stamp(digest, complete)
+            self._complete[digest] = _Complete(size, bytes(part.digests))
+            self._lru[(digest, None)] = self._lru.pop((digest, size), 0)
 
-    def _unlink_partial(self, digest: str) -> None:
-        _, data_path, map_path = self._paths(digest)
+    def _unlink_partial(self, digest: str, size: int) -> None:
+        data_path, map_path = self._partial_paths(digest, size)
         map_path.unlink(missing_ok=True)
         data_path.unlink(missing_ok=True)
 
-    def drop(self, digest: str) -> None:
-        complete, _, _ = self._paths(digest)
+    def _drop(self, entry: Entry) -> None:
+        digest, size = entry
+        part = None
         with self._lock:
-            part = self._partials.pop(digest, None)
-            self._unlink_partial(digest)
-            complete.unlink(missing_ok=True)
-            self._stamp_path(digest).unlink(missing_ok=True)
-            self._verified.discard(digest)
-            self._lru.pop(digest, None)
+            self._lru.pop(entry, None)
+            if size is None:
+                self._complete.pop(digest, None)
+                for path in self._complete_paths(digest):
+                    path.unlink(missing_ok=True)
+            else:
+                part = self._partials.pop((digest, size), None)
+                self._unlink_partial(digest, size)
         if part is not None:
             # Outside the cache lock (a writer holds part.lock and then takes it).
             with part.lock:
                 part.close()
 
+    def drop(self, digest: str) -> None:
+        """Everything the cache holds of the blob, whatever its size."""
+        with self._lock:
+            entries = [e for e in self._lru if e[0] == digest] + [(digest, None)]
+        for entry in dict.fromkeys(entries):
+            self._drop(entry)
+
     def evict(self, keep: str | None = None) -> None:
         victims = []
         with self._lock:
             total = sum(self._lru.values())
-            for digest in list(self._lru):
+            for entry in list(self._lru):
                 if total <= self.max_bytes:
                     break
-                if digest in self._pins or digest == keep:
+                if entry[0] in self._pins or entry[0] == keep:
                     continue
-                total -= self._lru[digest]
-                victims.append(digest)
-        # Dropped outside the cache lock: drop() waits for a writer of the blob, and a
+                total -= self._lru[entry]
+                victims.append(entry)
+        # Dropped outside the cache lock: dropping waits for a writer of the blob, and a
         # writer takes the cache lock.
-        for digest in victims:
-            log.debug("evicting %s from the disk cache", digest)
-            self.drop(digest)
+        for entry in victims:
+            log.debug("evicting %s from the disk cache", entry[0])
+            self._drop(entry)
             self.evictions += 1
 
     def close(self) -> None:
@@ -508,3 +588,13 @@ class DiskCache:
         for part in parts:
             with part.lock:
                 part.close()
+
+
+def _digests_of(body: bytes | bytearray) -> list[bytes]:
+    return [bytes(body[i:i + CHUNK_DIGEST]) for i in range(0, len(body), CHUNK_DIGEST)]
+
+
+def _ours(name: str) -> bool:
+    """A file name the cache writes (any layout so far)."""
+    hexpart = name.split(".", 1)[0].split("-", 1)[0]
+    return len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)

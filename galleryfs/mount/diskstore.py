@@ -1,11 +1,12 @@
 """The reader's view of the disk cache: off the trio thread, and never why a read fails.
 
 `DiskCache` (diskcache.py) is synchronous and knows digests; `DiskStore` is what the
-reader asks, by `BlobRef`: "have you got chunk i?", "give me these bytes", "keep this
-chunk". Blobs the cache cannot hold (not sha256) are simply never there. A broken cache
-disk costs fetches, not reads: its read errors become misses and its write errors are
-logged. Bytes that fail their digest are the exception: `DigestMismatch` reaches the
-caller, since the reader must drop what it holds of that blob too.
+reader asks, by `BlobRef`: "have you got chunk i (hashing to this)?", "keep this chunk
+(it must hash to this)". Blobs the cache cannot hold (not sha256) are simply never
+there. A broken cache disk costs fetches, not reads: its read errors and damaged chunks
+become misses and its write errors are logged. Bytes that fail their digest on the way
+in are the exception: `DigestMismatch` reaches the caller, since the reader must count
+them or drop what it holds of that blob too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import DigestMismatch
-from .blob import BlobRef, Chunk
+from .blob import BlobRef, Chunk, Expect
 from .diskcache import DiskCache
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ _cacheable = functools.lru_cache(maxsize=4096)(DiskCache.cacheable)
 class DiskStats:
     disk_hits: int = 0
     disk_misses: int = 0  # chunks looked for and not found
-    digest_failures: int = 0
+    digest_failures: int = 0  # blobs whose chunks, once all stored, failed the digest
     # Where the disk cache costs time: chunks written, and the time spent writing (and
     # hashing) them; their ratio is a chunk's cost.
     stores: int = 0
@@ -57,28 +58,32 @@ class DiskStore:
         # On the trio thread: a blob being filled is answered from its bitmap in memory.
         return _cacheable(blob.digest) and self.cache.has_chunk(blob.digest, blob.size, index)
 
-    async def read_chunk(self, blob: BlobRef, index: int) -> bytes | None:
-        """Chunk `index`, or None when the cache has not got it (or cannot read it)."""
+    async def read_chunk(self, blob: BlobRef, index: int, expect: Expect | None
+                         ) -> bytes | None:
+        """Chunk `index`, hashed and checked (against `expect`, else against the index
+        kept with it), or None when the cache has not got it intact (or cannot read it)."""
         if not _cacheable(blob.digest):
             return None
-        data = await self._read(blob, self.cache.read_chunk, index)
+        data = await self._read(blob, self.cache.read_chunk, index, expect)
         if data is None:
             self.stats.disk_misses += 1
         return data
 
-    async def read_range(self, blob: BlobRef, start: int, end: int) -> bytes | None:
-        """Bytes [start, end) if the cache has every chunk they touch, else None."""
+    async def table(self, blob: BlobRef) -> bytes | None:
+        """The chunk index of the blob if the cache holds it complete (whole-blob
+        verified), else None."""
         if not _cacheable(blob.digest):
             return None
-        return await self._read(blob, self.cache.read_range, start, end)
+        try:
+            return await trio.to_thread.run_sync(self.cache.table, blob.digest, blob.size)
+        except OSError as exc:
+            log.warning("disk cache read of %s failed (%s); fetching", blob.digest, exc)
+            return None
 
-    async def _read(self, blob: BlobRef, read: Callable[..., bytes | None], *args: int
+    async def _read(self, blob: BlobRef, read: Callable[..., bytes | None], *args: object
                     ) -> bytes | None:
         try:
             data = await trio.to_thread.run_sync(read, blob.digest, blob.size, *args)
-        except DigestMismatch:
-            self.stats.digest_failures += 1
-            raise
         except OSError as exc:
             log.warning("disk cache read of %s failed (%s); fetching", blob.digest, exc)
             return None
@@ -86,16 +91,19 @@ class DiskStore:
             self.stats.disk_hits += 1
         return data
 
-    async def write(self, blob: BlobRef, index: int, data: Chunk) -> None:
-        """Keep a chunk (written and hashed in a worker thread). Raises DigestMismatch,
-        after dropping the blob from disk, when it completes the blob and the whole does
-        not hash to its digest."""
+    async def write(self, blob: BlobRef, index: int, data: Chunk, expect: Expect | None,
+                    *, checked: bool = False) -> None:
+        """Keep a chunk (hashed, checked against `expect` and written in a worker
+        thread). Raises ChunkRejected when it does not hash to `expect` (nothing
+        written), and DigestMismatch, after dropping the blob from disk, when it
+        completes the blob and the whole does not hash to its digest."""
         if not _cacheable(blob.digest):
             return
         t0 = time.perf_counter_ns()
         try:
-            await trio.to_thread.run_sync(
-                self.cache.write_chunk, blob.digest, blob.size, index, data)
+            await trio.to_thread.run_sync(functools.partial(
+                self.cache.write_chunk, blob.digest, blob.size, index, data, expect,
+                checked=checked))
         except DigestMismatch:
             self.stats.digest_failures += 1
             raise
@@ -118,5 +126,5 @@ class DiskStore:
     def snapshot(self) -> dict[str, object]:
         out = self.stats.snapshot()
         out.update(disk_bytes=self.cache.used_bytes, disk_limit=self.cache.max_bytes,
-                   disk_evictions=self.cache.evictions)
+                   disk_evictions=self.cache.evictions, disk_damaged=self.cache.damaged)
         return out

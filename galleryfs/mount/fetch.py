@@ -1,4 +1,5 @@
 """Blob bytes from the registry for the mount: bounded in time, checked in length, counted.
+What they must hash to is verify.py's business, checked before anyone sees them.
 
 Every network fetch of the data path goes through `BlobFetch`, so a dead registry turns
 into an error rather than a hang, and a blob the registry lost turns into `BlobMissing`:
@@ -28,8 +29,9 @@ Deliver = Callable[[int, bytearray], Awaitable[None]]
 # (repo, digest, start, end, piece size, deliver): bytes [start, end) with one request,
 # delivered piece by piece in order; returns the offset reached (end unless it failed)
 SpanFetcher = Callable[[str, str, int, int, int, Deliver], Awaitable[int]]
-# A span's piece for its taker: False when it was no longer wanted (not counted).
-Take = Callable[[int, bytearray], bool]
+# A span's piece for its taker: False when it was no longer wanted (not counted). The
+# next piece is received meanwhile only if it returns before checking the piece.
+Take = Callable[[int, bytearray], Awaitable[bool]]
 
 
 @dataclass
@@ -76,7 +78,7 @@ class BlobFetch:
         stats = self.stats
 
         async def deliver(offset: int, data: bytearray) -> None:
-            if take(offset, data):
+            if await take(offset, data):
                 stats.fetches += 1
                 stats.fetched_bytes += len(data)
 

@@ -32,6 +32,7 @@ from ..errors import (
 from . import xattrs
 from .reader import BlobHandle, BlobRef, ChunkReader
 from .tree import ROOT_INODE, Kind, Refused, Tree
+from .verify import ChunkMismatch
 from .writeback import PageCacheFill
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def fuse_errors(fn: F) -> F:
             code = errno_for(exc)
             op = fn.__name__
             if code in (errno.ENOENT, errno.EROFS, errno.ENOTDIR) or isinstance(
-                    exc, Refused):  # the tree warned once per revision already
+                    exc, (Refused, ChunkMismatch)):  # warned of once already, where found
                 log.debug("%s: %s", op, exc)
             elif isinstance(exc, (GalleryError, OSError)):
                 kind = ("digest mismatch" if isinstance(exc, DigestMismatch) else
@@ -230,7 +231,10 @@ class Operations(pyfuse3.Operations):
             # Refused at open, so a reader gets a clear error before any byte rather
             # than EIO in the middle of a copy.
             raise NotServable(f"{self.tree.display_path(inode)}: {node.file.reason}")
-        blob = BlobRef(node.repo, node.file.digest, node.file.size)
+        # The size and table are this revision's claims: the reader serves only bytes
+        # that match them, and caches under them.
+        blob = BlobRef(node.repo, node.file.digest, node.file.size, node.file.table,
+                       label=self.tree.display_path(inode))
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = self.reader.open(blob, self.nursery)

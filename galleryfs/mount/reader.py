@@ -2,15 +2,20 @@
 
 A blob is read in fixed-size aligned chunks. A chunk comes from, in order: memory or a
 load already in flight (chunkcache.py: two readers of one chunk cause one request), the
-disk cache (diskstore.py), the registry (fetch.py, bounded in time). The reader is where
-these meet; each knows nothing of the others.
+disk cache (diskstore.py, which checks every chunk it reads back), the registry
+(fetch.py, bounded in time). The reader is where these meet; each knows nothing of the
+others. What a chunk must hash to is verify.py's (the file's chunk table, or the blob
+verified whole first): a chunk from the registry is checked before it is handed to a
+reader, kept in memory or owed to the write-behind, and memory is keyed by those
+expected digests and the blob's size.
 
 `BlobHandle` is one open file. Its reads tell its read-ahead stream (prefetch.py) where
 they are; the stream decides what to fetch ahead and asks the reader for it through a
-few questions (the `prefetch.Source` interface). Random access fetches only what is
-asked for: a read that is not part of a stream and finds its chunk neither in memory nor
-in flight reads exactly its bytes, from the disk cache or the registry, so 4 KiB random
-reads (or a hole the kernel's page cache lost) do not cost a chunk each.
+few questions (the `prefetch.Source` interface). Random access cannot be verified below
+the chunk: a read that is not part of a stream loads the chunks it touches (from disk
+or the registry) into memory, but does not owe them to the write-behind. Only under
+`--verify end`, for a blob without a table and not on disk, it reads exactly its bytes
+from the registry, unverified, as galleryfs did before it verified chunks.
 
 A chunk fetched from the registry is not written to the disk cache during the read (a
 cache write competes with the read it caches): it is announced to the write-behind
@@ -29,12 +34,13 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import DigestMismatch, first_error
-from .blob import BlobRef, Chunk
-from .chunkcache import Abandoned, ChunkCache, Span
-from .diskcache import DiskCache
+from .blob import BlobRef, Chunk, Expect
+from .chunkcache import Abandoned, ChunkCache, Key, Span
+from .diskcache import ChunkRejected, DiskCache
 from .diskstore import DiskStats, DiskStore
 from .fetch import BlobFetch, Fetcher, SpanFetcher
 from .prefetch import WINDOW_CAP, Prefetcher, Stream
+from .verify import STRICT, Verifier
 
 __all__ = ["DEFAULT_CHUNK", "DEFAULT_MEMORY", "WINDOW_CAP", "BlobHandle", "BlobRef",
            "ChunkReader"]
@@ -49,6 +55,8 @@ DEFAULT_CHUNK = 4 << 20
 # from memory (they live on in the kernel's page cache, keep_cache, until the
 # write-behind has them on disk), so a larger budget would only raise the daemon's RSS.
 DEFAULT_MEMORY = WINDOW_CAP + DEFAULT_CHUNK
+# A span's pieces being hashed while the next is received.
+CHECKS_AHEAD = 1
 
 
 @dataclass
@@ -70,6 +78,7 @@ class ChunkReader:
         prefetch_concurrency: int = 2,
         window_cap: int = WINDOW_CAP,
         span_fetch: SpanFetcher | None = None,
+        verify: str = STRICT,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk size must be positive")
@@ -79,6 +88,7 @@ class ChunkReader:
         self.memory = ChunkCache(memory_bytes)
         self.fetcher = BlobFetch(fetch, span_fetch, timeout=fetch_timeout)
         self.disk = DiskStore(disk) if disk is not None else None
+        self.verify = Verifier(chunk_size, verify, fetch=self.fetcher, disk=self.disk)
         self.prefetcher = Prefetcher(self, spans=span_fetch is not None,
                                      window_cap=window_cap, concurrency=prefetch_concurrency)
         self.stats = ReadStats()
@@ -100,6 +110,7 @@ class ChunkReader:
 
     def snapshot(self) -> dict[str, object]:
         out: dict[str, object] = {**self.stats.__dict__, **self.fetcher.stats.__dict__,
+                                  **self.verify.stats.__dict__,
                                   "prefetches": self.prefetcher.prefetches}
         # Disk counters are there (as zeros) without a disk cache too.
         out.update(self.disk.snapshot() if self.disk is not None else DiskStats().snapshot())
@@ -116,7 +127,8 @@ class ChunkReader:
         """Bytes [offset, offset+size) of the blob, short only at its end."""
         return bytes(await self.read_view(blob, offset, size))
 
-    async def read_view(self, blob: BlobRef, offset: int, size: int) -> memoryview | bytes:
+    async def read_view(self, blob: BlobRef, offset: int, size: int, *, owe: bool = True
+                        ) -> memoryview | bytes:
         """As `read`, without copying when the range lies in one chunk."""
         end = min(blob.size, offset + size)
         if offset >= end:
@@ -125,11 +137,11 @@ class ChunkReader:
         last = (end - 1) // self.chunk_size
         if first == last:
             skip = offset - first * self.chunk_size
-            return memoryview(await self.chunk(blob, first))[skip: skip + end - offset]
+            return memoryview(await self.chunk(blob, first, owe=owe))[skip: skip + end - offset]
         found: dict[int, Chunk] = {}
 
         async def get(i: int) -> None:
-            found[i] = await self.chunk(blob, i)
+            found[i] = await self.chunk(blob, i, owe=owe)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -147,18 +159,28 @@ class ChunkReader:
             pos += hi - lo
         return memoryview(out)
 
-    async def read_exact(self, blob: BlobRef, start: int, end: int) -> Chunk:
-        """Bytes [start, end) from the disk cache if it has them all, else the registry;
-        kept nowhere."""
-        if self.disk is not None:
-            data = await self.disk.read_range(blob, start, end)
-            if data is not None:
-                return data
-        return await self.fetcher.range(blob, start, end)
+    async def read_random(self, blob: BlobRef, start: int, end: int) -> memoryview | bytes:
+        """Bytes [start, end) for a read outside any stream: the chunks they touch (the
+        unit that can be verified), not owed to the write-behind. Unverified blobs
+        (`--verify end`, no table) not on disk: exactly these bytes, kept nowhere."""
+        cs = self.chunk_size
+        if self.verify.trusts_unverified(blob) and not any(
+                self.on_disk(blob, i) for i in range(start // cs, (end - 1) // cs + 1)):
+            return await self.fetcher.range(blob, start, end)
+        return await self.read_view(blob, start, end - start, owe=False)
 
-    async def chunk(self, blob: BlobRef, index: int) -> Chunk:
-        """The chunk's bytes, from memory, a load in flight, disk or the registry."""
-        key = (blob.digest, index)
+    def key(self, blob: BlobRef, index: int) -> Key:
+        return (blob.digest, blob.size, index, self.verify.expect(blob, index))
+
+    async def chunk(self, blob: BlobRef, index: int, *, owe: bool = True) -> Chunk:
+        """The chunk's bytes, verified, from memory, a load in flight, disk or the
+        registry. Under `--verify strict`, the first chunk of a blob without a table
+        waits for the whole blob to be verified."""
+        verify = self.verify
+        if verify.pending(blob):
+            await verify.prepare(blob)
+        expect = verify.expect(blob, index)
+        key = (blob.digest, blob.size, index, expect)
         memory = self.memory
         while True:
             data = memory.get(key)
@@ -177,11 +199,14 @@ class ChunkReader:
         flight = memory.claim(key)
         try:
             fetched = False
-            data = await self.disk.read_chunk(blob, index) if self.disk is not None else None
+            data = (await self.disk.read_chunk(blob, index, expect) if self.disk is not None
+                    else None)
             if data is None:
                 start = index * self.chunk_size
                 data = await self.fetcher.range(
                     blob, start, min(blob.size, start + self.chunk_size))
+                if expect is not None:
+                    await verify.check(blob, index, data, expect)
                 fetched = True
         except trio.Cancelled:
             memory.fail(key, flight, Abandoned())
@@ -190,7 +215,7 @@ class ChunkReader:
             memory.fail(key, flight, exc)
             raise
         memory.settle(key, flight, data)
-        if fetched:
+        if fetched and owe:
             self._owe(blob, index)
         return data
 
@@ -201,10 +226,10 @@ class ChunkReader:
     # ---- for read-ahead (prefetch.Source) ------------------------------------------
 
     def at_hand(self, blob: BlobRef, index: int) -> bool:
-        return self.memory.at_hand((blob.digest, index))
+        return self.memory.at_hand(self.key(blob, index))
 
     def in_memory(self, blob: BlobRef, index: int) -> bool:
-        return self.memory.holds((blob.digest, index))
+        return self.memory.holds(self.key(blob, index))
 
     def on_disk(self, blob: BlobRef, index: int) -> bool:
         return self.disk is not None and self.disk.has(blob, index)
@@ -218,32 +243,64 @@ class ChunkReader:
         disk are not claimed: the span ends before the first of them. Run the result
         with `fetch_span`, which always releases what it did not deliver.
         """
-        if not self.fetcher.spans:
+        if not self.fetcher.spans or self.verify.pending(blob):
+            # A blob to verify whole first: its foreground read does that.
             return None
         disk = self.disk if self.disk is not None and self.disk.takes(blob) else None
         memory = self.memory
         flights = {}
         for i in range(first, last + 1):
-            key = (blob.digest, i)
+            key = self.key(blob, i)
             if memory.at_hand(key) or disk is not None and disk.has(blob, i):
                 break
-            flights[i] = memory.claim(key)
+            flights[i] = (key, memory.claim(key))
         return Span(blob, flights) if flights else None
 
     async def fetch_span(self, span: Span) -> None:
         blob, flights, cs, memory = span.blob, span.flights, self.chunk_size, self.memory
         first = next(iter(flights))
         end = min(blob.size, (first + len(flights)) * cs)
+        verify = self.verify
+        # Pieces received and not yet checked: the next one is received while one is
+        # hashed, and no more (memory stays within the read-ahead window's).
+        unchecked = trio.Semaphore(CHECKS_AHEAD)
 
-        def take(offset: int, data: bytearray) -> bool:
+        async def check(index: int, data: bytearray, expect: Expect) -> None:
+            try:
+                ok = await verify.matches(data, expect)
+            finally:
+                unchecked.release()
+            if ok:
+                verify.stats.verified_chunks += 1
+                if memory.deliver(span, index, data):
+                    self._owe(blob, index)
+            else:
+                # Left to the reader that wants it: it fetches again, and if the bytes
+                # are still wrong, its read fails with one warning.
+                log.debug("%s: prefetched chunk %d failed its check", blob, index)
+                memory.abandon(span, index)
+
+        async def take(offset: int, data: bytearray) -> bool:
             index = offset // cs
-            if not memory.deliver(span, index, data):
+            claimed = flights.get(index)
+            if claimed is None:
                 return False  # given up meanwhile
-            self._owe(blob, index)
+            if len(data) != min(cs, blob.size - offset):
+                memory.abandon(span, index)
+                return False
+            expect = claimed[0][3]
+            if expect is None:  # --verify end, no table
+                if memory.deliver(span, index, data):
+                    self._owe(blob, index)
+            else:
+                # Checked beside the stream: the next piece is received meanwhile.
+                await unchecked.acquire()
+                checks.start_soon(check, index, data, expect)
             return True
 
         try:
-            await self.fetcher.span(blob, first * cs, end, cs, take)
+            async with trio.open_nursery() as checks:
+                await self.fetcher.span(blob, first * cs, end, cs, take)
         finally:
             memory.release(span)
 
@@ -260,7 +317,7 @@ class ChunkReader:
             return start
         reached = start
         for i in range(start, end):
-            key = (blob.digest, i)
+            key = self.key(blob, i)
             if self.memory.in_flight(key):
                 continue
             self.memory.drop(key)
@@ -270,21 +327,30 @@ class ChunkReader:
     # ---- for the write-behind (writeback.Source) -----------------------------------
 
     def held(self, blob: BlobRef, index: int) -> Chunk | None:
-        return self.memory.get((blob.digest, index))
+        return self.memory.get(self.key(blob, index))
 
     async def fetch_range(self, blob: BlobRef, start: int, end: int) -> Chunk:
         """Bytes [start, end) straight from the registry, kept nowhere."""
         return await self.fetcher.range(blob, start, end)
 
-    async def store(self, blob: BlobRef, index: int, data: Chunk) -> None:
-        """Write a chunk to the disk cache now. A blob that fails its digest is dropped
-        from disk and memory (later reads fetch it again) and logged, not raised."""
+    async def store(self, blob: BlobRef, index: int, data: Chunk, *, checked: bool = False
+                    ) -> None:
+        """Write a chunk to the disk cache now, if it hashes to what it must (checked in
+        the writing thread; `checked`: these bytes were verified, in memory since). A
+        chunk that does not is counted and logged, not written; a blob that fails its
+        digest once complete is dropped from disk and memory (later reads fetch it
+        again) and logged. Neither is raised."""
         if self.disk is None:
             return
+        expect = self.verify.expect(blob, index)
+        if expect is None and self.verify.strict:
+            return  # nothing to check it against (cannot happen: it was served)
         try:
-            await self.disk.write(blob, index, data)
+            await self.disk.write(blob, index, data, expect, checked=checked)
+        except ChunkRejected:
+            self.verify.mismatch(blob, index, " on its way to the disk cache")
         except DigestMismatch as exc:
-            self.memory.drop_blob(blob.digest, self.nchunks(blob))
+            self.memory.drop_blob(blob.digest, blob.size)
             log.warning("%s", exc)
 
 
@@ -306,9 +372,8 @@ class BlobHandle:
                 and not any(reader.at_hand(self.blob, i) for i in range(
                     offset // reader.chunk_size, (end - 1) // reader.chunk_size + 1))):
             # Not a stream (offset 0 is taken as the start of one), and no chunk in
-            # memory: read just these bytes, from disk or the registry, rather than a
-            # whole chunk (a hole in the kernel's cache costs a page, not a chunk).
-            return await reader.read_exact(self.blob, offset, end)
+            # memory: no read-ahead, and nothing owed to the write-behind.
+            return await reader.read_random(self.blob, offset, end)
         data = await reader.read_view(self.blob, offset, size)
         if window:
             self.stream.advance(offset + len(data), window)

@@ -19,8 +19,10 @@ reach, gone from the memory cache) is fetched again from the registry. An unmoun
 the page cache with it, so `flush` (run by `galleryfs unmount` and on SIGTERM) writes
 what is owed first, from the page cache only (an unmount never waits on the registry);
 what it cannot, or an unmount by other means, leaves owed is simply not cached.
-Bytes written go through `DiskCache.write_chunk`, which checks the whole blob against
-its digest before the blob is trusted.
+Bytes written go through `ChunkReader.store`, which checks every chunk against the
+digests it must have (bytes asked back from the page cache or fetched again are hashed
+anew; the disk cache takes nothing unverified) and the whole blob against its digest
+before the blob is promoted.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ class Source(Protocol):
         """Bytes from the registry, kept nowhere."""
         ...
 
-    async def store(self, blob: BlobRef, index: int, data: Chunk) -> None:
-        """Into the disk cache (a digest failure is the reader's to handle)."""
+    async def store(self, blob: BlobRef, index: int, data: Chunk, *, checked: bool = False
+                    ) -> None:
+        """Into the disk cache, if it hashes to what it must (`checked`: bytes from
+        `held`, verified already). A digest failure is the reader's to handle."""
         ...
 
 
@@ -94,8 +98,10 @@ class PageCacheFill:
         self.quiet = quiet
         self.max_owed = max_owed
         self.stats = FillStats()
-        self._owed: OrderedDict[tuple[str, int], BlobRef] = OrderedDict()
-        self._inodes: dict[str, int] = {}  # digest -> the inode whose pages hold it
+        # (digest, size, index) -> blob: a blob is what a revision claims of a digest.
+        self._owed: OrderedDict[tuple[str, int, int], BlobRef] = OrderedDict()
+        # (digest, size) -> the inode whose pages hold it
+        self._inodes: dict[tuple[str, int], int] = {}
         self._replies: dict[int, _Reply] = {}
         self._cookies = itertools.count(1)
         self._last_owed = -math.inf
@@ -110,13 +116,14 @@ class PageCacheFill:
 
     def opened(self, blob: BlobRef, inode: int) -> None:
         """`inode` is being read: the pages of `blob` will be found there."""
-        self._inodes[blob.digest] = inode
+        self._inodes[(blob.digest, blob.size)] = inode
 
     def owe(self, blob: BlobRef, index: int) -> None:
         """A chunk fetched from the registry went to a reader, not yet to the disk cache
         (ChunkReader.defer)."""
-        self._owed[(blob.digest, index)] = blob
-        self._owed.move_to_end((blob.digest, index))
+        key = (blob.digest, blob.size, index)
+        self._owed[key] = blob
+        self._owed.move_to_end(key)
         while len(self._owed) > self.max_owed:
             self._owed.popitem(last=False)
             self.stats.missed += 1
@@ -149,7 +156,7 @@ class PageCacheFill:
                     await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            (digest, index), blob = self._owed.popitem(last=False)
+            (digest, _, index), blob = self._owed.popitem(last=False)
             try:
                 # An unmount waiting on a flush must not wait on the registry too.
                 await self._fill(blob, index, refetch=not self._flushing)
@@ -177,7 +184,8 @@ class PageCacheFill:
         cs = self.source.chunk_size
         start, end = index * cs, min(blob.size, (index + 1) * cs)
         data: Chunk | None = self.source.held(blob, index)
-        if data is not None:
+        checked = data is not None
+        if checked:
             self.stats.from_memory += 1
         else:
             data = await self._from_page_cache(blob, start, end)
@@ -195,12 +203,12 @@ class PageCacheFill:
                 self.stats.missed += 1
                 return
             self.stats.fetched += 1
-        await self.source.store(blob, index, data)
+        await self.source.store(blob, index, data, checked=checked)
         self.stats.filled += 1
         self.stats.fill_ns += int((trio.current_time() - t0) * 1e9)
 
     async def _from_page_cache(self, blob: BlobRef, start: int, end: int) -> bytes | None:
-        inode = self._inodes.get(blob.digest)
+        inode = self._inodes.get((blob.digest, blob.size))
         if inode is None:
             return None
         pieces: list[bytes] = []
