@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from galleryfs import digest as digests
-from galleryfs import gallery
+from galleryfs import gallery, modelpack
 from galleryfs.cli import main
 from galleryfs.errors import NotFound
+from galleryfs.gallery import pushing
 from galleryfs.gallery.locations import BlobLocations
 from galleryfs.modelpack import ChunkTable, parse_manifest
 from galleryfs.mount.sources import RegistrySource
@@ -80,6 +81,13 @@ def push_dir(registry: Registry, directory: Path, ref: str) -> str:
             return result.digest
 
     return trio.run(go)
+
+
+@pytest.fixture(autouse=True)
+def _pushed_without_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These revisions stand for ones other tools pushed: no chunk tables in the manifest
+    (every test file is smaller than the largest table chunk), so `index` has work."""
+    monkeypatch.setattr(pushing, "table_chunk_size", lambda sizes: modelpack.MAX_TABLE_CHUNK)
 
 
 def push_files(registry: Registry, tmp_path: Path, ref: str, files: dict[str, bytes]) -> str:
