@@ -14,7 +14,7 @@ from galleryfs.cli import main
 from tests.mounting import fuse_available, galleryfs, isolated_env
 from tests.registry_harness import Registry
 from tests.test_mount import start_foreground, unmount, wait_for_mount
-from tests.test_signing import push_files, sig_tag, write_key
+from tests.test_signing import _pushed_without_tables, push_files, sig_tag, write_key  # noqa: F401 - the autouse fixture: revisions as other tools push them
 
 pytestmark = [pytest.mark.mount,
               pytest.mark.skipif(not fuse_available(), reason="/dev/fuse unavailable")]
@@ -116,3 +116,27 @@ def test_mount_with_a_bad_key_file_is_a_usage_error(registry_session: Registry,
     r = galleryfs("mount", registry_session.host, str(tmp_path / "mnt"), "--plain-http",
                   "--audit", env=isolated_env(tmp_path))
     assert r.returncode == 2 and "--audit needs --require-signed-by" in r.stderr
+
+
+def test_a_signed_index_table_is_what_the_mount_verifies_with(
+        registry: Registry, tmp_path: Path, signed_gallery: dict) -> None:
+    """`index` gave the untabled revision signed tables: under --require-signed-by the
+    mount checks chunk by chunk with them, so a byte flipped on the registry's disk costs
+    that chunk only (EIO), and the file is not streamed whole first as an untabled one is."""
+    from tests.test_integrity import blob_file, eio, flip, read_at
+    from tests.test_mount import stats
+
+    data, good = signed_gallery["data"], signed_gallery["good"]
+    chunk = 4 << 20
+    flip(blob_file(registry, data), (chunk + 10,))  # inside the second chunk
+    mnt, log, proc = _mount(registry, tmp_path, "indexed", "--require-signed-by",
+                            str(signed_gallery["alice"][1]))
+    try:
+        f = mnt / "g" / "m" / good / "w.bin"
+        assert read_at(f, 0, 65536) == data[:65536]  # the intact first chunk is served
+        assert eio(lambda: read_at(f, chunk, 4096))  # the flipped one is not
+        got = stats(mnt)
+        assert got["derived_blobs"] == 0 and got["verify_failures"] >= 1
+    finally:
+        unmount(mnt, proc)
+    assert "does not match" in log.read_text()
