@@ -140,3 +140,50 @@ def test_a_signed_index_table_is_what_the_mount_verifies_with(
     finally:
         unmount(mnt, proc)
     assert "does not match" in log.read_text()
+
+
+def test_a_model_signing_signature_does_not_vouch_for_the_manifests_tables(
+        registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """model.sig covers the files' digests, not the manifest: a registry that changes a
+    blob's bytes and writes a chunk table for them beside the unchanged layer digest must
+    get EIO from a mount that trusts the signer, never the changed bytes."""
+    import json
+
+    from galleryfs.modelpack import ChunkTable
+    from tests.test_integrity import eio, read_at
+    from tests.test_signing import (
+        _sign_with_library,
+        blob_data_path,
+        get_manifest,
+        push_dir,
+        put_manifest,
+    )
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    alice = write_key(keys, "alice", ec.generate_private_key(ec.SECP256R1()))
+    model = tmp_path / "model"
+    model.mkdir()
+    data = os.urandom(12 << 20)
+    (model / "weights.bin").write_bytes(data)
+    (model / "config.json").write_text('{"a": 1}\n')
+    _sign_with_library(model, alice[0])
+    push_dir(registry, model, "g/ms:v1")
+    m = json.loads(get_manifest(registry, "g/ms", "v1"))
+    layer = next(la for la in m["layers"]
+                 if la["annotations"]["org.cncf.model.filepath"] == "weights.bin")
+    evil = bytearray(data)
+    evil[0:16] = b"EVIL EVIL EVIL!!"
+    blob_data_path(registry, layer["digest"]).write_bytes(bytes(evil))
+    layer["annotations"].update(ChunkTable.of_bytes(bytes(evil), 4 << 20).to_annotations())
+    put_manifest(registry, "g/ms", "v1", json.dumps(m).encode())
+    capsys.readouterr()
+
+    mnt, log, proc = _mount(registry, tmp_path, "modelsig", "--require-signed-by",
+                            str(alice[1]))
+    try:
+        f = mnt / "g" / "ms" / "v1" / "weights.bin"
+        assert eio(lambda: read_at(f, 0, 65536))
+        assert (mnt / "g" / "ms" / "v1" / "config.json").read_text() == '{"a": 1}\n'
+    finally:
+        unmount(mnt, proc)

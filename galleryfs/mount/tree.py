@@ -65,7 +65,7 @@ from .. import digest as digests
 from ..errors import GalleryError, NotFound, Unsigned, UnsupportedContent, first_error
 from ..modelpack import Revision, RevisionFile
 from ..trust.accessories import is_accessory_tag
-from ..trust.chunks import with_tables
+from ..trust.chunks import with_tables, without_tables
 from ..trust.policy import Decision, Policy, Verdict
 
 log = logging.getLogger(__name__)
@@ -531,10 +531,13 @@ class Tree:
                                   and self.clock() - cached[1] >= self.refresh):
                 verdict = await self.voucher.vouch(repo, revision)
                 self._verdicts[key] = (verdict, self.clock())
-                if verdict.tables:
-                    revision = with_tables(self._revisions.get(revision.digest, revision),
-                                           dict(verdict.tables))
-                    self._revisions[revision.digest] = revision
+                base = self._revisions.get(revision.digest, revision)
+                if verdict.signed and verdict.scheme == "model-signing":
+                    # model-signing covers the files' digests, not the manifest: the
+                    # tables a manifest carries are the registry's word, not the signer's.
+                    base = without_tables(base)
+                revision = with_tables(base, dict(verdict.tables))
+                self._revisions[revision.digest] = revision
             verdict = self._verdicts[key][0]
         decision = self.policy.decide(verdict)
         if decision is not Decision.SHOW and key not in self._policy_warned:

@@ -107,6 +107,16 @@ def with_tables(revision: Revision, tables: Tables) -> Revision:
     return dataclasses.replace(revision, files=tuple(files))
 
 
+def without_tables(revision: Revision) -> Revision:
+    """The revision with the tables its manifest carries taken off: for a voucher that
+    covers the files' digests but not the manifest (model-signing), where a registry
+    could have written tables for other bytes beside unchanged layer digests."""
+    if all(f.table is None for f in revision.files):
+        return revision
+    return dataclasses.replace(revision, files=tuple(
+        dataclasses.replace(f, table=None) for f in revision.files))
+
+
 def wants_tables(revision: Revision) -> bool:
     """Some file could use a table it lacks (one chunk or less needs none)."""
     return any(f.table is None and f.servable and f.size > INDEX_CHUNK for f in revision.files)
