@@ -189,8 +189,9 @@ def test_real_sizes_keep_4_mib_chunks_until_the_budget_is_reached() -> None:
     gib = 1 << 30
     assert pushing.table_chunk_size([4 << 20, 1000]) == 4 << 20
     assert pushing.table_chunk_size([90 * gib]) == 4 << 20  # 0.94 MiB of tables
-    assert pushing.table_chunk_size([60 * gib, 40 * gib]) == 8 << 20
-    assert pushing.table_chunk_size([1000 * gib]) == 64 << 20
+    assert pushing.table_chunk_size([160 * gib, 120 * gib]) == 4 << 20  # 2.9 MiB
+    assert pushing.table_chunk_size([160 * gib, 140 * gib]) == 8 << 20
+    assert pushing.table_chunk_size([1024 * gib]) == 16 << 20
     # Beyond any budget the chunk stops at the largest a table may have.
     assert pushing.table_chunk_size([1 << 50]) == modelpack.MAX_TABLE_CHUNK
 

@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 # Chunk tables (README, Security and integrity): every file larger than one table chunk
 # gets one, in its layer's annotations. 4 MiB chunks, doubled for the whole revision
 # while the tables would take more than TABLE_BUDGET bytes of annotations (the manifest
-# must stay well below the 4 MiB registries and clients accept).
+# must stay below the 4 MiB registries and clients accept). The budget is as large as
+# that allows: a mount reading in 4 MiB chunks (its default) can use only tables whose
+# chunk divides its own, so every doubling is a revision a default mount must verify
+# whole instead (about 290 GiB of files and more).
 TABLE_CHUNK = 4 << 20
-TABLE_BUDGET = 1 << 20
+TABLE_BUDGET = 3 << 20
 
 # galleryfs's own annotations. On a layer: what a safetensors file holds. On the
 # manifest: model-level facts the config schema has no key for.
