@@ -35,3 +35,15 @@ def test_of_file_refuses_a_file_whose_length_is_not_the_listed_one(tmp_path: Pat
 def test_of_file_reports_a_missing_file_as_oserror(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         digest.of_file(tmp_path / "absent")
+
+
+def test_a_manifest_named_by_a_sha512_digest_is_checked_against_it() -> None:
+    import hashlib
+
+    from galleryfs.registry.client import _verified_manifest
+
+    body = b'{"schemaVersion":2}'
+    name = "sha512:" + hashlib.sha512(body).hexdigest()
+    assert _verified_manifest(body, "m", name, None, "w").digest == name
+    with pytest.raises(DigestMismatch):
+        _verified_manifest(body + b" ", "m", name, None, "w")

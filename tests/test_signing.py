@@ -625,3 +625,20 @@ def test_cosign_sign_and_verify_at_the_api(registry_session: Registry, tmp_path:
             assert found.key == key.public
 
     trio.run(go)
+
+
+def test_rm_never_takes_a_revision_tagged_like_an_accessory(registry: Registry, tmp_path: Path,
+                                                            capsys) -> None:
+    """A tag's name is a claim: a real revision, reachable only by a tag shaped like an
+    accessory of the one removed (oras can push such a tag), stays."""
+    target = push_files(registry, tmp_path, "g/m:v1", {"a.bin": b"target"})
+    victim = push_files(registry, tmp_path, "g/m:victim", {"a.bin": b"victim"})
+    body = get_manifest(registry, "g/m", "victim")
+    with http(registry) as h:  # untag it: only the manifest goes, its blobs stay linked
+        assert h.delete(f"/v2/g/m/manifests/{victim}").status_code == 202
+    lure = "sha256-" + target.split(":")[1] + ".x"
+    put_manifest(registry, "g/m", lure, body)
+    code, out, err = cli(capsys, "rm", f"{registry.host}/g/m@{target}", *conn())
+    assert code == 0, err
+    assert lure not in out
+    assert digests.of_bytes(get_manifest(registry, "g/m", victim)) == victim

@@ -3,6 +3,8 @@ another model, gallery or registry."""
 
 from __future__ import annotations
 
+import json
+
 import trio
 
 from .. import digest as digests
@@ -56,22 +58,49 @@ async def accessories(client: RegistryClient, repo: str, digest: str
     `.chunks`, ..., and what is kept beside those in turn (a `.chunks` referrer's own
     signature). A manifest that a revision tag also names is never among them."""
     tags = await client.list_tags(repo)
-    revisions = {await client.head_manifest(repo, t) for t in tags if not is_accessory_tag(t)}
+    revisions = {(await client.get_manifest(repo, t)).digest
+                 for t in tags if not is_accessory_tag(t)}
     found: list[tuple[str, str]] = []
     seen, queue = {digest}, [digest]
     while queue and len(found) < MAX_ACCESSORIES:
-        for t in accessory_tags(queue.pop(0), tags):
+        parent = queue.pop(0)
+        for t in accessory_tags(parent, tags):
             try:
-                d = (await client.get_manifest(repo, t)).digest
+                m = await client.get_manifest(repo, t)
             except NotFound:
                 continue
-            if d in revisions:
+            # A tag's name is anybody's claim: only what is shaped like an accessory of
+            # this manifest goes (a signature, a referrer naming it, a referrers index).
+            if m.digest in revisions or not _accessory_of(m.body, parent):
                 continue
+            d = m.digest
             found.append((t, d))
             if d not in seen:
                 seen.add(d)
                 queue.append(d)
     return found
+
+
+COSIGN_LAYER = "application/vnd.dev.cosign.simplesigning.v1+json"
+
+
+def _accessory_of(body: bytes, parent: str) -> bool:
+    """The manifest is a cosign signature, a referrer whose subject is `parent`, or an
+    index (the referrers tag scheme's): never a model revision."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(doc, dict):
+        return False
+    subject = doc.get("subject")
+    if isinstance(subject, dict) and subject.get("digest") == parent:
+        return True
+    if "manifests" in doc:
+        return True
+    layers = doc.get("layers")
+    return (isinstance(layers, list) and bool(layers)
+            and all(isinstance(la, dict) and la.get("mediaType") == COSIGN_LAYER for la in layers))
 
 
 async def _remove_accessories(client: RegistryClient, repo: str, digest: str) -> str:

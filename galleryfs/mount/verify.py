@@ -155,6 +155,10 @@ class Verifier:
             running = self._deriving[key] = _Derivation()
             try:
                 self._derived[key] = await self._derive(blob, key)
+            except trio.Cancelled:
+                # This task's cancel, not the blob's fault: a waiter tries again itself.
+                running.error = None
+                raise
             except BaseException as exc:
                 running.error = exc
                 raise

@@ -636,7 +636,9 @@ def _verified_manifest(body: bytes, media_type: str, reference: str,
                        header_digest: str | None, what: str) -> Manifest:
     computed = digests.of_bytes(body)
     if digests.is_digest(reference):
-        if reference.startswith("sha256:") and computed != reference:
+        # By the digest's own algorithm (sha256 or sha512): a manifest named by a digest
+        # is what signatures and pins stand on.
+        if digests.of_bytes(body, reference.split(":", 1)[0]) != reference:
             raise DigestMismatch(f"{what}: manifest content does not match its digest")
         return Manifest(reference, media_type, body)
     if header_digest and header_digest.startswith("sha256:") and header_digest != computed:
