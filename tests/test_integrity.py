@@ -449,3 +449,22 @@ async def test_a_prefetched_chunk_that_fails_is_left_to_its_reader(registry, cap
 def blob(registry) -> tuple[BlobRef, bytes]:  # noqa: ANN001 - harness fixture
     data = os.urandom(10 * CHUNK + 1234)
     return tabled("integrity/blob", push_blob(registry.url, "integrity/blob", data), data), data
+
+
+@pytest.mark.trio
+async def test_a_random_reads_chunk_is_kept_on_disk(registry, tmp_path) -> None:
+    """A read outside any stream loads (and verifies) its whole chunk; the kernel keeps
+    only the page asked for, so the chunk goes to the disk cache at once: a later read in
+    it, once memory has let it go, costs no second fetch of 4 MiB."""
+    data = os.urandom(6 * CHUNK)
+    ref = tabled("random/blob", push_blob(registry.url, "random/blob", data), data)
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, memory_bytes=CHUNK,
+                             disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        for offset in (3 * CHUNK + 100, 1 * CHUNK + 7, 3 * CHUNK + 9000, 1 * CHUNK + 5000):
+            handle = reader.open(ref, None)
+            assert bytes(await handle.read(offset, 4096)) == data[offset:offset + 4096]
+            handle.close()
+        assert sorted(fetch.calls) == [(CHUNK, 2 * CHUNK), (3 * CHUNK, 4 * CHUNK)]
+        assert reader.snapshot()["disk_hits"] == 2

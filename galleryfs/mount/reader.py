@@ -13,7 +13,8 @@ expected digests and the blob's size.
 they are; the stream decides what to fetch ahead and asks the reader for it through a
 few questions (the `prefetch.Source` interface). Random access cannot be verified below
 the chunk: a read that is not part of a stream loads the chunks it touches (from disk
-or the registry) into memory, but does not owe them to the write-behind. Only under
+or the registry) into memory and writes a fetched one to the disk cache at once (the
+kernel keeps only the page asked for, so the write-behind could not get it back). Only under
 `--verify end`, for a blob without a table and not on disk, it reads exactly its bytes
 from the registry, unverified, as galleryfs did before it verified chunks.
 
@@ -217,6 +218,11 @@ class ChunkReader:
         memory.settle(key, flight, data)
         if fetched and owe:
             self._owe(blob, index)
+        elif fetched and expect is not None and self.disk is not None and self.disk.takes(blob):
+            # A random read's chunk: the kernel keeps only the page asked for, so the
+            # write-behind could not get it back. Kept on disk now (it was verified), or
+            # each later read near it fetches the whole chunk again.
+            await self.store(blob, index, data, checked=True)
         return data
 
     def _owe(self, blob: BlobRef, index: int) -> None:
