@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", choices=("strict", "end"), default="strict",
                    help="files without a chunk table: verify the whole blob before serving "
                         "it (strict, default), or serve unverified bytes (end: weaker)")
+    g = p.add_argument_group("who may read")
+    g.add_argument("--allow-other", action="store_true",
+                   help="let other local users read (as the modes allow; non-root needs "
+                        "user_allow_other in /etc/fuse.conf)")
+    g.add_argument("--uid", type=int, metavar="UID", help="owner shown (default: you)")
+    g.add_argument("--gid", type=int, metavar="GID", help="group shown (default: yours)")
+    g.add_argument("--umask", type=_octal, default=0o022, metavar="MODE",
+                   help="mode bits taken away (default 022: everyone may read)")
 
     p = sub.add_parser("unmount", help="unmount a galleryfs mount")
     p.add_argument("mountpoint", type=Path)
@@ -129,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detach now even if files are open; unmount once they are closed")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _octal(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 022") from None
 
 
 def parse_size(text: str, *, zero: bool = False) -> int:
@@ -422,6 +437,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_size=parse_size(args.cache_size, zero=True), refresh=args.refresh,
         chunk_size=parse_size(args.chunk_size), debug=args.debug, verify=args.verify,
         trusted_keys=keys, audit=args.audit,
+        allow_other=args.allow_other, uid=args.uid, gid=args.gid, umask=args.umask,
     )
     return mount_main(config, foreground=args.foreground)
 

@@ -51,6 +51,12 @@ class MountConfig:
     trusted_keys: list[str] = dataclasses.field(default_factory=list)
     audit: bool = False
     verify: str = STRICT  # files without a chunk table: verified whole first, or at the end
+    # Who may read: with allow_other, every local user the modes (owner uid/gid, and
+    # umask's bits taken away) let through; the kernel checks them (default_permissions).
+    allow_other: bool = False
+    uid: int | None = None  # owner shown; None: the user who mounts
+    gid: int | None = None
+    umask: int = 0o022  # bits taken from r-xr-xr-x (folders) and r--r--r-- (files)
 
     def __post_init__(self) -> None:
         self.mountpoint = os.path.abspath(self.mountpoint)
@@ -64,6 +70,11 @@ class MountConfig:
             raise UsageError("--chunk-size must be between 4K and 256M")
         if self.verify not in VERIFY_MODES:
             raise UsageError(f"--verify takes {' or '.join(VERIFY_MODES)}")
+        for name, value in (("--uid", self.uid), ("--gid", self.gid)):
+            if value is not None and not 0 <= value < 2**32 - 1:
+                raise UsageError(f"{name} must be a user or group number, 0 to 4294967294")
+        if not 0 <= self.umask <= 0o777:
+            raise UsageError("--umask must be an octal mode such as 022 or 077")
         if self.audit and not self.trusted_keys:
             raise UsageError("--audit needs --require-signed-by")
         self.policy  # noqa: B018 - every key parses, or a one-line error now

@@ -23,7 +23,7 @@ import trio
 from ..errors import GalleryError
 from . import serve
 from .config import MountConfig
-from .mountpoint import check_mountpoint
+from .mountpoint import check_fuse, check_mountpoint
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ READY_TIMEOUT = 30.0
 
 
 def mount_main(config: MountConfig, *, foreground: bool) -> int:
+    check_fuse(allow_other=config.allow_other)
     check_mountpoint(config.mountpoint)
     Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
     trio.run(serve.check_registry, config)
@@ -77,7 +78,7 @@ def _spawn(config: MountConfig) -> int:
             child.wait(timeout=5)
         except subprocess.TimeoutExpired:
             child.kill()
-    raise GalleryError(f"the mount did not come up; log {log_path}:\n{_tail(log_path)}")
+    raise GalleryError(f"the mount did not come up: {_last_error(log_path)} (log: {log_path})")
 
 
 def _wait_ready(read_fd: int) -> bool:
@@ -103,11 +104,19 @@ def _log_path(config: MountConfig) -> Path:
     return path
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def _last_error(path: Path, lines: int = 40) -> str:
+    """The child's last error line: what the user needs, without a traceback's frames."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
-        return "<no log>"
+        return "no log"
+    for line in reversed(tail):
+        if ": ERROR: " in line:
+            return line.split(": ERROR: ", 1)[1].split(": ", 1)[-1].strip()
+    for line in reversed(tail):  # a crash: its exception is the last line of the traceback
+        if line.strip() and not line.startswith(" "):
+            return line.strip()
+    return "the daemon exited without a word"
 
 
 def child_main(argv: list[str]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,30 @@ def fusermount(*args: str) -> subprocess.CompletedProcess[str]:
                               timeout=30)
     except FileNotFoundError:
         raise GalleryError("fusermount3 not found: install fuse3") from None
+
+
+def check_fuse(*, allow_other: bool = False, device: str = "/dev/fuse",
+               fuse_conf: str = "/etc/fuse.conf") -> None:
+    """What the kernel side of a mount needs, each said in one line before a child starts."""
+    try:
+        os.close(os.open(device, os.O_RDWR))
+    except OSError as exc:
+        raise GalleryError(
+            f"cannot use {device} ({exc.strerror}): load the fuse module (`modprobe fuse`); "
+            "in a container, run it with --device /dev/fuse --cap-add SYS_ADMIN") from None
+    if shutil.which("fusermount3") is None:
+        raise GalleryError("fusermount3 not found: install fuse3 (`apt install fuse3`)")
+    if allow_other and os.geteuid() != 0 and not _user_allow_other(fuse_conf):
+        raise GalleryError(f"--allow-other needs `user_allow_other` in {fuse_conf} "
+                           "(or mount as root)")
+
+
+def _user_allow_other(fuse_conf: str) -> bool:
+    try:
+        with open(fuse_conf) as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def is_dead(mountpoint: str) -> bool:

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -116,6 +117,7 @@ class Operations(pyfuse3.Operations):
         *,
         uid: int | None = None,
         gid: int | None = None,
+        umask: int = 0o022,
         refresh: float = 30.0,
         counters: Callable[[], dict[str, object]] | None = None,
         fill: PageCacheFill | None = None,
@@ -125,6 +127,7 @@ class Operations(pyfuse3.Operations):
         self.reader = reader
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
+        self.umask = umask & 0o777
         self.refresh = refresh
         self.counters = counters
         self.fill = fill
@@ -146,7 +149,8 @@ class Operations(pyfuse3.Operations):
         timeout = IMMUTABLE_TIMEOUT if a.immutable else self.tree.fresh_for(inode)
         entry.entry_timeout = timeout
         entry.attr_timeout = timeout
-        entry.st_mode = a.mode
+        # A symlink's mode means nothing to the kernel; ls shows it as lrwxrwxrwx.
+        entry.st_mode = a.mode if stat.S_ISLNK(a.mode) else a.mode & ~self.umask
         entry.st_nlink = a.nlink
         entry.st_uid = self.uid
         entry.st_gid = self.gid

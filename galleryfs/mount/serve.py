@@ -15,6 +15,7 @@ import signal
 import pyfuse3
 import trio
 
+from ..errors import GalleryError
 from ..registry.client import RegistryClient
 from ..registry.ranges import DirectRanges
 from .config import MountConfig
@@ -78,13 +79,19 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         fill = PageCacheFill(reader, pyfuse3.notify_retrieve) if disk is not None else None
         if fill is not None:
             reader.defer = fill.owe
-        ops = Operations(tree, reader, refresh=config.refresh, counters=counters, fill=fill)
+        ops = Operations(tree, reader, uid=config.uid, gid=config.gid, umask=config.umask,
+                         refresh=config.refresh, counters=counters, fill=fill)
         # A bare "galleryfs" fsname is resolved as a path when the cwd has such a folder.
         options = {f"fsname=galleryfs:{config.source}", "subtype=galleryfs", "ro",
                    "default_permissions"}
+        if config.allow_other:
+            options.add("allow_other")
         if config.debug:
             options.add("debug")
-        pyfuse3.init(ops, config.mountpoint, options)
+        try:
+            pyfuse3.init(ops, config.mountpoint, options)
+        except RuntimeError as exc:  # libfuse said why on stderr (the log); pyfuse3 did not
+            raise GalleryError(f"cannot mount on {config.mountpoint}: {exc}") from None
         try:
             async with trio.open_nursery() as nursery:
                 ops.nursery = nursery

@@ -71,6 +71,10 @@ from ..trust.policy import Decision, Policy, Verdict
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+# The time shown for a revision without a creation date, and its files: the same on every
+# mount, so `rsync -a` and `make` see unchanged files as unchanged after a remount. It is
+# the earliest time a zip archive can hold, as reproducible builds use.
+UNDATED_NS = 315_532_800 * 10**9  # 1980-01-01T00:00:00Z
 FILE_MODE = 0o444
 DIR_MODE = 0o555
 LINK_MODE = 0o777
@@ -516,7 +520,7 @@ class Tree:
         if inode is not None:  # made by a concurrent lookup meanwhile
             return self._nodes[inode]
         return self._node(key, Kind.REVISION, digest, folder.inode, repo=folder.repo,
-                          digest=digest, mtime_ns=_created_ns(revision) or self.mount_time_ns)
+                          digest=digest, mtime_ns=_created_ns(revision) or UNDATED_NS)
 
     async def _admit(self, repo: str, revision: Revision) -> Revision:
         """The revision (with the chunk tables its voucher found) if the policy lets it be
