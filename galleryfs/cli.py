@@ -36,13 +36,118 @@ def _connection_parent() -> argparse.ArgumentParser:
     g.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     g.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="give up on an unresponsive registry after this long (default 30)")
-    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    g.add_argument("--debug", action="store_true", help="log what happens, to stderr")
     return p
 
 
+def _debug_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", help="log what happens, to stderr")
+    return p
+
+
+def _quiet_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing (errors still go to stderr)")
+    p.set_defaults(json=False)
+    return p
+
+
+def _output_parent(quiet: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output").add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="print the result as JSON, nothing else")
+    g.add_argument("--quiet", "-q", action="store_true", help=quiet)
+    return p
+
+
+# name -> (one-line help, description, examples); every subcommand has all three.
+HELP: dict[str, tuple[str, str, list[str]]] = {
+    "push": ("push a model directory as a revision",
+             "Push every file of DIRECTORY as one revision (a ModelPack manifest) and tag it. "
+             "Files the registry already has are not sent again; the same directory gives the "
+             "same revision digest.",
+             ["galleryfs push ./all-MiniLM-L6-v2 registry.example.com/team-a/minilm:v1",
+              "galleryfs push ./llama reg.example.com/team-a/llama:v2 -a owner=nlp --quiet"]),
+    "pull": ("download a revision into a new directory",
+             "Download every file of a revision into DIRECTORY, which must not exist or be "
+             "empty. Every byte is checked against its digest; nothing is left behind on "
+             "failure.",
+             ["galleryfs pull registry.example.com/team-a/minilm:v1 ./minilm",
+              "galleryfs pull registry.example.com/team-a/minilm@sha256:... ./minilm --json"]),
+    "ls": ("list galleries, models or revisions",
+           "List the galleries of a registry (HOST), the models of a gallery (HOST/GALLERY) "
+           "or the revisions of a model (HOST/GALLERY/MODEL) with their tags, size, files "
+           "and creation time.",
+           ["galleryfs ls registry.example.com",
+            "galleryfs ls registry.example.com/team-a/minilm --json"]),
+    "tag": ("add tags to a revision",
+            "Give the revision REF names more tags (NEWTAG, in the same model).",
+            ["galleryfs tag registry.example.com/team-a/minilm:v1 prod stable"]),
+    "inspect": ("show a revision as JSON",
+                "Print a revision's manifest, config and files (format, architecture, dtypes, "
+                "parameters, chunk tables) as JSON.",
+                ["galleryfs inspect registry.example.com/team-a/minilm:prod"]),
+    "rm": ("remove a tag (REF:TAG) or a revision (REF@DIGEST)",
+           "Remove a tag, or a whole revision with what is stored beside it (signatures, "
+           "chunk tables). Blobs are freed by the registry's garbage collection.",
+           ["galleryfs rm registry.example.com/team-a/minilm:old",
+            "galleryfs rm registry.example.com/team-a/minilm@sha256:..."]),
+    "cp": ("copy or promote a revision to another model or gallery",
+           "Copy the revision SRC_REF to DST_REF (another model, gallery or registry). The "
+           "digest stays the same; blobs the target has are not sent again.",
+           ["galleryfs cp registry.example.com/team-a/minilm:v1 registry.example.com/prod/minilm:v1"]),
+    "sign": ("sign a revision (cosign format, stored beside it as sha256-<hex>.sig)",
+             "Sign the revision's manifest digest with an EC P-256 key, in cosign's "
+             "key-based format, so cosign, Harbor and `galleryfs verify` see it.",
+             ["galleryfs sign registry.example.com/team-a/minilm:v1 --key cosign.key"]),
+    "verify": ("check that a key signed exactly this revision (exit 0 if so, 1 if not)",
+               "Check offline that one of the keys signed exactly this revision: a cosign "
+               "signature beside it or an OpenSSF model-signing model.sig inside it.",
+               ["galleryfs verify registry.example.com/team-a/minilm:v1 --key cosign.pub"]),
+    "index": ("attach signed chunk tables to an existing revision",
+              "Compute the chunk tables of a revision pushed by another tool and store them "
+              "beside it, signed; a mount trusting the key verifies every chunk with them.",
+              ["galleryfs index registry.example.com/other/model:v1 --key cosign.key"]),
+    "login": ("store credentials for a registry (mode 0600)",
+              "Check a user name and password against the registry and store them for later "
+              "commands and mounts.",
+              ["galleryfs login registry.example.com",
+               "echo \"$PASSWORD\" | galleryfs login registry.example.com -u robot --password-stdin"]),
+    "logout": ("forget stored credentials for a registry",
+               "Remove the credentials `galleryfs login` stored for HOST.",
+               ["galleryfs logout registry.example.com"]),
+    "mount": ("mount a registry as a read-only file system",
+              "Show the galleries, models, revisions (by tag and digest) and files of a "
+              "registry as a read-only directory tree. File bytes are fetched lazily, "
+              "verified, and cached in memory and on disk.",
+              ["galleryfs mount registry.example.com /mnt/models",
+               "galleryfs mount registry.example.com/team-a /mnt/team-a --cache-size 50G"]),
+    "unmount": ("unmount a galleryfs mount",
+                "Write what the disk cache is owed, then unmount.",
+                ["galleryfs unmount /mnt/models"]),
+    "stats": ("show a mount's counters",
+              "Print the counters of a running mount: bytes and requests sent to the "
+              "registry, cache hits, verified chunks and failures, open files, inodes.",
+              ["galleryfs stats /mnt/models", "galleryfs stats /mnt/models --json"]),
+    "doctor": ("check that this machine (and a registry) can run galleryfs",
+               "Check /dev/fuse, fusermount3, the kernel's FUSE, galleryfs's pyfuse3 and, "
+               "given a registry, that it answers, its TLS, the credentials and the clock. "
+               "Says what to fix; exit 1 when something fails.",
+               ["galleryfs doctor", "galleryfs doctor registry.example.com"]),
+}
+
+
+def _add(sub: argparse._SubParsersAction, name: str, *parents: argparse.ArgumentParser
+         ) -> argparse.ArgumentParser:
+    short, description, examples = HELP[name]
+    return sub.add_parser(
+        name, parents=list(parents), help=short, description=description,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    conn = _connection_parent()
+    conn, debug, quiet = _connection_parent(), _debug_parent(), _quiet_parent()
     parser = argparse.ArgumentParser(
         prog="galleryfs",
         description="A model gallery in an OCI registry: push, pull, list, and mount models.",
@@ -51,63 +156,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"galleryfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("push", parents=[conn], help="push a model directory as a revision")
-    p.add_argument("directory", type=Path)
+    p = _add(sub, "push", conn, debug, _output_parent("print only the revision digest"))
+    p.add_argument("directory", type=Path, help="the model directory (every file in it)")
     p.add_argument("ref", metavar="REF", help="HOST/GALLERY/MODEL[:TAG] (tag defaults to latest)")
     p.add_argument("--annotation", "-a", action="append", default=[], metavar="KEY=VALUE",
                    help="annotate the revision (repeatable)")
     p.add_argument("--created", metavar="TIMESTAMP",
                    help="record a creation time (RFC 3339); off by default so pushes are reproducible")
 
-    p = sub.add_parser("pull", parents=[conn], help="download a revision into a new directory")
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("directory", type=Path)
+    p = _add(sub, "pull", conn, debug, _output_parent("print nothing"))
+    p.add_argument("ref", metavar="REF", help="HOST/GALLERY/MODEL[:TAG|@DIGEST]")
+    p.add_argument("directory", type=Path, help="where to put the files (must not exist, or be empty)")
 
-    p = sub.add_parser("ls", parents=[conn], help="list galleries, models or revisions")
-    p.add_argument("ref", metavar="HOST[/GALLERY[/MODEL]]")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _add(sub, "ls", conn, debug, _output_parent("print only the first column"))
+    p.add_argument("ref", metavar="HOST[/GALLERY[/MODEL]]", help="what to list")
 
-    p = sub.add_parser("tag", parents=[conn], help="add tags to a revision")
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("tags", nargs="+", metavar="NEWTAG")
+    p = _add(sub, "tag", conn, debug, _output_parent("print nothing"))
+    p.add_argument("ref", metavar="REF", help="the revision, by tag or digest")
+    p.add_argument("tags", nargs="+", metavar="NEWTAG", help="tags to add")
 
-    p = sub.add_parser("inspect", parents=[conn], help="show a revision as JSON")
-    p.add_argument("ref", metavar="REF")
+    p = _add(sub, "inspect", conn, debug)
+    p.add_argument("ref", metavar="REF", help="the revision, by tag or digest")
 
-    p = sub.add_parser("rm", parents=[conn], help="remove a tag (REF:TAG) or a revision (REF@DIGEST)")
-    p.add_argument("ref", metavar="REF")
+    p = _add(sub, "rm", conn, debug, quiet)
+    p.add_argument("ref", metavar="REF", help="REF:TAG (a tag) or REF@DIGEST (a revision)")
 
-    p = sub.add_parser("cp", parents=[conn], help="copy or promote a revision to another model or gallery")
-    p.add_argument("source", metavar="SRC_REF")
-    p.add_argument("target", metavar="DST_REF")
+    p = _add(sub, "cp", conn, debug, _output_parent("print only the revision digest"))
+    p.add_argument("source", metavar="SRC_REF", help="the revision to copy")
+    p.add_argument("target", metavar="DST_REF", help="where to: HOST/GALLERY/MODEL[:TAG]")
 
-    p = sub.add_parser("sign", parents=[conn],
-                       help="sign a revision (cosign format, stored beside it as sha256-<hex>.sig)")
-    p.add_argument("ref", metavar="REF")
+    p = _add(sub, "sign", conn, debug, quiet)
+    p.add_argument("ref", metavar="REF", help="the revision, by tag or digest")
     p.add_argument("--key", required=True, metavar="PRIVATE.pem",
                    help="EC P-256 private key (PEM, unencrypted)")
 
-    p = sub.add_parser("verify", parents=[conn],
-                       help="check that a key signed exactly this revision (exit 0 if so, 1 if not)")
-    p.add_argument("ref", metavar="REF")
+    p = _add(sub, "verify", conn, debug, quiet)
+    p.add_argument("ref", metavar="REF", help="the revision, by tag or digest")
     p.add_argument("--key", required=True, action="append", metavar="PUBLIC.pem",
                    help="trusted public key (PEM; repeatable: any one of them will do)")
 
-    p = sub.add_parser("index", parents=[conn],
-                       help="attach signed chunk tables to an existing revision")
-    p.add_argument("ref", metavar="REF")
+    p = _add(sub, "index", conn, debug, quiet)
+    p.add_argument("ref", metavar="REF", help="the revision, by tag or digest")
     p.add_argument("--key", required=True, metavar="PRIVATE.pem",
                    help="EC P-256 private key that signs the tables")
 
-    p = sub.add_parser("login", parents=[conn], help="store credentials for a registry (mode 0600)")
-    p.add_argument("host", metavar="HOST")
+    p = _add(sub, "login", conn, debug)
+    p.add_argument("host", metavar="HOST", help="the registry, e.g. registry.example.com")
 
-    p = sub.add_parser("logout", parents=[conn], help="forget stored credentials for a registry")
-    p.add_argument("host", metavar="HOST")
+    p = _add(sub, "logout", debug)
+    p.add_argument("host", metavar="HOST", help="the registry, e.g. registry.example.com")
 
-    p = sub.add_parser("mount", parents=[conn], help="mount a registry as a read-only file system")
-    p.add_argument("source", metavar="HOST[/GALLERY[/MODEL]]")
-    p.add_argument("mountpoint", type=Path)
+    p = _add(sub, "mount", conn, debug)
+    p.add_argument("source", metavar="HOST[/GALLERY[/MODEL]]", help="what the mount shows")
+    p.add_argument("mountpoint", type=Path, help="an existing empty directory")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--cache-dir", metavar="DIR", help="disk cache (default ~/.cache/galleryfs)")
     p.add_argument("--cache-size", default="10G", metavar="SIZE",
@@ -131,11 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--umask", type=_octal, default=0o022, metavar="MODE",
                    help="mode bits taken away (default 022: everyone may read)")
 
-    p = sub.add_parser("unmount", help="unmount a galleryfs mount")
-    p.add_argument("mountpoint", type=Path)
+    p = _add(sub, "unmount", debug)
+    p.add_argument("mountpoint", type=Path, help="where galleryfs is mounted")
     p.add_argument("--lazy", action="store_true",
                    help="detach now even if files are open; unmount once they are closed")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = _add(sub, "stats", debug)
+    p.add_argument("mountpoint", type=Path, help="where galleryfs is mounted")
+    p.add_argument("--json", action="store_true", help="print the counters as JSON")
+
+    p = _add(sub, "doctor", conn, debug)
+    p.add_argument("ref", metavar="HOST[/...]", nargs="?",
+                   help="also check this registry (reachability, TLS, credentials, clock)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
     return parser
 
 
@@ -194,12 +303,26 @@ def options_for(args: argparse.Namespace, host: str, creds: Credentials | None =
 
 
 def _progress(args: argparse.Namespace) -> gallery.ProgressFactory:
-    return lambda total, label: Progress(total, label, quiet=args.quiet)
+    quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
+    return lambda total, label: Progress(total, label, quiet=quiet)
+
+
+def _emit(args: argparse.Namespace, result: dict[str, object], quiet: str | None,
+          text: list[str]) -> None:
+    """One result three ways: --json (the dict), --quiet (one value or nothing), or text."""
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.quiet:
+        if quiet is not None:
+            print(quiet)
+    else:
+        print("\n".join(text))
 
 
 async def _with_client(args: argparse.Namespace, ref: Reference,
-                       fn: Callable[[RegistryClient], Awaitable[T]]) -> T:
-    async with RegistryClient(ref.host, options_for(args, ref.host)) as client:
+                       fn: Callable[[RegistryClient], Awaitable[T]],
+                       creds: Credentials | None = None) -> T:
+    async with RegistryClient(ref.host, options_for(args, ref.host, creds)) as client:
         return await fn(client)
 
 
@@ -226,9 +349,13 @@ def cmd_push(args: argparse.Namespace) -> int:
     result = trio.run(_with_client, args, ref, lambda c: gallery.push(
         c, args.directory, ref, annotations=annotations, created=args.created,
         progress=_progress(args)))
-    print(f"pushed {ref.host}/{ref.repository}@{result.digest} as :{result.tags[0]}")
-    print(f"  {len(result.uploaded)} uploaded ({human(result.bytes_uploaded)}), "
-          f"{len(result.mounted)} mounted from another model, {len(result.existing)} already there")
+    _emit(args, {"reference": f"{ref.host}/{ref.repository}", "digest": result.digest,
+                 "tags": list(result.tags), "uploaded": len(result.uploaded),
+                 "uploadedBytes": result.bytes_uploaded, "mounted": len(result.mounted),
+                 "existing": len(result.existing)}, result.digest,
+          [f"pushed {ref.host}/{ref.repository}@{result.digest} as :{result.tags[0]}",
+           f"  {len(result.uploaded)} uploaded ({human(result.bytes_uploaded)}), "
+           f"{len(result.mounted)} mounted from another model, {len(result.existing)} already there"])
     return 0
 
 
@@ -236,8 +363,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
     ref = parse_model(args.ref)
     revision = trio.run(_with_client, args, ref, lambda c: gallery.pull(
         c, ref, args.directory, progress=_progress(args)))
-    print(f"pulled {ref.repository}@{revision.digest} into {args.directory} "
-          f"({len(revision.files)} files, {human(revision.size)})")
+    _emit(args, {"reference": f"{ref.host}/{ref.repository}", "digest": revision.digest,
+                 "directory": str(args.directory), "files": len(revision.files),
+                 "size": revision.size}, None,
+          [f"pulled {ref.repository}@{revision.digest} into {args.directory} "
+           f"({len(revision.files)} files, {human(revision.size)})"])
     return 0
 
 
@@ -268,12 +398,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = [{"model": m.split("/", 1)[1]} for m in data]
         _table(args, rows, ["model"])
     else:
-        rows = [{"digest": r.digest, "tags": ",".join(r.tags), "size": r.size,
-                 "files": r.files, "created": r.created or "-"} for r in data]
+        rows = [{"digest": r.digest, "tags": list(r.tags), "size": r.size,
+                 "files": r.files, "created": r.created or None} for r in data]
         if args.json:
             _table(args, rows, [])
         else:
-            _table(args, [{**r, "size": human(r["size"])} for r in rows],
+            _table(args, [{**r, "size": human(r["size"]), "tags": ",".join(r["tags"]) or "-",
+                           "created": r["created"] or "-"} for r in rows],
                    ["digest", "tags", "size", "files", "created"])
     return 0
 
@@ -281,6 +412,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _table(args: argparse.Namespace, rows: list[dict], columns: list[str]) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
+        return
+    if args.quiet:
+        for r in rows:
+            print(r[columns[0]])
         return
     if not rows:
         print("(none)")
@@ -294,7 +429,9 @@ def _table(args: argparse.Namespace, rows: list[dict], columns: list[str]) -> No
 def cmd_tag(args: argparse.Namespace) -> int:
     ref = parse_model(args.ref)
     digest = trio.run(_with_client, args, ref, lambda c: gallery.tag(c, ref, args.tags))
-    print(f"tagged {ref.repository}@{digest} as {', '.join(args.tags)}")
+    _emit(args, {"reference": f"{ref.host}/{ref.repository}", "digest": digest,
+                 "tags": list(args.tags)}, None,
+          [f"tagged {ref.repository}@{digest} as {', '.join(args.tags)}"])
     return 0
 
 
@@ -308,7 +445,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     ref = parse_model(args.ref)
     message = trio.run(_with_client, args, ref, lambda c: gallery.remove(c, ref))
-    print(f"{ref}: {message}")
+    _emit(args, {}, None, [f"{ref}: {message}"])
     return 0
 
 
@@ -323,8 +460,10 @@ def cmd_cp(args: argparse.Namespace) -> int:
                 return await gallery.copy(s, src, d, dst, _progress(args))
 
     digest = trio.run(run)
-    print(f"copied {src} to {dst.host}/{dst.repository}:{dst.tag or src.tag or gallery.DEFAULT_TAG} "
-          f"({digest})")
+    tag = dst.tag or src.tag or gallery.DEFAULT_TAG
+    _emit(args, {"source": str(src), "target": f"{dst.host}/{dst.repository}", "tag": tag,
+                 "digest": digest}, digest,
+          [f"copied {src} to {dst.host}/{dst.repository}:{tag} ({digest})"])
     return 0
 
 
@@ -345,8 +484,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
     signed = trio.run(_with_client, args, ref, run)
     state = "signed" if signed.added else "already signed by this key"
-    print(f"{state}: {ref.host}/{ref.repository}@{signed.digest}")
-    print(f"  signature stored as {ref.host}/{ref.repository}:{signed.tag}")
+    _emit(args, {}, None, [f"{state}: {ref.host}/{ref.repository}@{signed.digest}",
+                           f"  signature stored as {ref.host}/{ref.repository}:{signed.tag}"])
     return 0
 
 
@@ -361,8 +500,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not verdict.signed:
         raise Unsigned(f"{ref.host}/{ref.repository}@{digest} is not signed by this key: "
                        f"{verdict.reason}")
-    print(f"verified: {ref.host}/{ref.repository}@{digest} is signed by {verdict.signer} "
-          f"({verdict.scheme})")
+    _emit(args, {}, None, [f"verified: {ref.host}/{ref.repository}@{digest} is signed by "
+                           f"{verdict.signer} ({verdict.scheme})"])
     return 0
 
 
@@ -376,12 +515,12 @@ def cmd_index(args: argparse.Namespace) -> int:
         c, ref.repository, ref.version or gallery.DEFAULT_TAG, key))
     where = f"{ref.host}/{ref.repository}"
     if result.signature is None:
-        print(f"{where}@{result.revision}: no file needs a chunk table (each has one, or is "
-              "one chunk or less)")
+        _emit(args, {}, None, [f"{where}@{result.revision}: no file needs a chunk table (each "
+                               "has one, or is one chunk or less)"])
         return 0
-    print(f"indexed {where}@{result.revision}: chunk tables for {result.files} files")
-    print(f"  stored as {where}:{result.tag} ({result.referrer})")
-    print(f"  signed: {where}:{result.signature.tag}")
+    _emit(args, {}, None, [f"indexed {where}@{result.revision}: chunk tables for {result.files} files",
+                           f"  stored as {where}:{result.tag} ({result.referrer})",
+                           f"  signed: {where}:{result.signature.tag}"])
     return 0
 
 
@@ -448,11 +587,53 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return unmount_main(str(args.mountpoint), lazy=args.lazy)
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .mount.stats import read_stats
+
+    counters = read_stats(str(args.mountpoint))
+    if args.json:
+        print(json.dumps(counters, indent=2, sort_keys=True))
+        return 0
+    width = max(map(len, counters), default=0)
+    for key in sorted(counters):
+        value = counters[key]
+        shown = (f"{value} ({human(value)})" if key.endswith("bytes") and
+                 isinstance(value, int) and value >= 1024 else value)
+        print(f"{key.ljust(width)}  {shown}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .mount import doctor
+
+    checks = doctor.local_checks()
+    if args.ref:
+        ref = parse(args.ref)
+        creds = _credentials(args, ref.host)
+
+        async def run(client: RegistryClient) -> list[doctor.Check]:
+            return await doctor.registry_checks(client, creds is not None)
+
+        checks += trio.run(_with_client, args, ref, run, creds)
+    failed = any(c.state == doctor.FAIL for c in checks)
+    if args.json:
+        print(json.dumps([{"check": c.name, "state": c.state.lower(), "detail": c.detail,
+                           "fix": c.fix or None} for c in checks], indent=2))
+        return 1 if failed else 0
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"{c.state:<4}  {c.name.ljust(width)}  {c.detail}")
+        if c.fix and c.state != doctor.OK:
+            print(f"{'':<4}  {'':<{width}}  fix: {c.fix}")
+    print("something needs fixing" if failed else "all good")
+    return 1 if failed else 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "push": cmd_push, "pull": cmd_pull, "ls": cmd_ls, "tag": cmd_tag, "inspect": cmd_inspect,
     "rm": cmd_rm, "cp": cmd_cp, "sign": cmd_sign, "verify": cmd_verify, "index": cmd_index,
     "login": cmd_login, "logout": cmd_logout,
-    "mount": cmd_mount, "unmount": cmd_unmount,
+    "mount": cmd_mount, "unmount": cmd_unmount, "stats": cmd_stats, "doctor": cmd_doctor,
 }
 
 

@@ -45,7 +45,7 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str, stdin: str | None = None
 
 
 def conn(reg: Registry) -> list[str]:
-    args = ["--quiet"]
+    args: list[str] = []
     if reg.plain_http:
         args.append("--plain-http")
     if reg.ca_file:
@@ -117,7 +117,7 @@ def test_tag_ls_inspect_rm(registry: Registry, model_dir: Path, tmp_path: Path,
     assert code == 0 and "llm/base" in out
     code, out, _ = cli(capsys, "ls", base, "--json", *conn(registry))
     rows = json.loads(out)
-    assert len(rows) == 1 and rows[0]["tags"] == "prod,stable,v1" and rows[0]["files"] == 2
+    assert len(rows) == 1 and rows[0]["tags"] == ["prod", "stable", "v1"] and rows[0]["files"] == 2
 
     code, out, _ = cli(capsys, "inspect", f"{base}:prod", *conn(registry))
     info = json.loads(out)
@@ -277,7 +277,7 @@ def test_tls_registry(tls_registry: Registry, tmp_path: Path, capsys: pytest.Cap
     code, _, err = cli(capsys, "push", str(src), f"{reg.host}/g/m:v1", *conn(reg))
     assert code == 0, err
     code, out, _ = cli(capsys, "ls", f"{reg.host}/g/m", "--json", *conn(reg))
-    assert code == 0 and json.loads(out)[0]["tags"] == "v1"
+    assert code == 0 and json.loads(out)[0]["tags"] == ["v1"]
 
 
 def test_oras_pushed_artifact_is_readable(registry: Registry, tmp_path: Path,
@@ -347,7 +347,7 @@ def test_errors_are_one_line(registry: Registry, tmp_path: Path, args: list[str]
                              code: int) -> None:
     (tmp_path / "f").write_text("x")
     filled = [a.format(host=registry.host, tmp=tmp_path) for a in args]
-    result = _run(*filled, "--plain-http", "--quiet")
+    result = _run(*filled, "--plain-http")
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -182,8 +182,11 @@ class RegistryClient:
 
     # ---- API --------------------------------------------------------------------------
 
-    async def ping(self) -> None:
-        await self._request("GET", "/v2/", f"registry {self.host}")
+    async def ping(self) -> str | None:
+        """Check that the registry answers its API; its Date header (a clock to compare)."""
+        response = await self._request("GET", "/v2/", f"registry {self.host}")
+        await response.aclose()
+        return response.headers.get("date")
 
     async def get_manifest(self, repo: str, reference: str) -> Manifest:
         what = f"{self.host}/{repo}{'@' if digests.is_digest(reference) else ':'}{reference}"
