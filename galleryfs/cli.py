@@ -125,6 +125,12 @@ HELP: dict[str, tuple[str, str, list[str]]] = {
     "unmount": ("unmount a galleryfs mount",
                 "Write what the disk cache is owed, then unmount.",
                 ["galleryfs unmount /mnt/models"]),
+    "warm": ("fill a mount's disk cache with files ahead of need",
+             "Fetch, verify and write to the mount's disk cache every file named or under a "
+             "named folder (a revision, a model, a gallery), so that reading them later "
+             "needs no network. Files already cached cost nothing.",
+             ["galleryfs warm /mnt/models/team-a/llama/v1",
+              "galleryfs warm /mnt/models/team-a --jobs 8 --json"]),
     "stats": ("show a mount's counters",
               "Print the counters of a running mount: bytes and requests sent to the "
               "registry, cache hits, verified chunks and failures, open files, inodes.",
@@ -236,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", type=Path, help="where galleryfs is mounted")
     p.add_argument("--lazy", action="store_true",
                    help="detach now even if files are open; unmount once they are closed")
+
+    p = _add(sub, "warm", debug)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders in a galleryfs mount")
+    p.add_argument("--jobs", "-j", type=int, default=4, metavar="N",
+                   help="files warmed at once (default 4)")
+    g = p.add_argument_group("output").add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
 
     p = _add(sub, "stats", debug)
     p.add_argument("mountpoint", type=Path, help="where galleryfs is mounted")
@@ -581,6 +595,32 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return mount_main(config, foreground=args.foreground)
 
 
+def cmd_warm(args: argparse.Namespace) -> int:
+    from .mount.warm import files_under, warm
+
+    if not 1 <= args.jobs <= 64:
+        raise UsageError("--jobs must be between 1 and 64")
+    files = files_under(args.paths)
+    progress = Progress(sum(size for _, size in files), "warm",
+                        quiet=args.quiet or args.json)
+    try:
+        summary = warm(files, args.jobs, progress)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps({"files": summary.files, "bytes": summary.bytes,
+                          "fetchedBytes": summary.fetched_bytes,
+                          "cachedChunks": summary.cached_chunks, "failed": summary.failed},
+                         indent=2))
+    elif not args.quiet:
+        print(f"warmed {summary.files} files ({human(summary.bytes)}): "
+              f"{human(summary.fetched_bytes)} fetched from the registry, "
+              f"{summary.cached_chunks} chunks already cached")
+    for failure in summary.failed:
+        print(f"galleryfs: error: {failure}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def cmd_unmount(args: argparse.Namespace) -> int:
     from .mount.unmount import unmount_main
 
@@ -633,7 +673,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "push": cmd_push, "pull": cmd_pull, "ls": cmd_ls, "tag": cmd_tag, "inspect": cmd_inspect,
     "rm": cmd_rm, "cp": cmd_cp, "sign": cmd_sign, "verify": cmd_verify, "index": cmd_index,
     "login": cmd_login, "logout": cmd_logout,
-    "mount": cmd_mount, "unmount": cmd_unmount, "stats": cmd_stats, "doctor": cmd_doctor,
+    "mount": cmd_mount, "unmount": cmd_unmount, "warm": cmd_warm, "stats": cmd_stats, "doctor": cmd_doctor,
 }
 
 

@@ -6,6 +6,7 @@ where galleryfs exceptions become errno values (and are logged, once, with a cau
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -31,7 +32,7 @@ from ..errors import (
     first_error,
 )
 from . import xattrs
-from .reader import BlobHandle, BlobRef, ChunkReader
+from .reader import BlobHandle, BlobRef, ChunkReader, NoDiskCache
 from .tree import ROOT_INODE, Kind, Refused, Tree
 from .verify import ChunkMismatch
 from .writeback import PageCacheFill
@@ -44,6 +45,7 @@ XATTR_MEDIATYPE = xattrs.MEDIATYPE
 XATTR_STATS = xattrs.STATS
 XATTR_UNSUPPORTED = xattrs.UNSUPPORTED
 XATTR_FLUSH = xattrs.FLUSH
+XATTR_WARM = xattrs.WARM
 FLUSH_TIMEOUT = 120.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
@@ -75,6 +77,8 @@ def errno_for(exc: BaseException) -> int:
         # "Operation not supported" says what is true: the bytes exist, galleryfs
         # cannot serve this layer kind yet. EIO would suggest damage or an outage.
         return errno.EOPNOTSUPP
+    if isinstance(exc, NoDiskCache):
+        return errno.ENOSPC  # warm: nowhere to put it (`galleryfs warm` says which)
     # Outages, digest mismatches, odd registry answers: the data cannot be had now.
     return errno.EIO
 
@@ -223,11 +227,7 @@ class Operations(pyfuse3.Operations):
 
     # ---- data --------------------------------------------------------------------
 
-    @fuse_errors
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
-                   ) -> pyfuse3.FileInfo:
-        if flags & _WRITE_FLAGS:
-            raise ReadOnly("open for writing")
+    def _blob(self, inode: int) -> BlobRef:
         node = self.tree.get(inode)
         if node.kind is not Kind.FILE or node.file is None:
             raise NotFound(f"inode {inode} is not a file")
@@ -237,8 +237,15 @@ class Operations(pyfuse3.Operations):
             raise NotServable(f"{self.tree.display_path(inode)}: {node.file.reason}")
         # The size and table are this revision's claims: the reader serves only bytes
         # that match them, and caches under them.
-        blob = BlobRef(node.repo, node.file.digest, node.file.size, node.file.table,
+        return BlobRef(node.repo, node.file.digest, node.file.size, node.file.table,
                        label=self.tree.display_path(inode))
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("open for writing")
+        blob = self._blob(inode)
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = self.reader.open(blob, self.nursery)
@@ -283,6 +290,9 @@ class Operations(pyfuse3.Operations):
             done = self.fill is None or await self.fill.flush(FLUSH_TIMEOUT)
             return json.dumps({"done": done, "owed": self.fill.owed if self.fill else 0}
                               ).encode()
+        if name == XATTR_WARM and self.tree.get(inode).kind is Kind.FILE:
+            warmed = await self.reader.warm(self._blob(inode))
+            return json.dumps(dataclasses.asdict(warmed), separators=(",", ":")).encode()
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

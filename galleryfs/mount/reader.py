@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import DigestMismatch, first_error
+from ..errors import DigestMismatch, GalleryError, first_error
 from .blob import BlobRef, Chunk, Expect
 from .chunkcache import Abandoned, ChunkCache, Key, Span
 from .diskcache import ChunkRejected, DiskCache
@@ -58,6 +58,19 @@ DEFAULT_CHUNK = 4 << 20
 DEFAULT_MEMORY = WINDOW_CAP + DEFAULT_CHUNK
 # A span's pieces being hashed while the next is received.
 CHECKS_AHEAD = 1
+
+
+@dataclass
+class Warmed:
+    """What `warm` did for one file (short keys: the answer travels in an xattr)."""
+    chunks: int = 0  # the file's chunks
+    fetched: int = 0  # of which came from the registry
+    bytes: int = 0  # ... their bytes
+    cached: int = 0  # ... already on disk
+
+
+class NoDiskCache(GalleryError):
+    """`warm` on a mount that keeps nothing on disk."""
 
 
 @dataclass
@@ -228,6 +241,30 @@ class ChunkReader:
     def _owe(self, blob: BlobRef, index: int) -> None:
         if self.defer is not None and self.disk is not None and self.disk.takes(blob):
             self.defer(blob, index)
+
+    async def warm(self, blob: BlobRef) -> Warmed:
+        """Every chunk of the blob into the disk cache, verified, one at a time (the
+        caller bounds how many files warm at once). Pinned meanwhile, so its own chunks
+        are not evicted for each other."""
+        if self.disk is None or not self.disk.takes(blob):
+            raise NoDiskCache(f"{blob}: this mount keeps nothing on disk (--cache-size 0)")
+        done = Warmed(chunks=self.nchunks(blob))
+        self.disk.pin(blob)
+        try:
+            for index in range(done.chunks):
+                if self.on_disk(blob, index):
+                    done.cached += 1
+                    continue
+                held = self.in_memory(blob, index)
+                data = await self.chunk(blob, index, owe=False)
+                if not held:
+                    done.fetched += 1
+                    done.bytes += len(data)
+                if not self.on_disk(blob, index):  # it was in memory: not written yet
+                    await self.store(blob, index, data, checked=True)
+        finally:
+            self.disk.unpin(blob)
+        return done
 
     # ---- for read-ahead (prefetch.Source) ------------------------------------------
 

@@ -11,3 +11,7 @@ UNSUPPORTED = b"user.galleryfs.unsupported"
 # and answers once done; `galleryfs unmount` reads it first. Not listed: `getfattr -d`
 # should not wait on it.
 FLUSH = b"user.galleryfs.flush"
+# Reading it on a file fills the disk cache with all of the file's chunks, verified
+# (`galleryfs warm`), and answers with what that took, in fewer than 128 bytes (Python's
+# first getxattr buffer: a longer answer would be asked for, and warmed, twice). Not listed.
+WARM = b"user.galleryfs.warm"
