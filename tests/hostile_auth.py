@@ -17,6 +17,7 @@ import base64
 import json
 import re
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,16 @@ class Seen:
     authorization: str | None
 
 
+class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+    errors: list[str]
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that drops a keep-alive connection resets it under the handler: kept
+        # here, not printed into the stderr the tests read galleryfs's messages from.
+        self.errors.append(repr(sys.exc_info()[1]))
+
+
 class _Server:
     """A loopback HTTP(S) server on a free port, served from a daemon thread in `with`."""
 
@@ -56,8 +67,8 @@ class _Server:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Quiet(("127.0.0.1", 0), Handler)
+        self.server.errors = []
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -103,7 +103,7 @@ def test_a_redirect_target_naming_a_realm_gets_no_token_fetch_from_pull(
                      *_login_args(reg, monkeypatch)])
         err = capsys.readouterr().err
         assert code == 1 and "redirected to" in err and "refused access" in err, err
-        assert err.count("\n") == 1  # one line, no traceback
+        assert err.count("\n") == 1, err  # one line, no traceback
         assert storage.seen and storage.authorizations() == [None] * len(storage.seen)
         assert third.seen == []  # no token fetch, with or without the password
         # The registry itself was asked with the password it challenged for.
@@ -373,3 +373,22 @@ def test_password_file_errors_are_one_line(tmp_path: Path,
         code = main(["ls", "127.0.0.1:9/g", "--plain-http", *args])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_password_file_caught_empty_keeps_the_password_and_a_lost_one_fails(
+        tmp_path: Path) -> None:
+    from galleryfs.errors import AuthError
+    from galleryfs.registry.auth import RegistryAuth
+
+    pw = tmp_path / "pw"
+    pw.write_text("first\n")
+    auth = RegistryAuth(Credentials("ann", "first", password_file=str(pw)), "http://127.0.0.1:9")
+    pw.write_text("second\r\n")
+    assert auth._reread() and auth.credentials is not None
+    assert auth.credentials.password == "second"
+    pw.write_text("")  # between a truncate and a write
+    assert not auth._reread() and auth.credentials.password == "second"
+    pw.unlink()
+    with pytest.raises(AuthError, match="cannot read the password file"):
+        auth._reread()
+    assert "second" not in repr(auth.credentials)
