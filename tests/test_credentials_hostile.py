@@ -174,15 +174,22 @@ def test_a_mount_read_redirected_to_a_stranger_fails_with_eio_and_leaks_nothing(
             revision = mnt / "v1"
             # Authenticated: the files the registry serves itself read fine.
             assert (revision / "more.bin").read_bytes() == (src / "more.bin").read_bytes()
+            fallbacks = _stats(mnt)["direct_fallbacks"]
             with pytest.raises(OSError) as exc:
                 (revision / "weights.bin").read_bytes()
+            # The direct path asked the registry, got the 302 and handed the read to httpx.
+            assert _stats(mnt)["direct_fallbacks"] > fallbacks
         assert storage.seen and storage.authorizations() == [None] * len(storage.seen)
         assert third.seen == []
         assert exc.value.errno == errno.EIO  # the storage failed, not the user's password
-        # The direct path went to the registry (with the credentials it asked for), got
-        # the 302 and handed the read to httpx, which followed it without them.
-        blob_gets = [a for a in front.authorizations(digests["weights.bin"])]
+        # Both paths sent the registry the credentials it asked for; httpx followed the
+        # 302 without them.
+        blob_gets = front.authorizations(digests["weights.bin"])
         assert blob_gets and all((a or "").startswith("Basic ") for a in blob_gets)
+
+
+def _stats(mnt: Path) -> dict:
+    return json.loads(os.getxattr(mnt, "user.galleryfs.stats"))
 
 
 # ---- no password before a challenge: the Harbor probe -----------------------------------

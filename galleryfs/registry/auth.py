@@ -9,7 +9,7 @@ Where credentials may go (README, "Credential rules"):
 
 - only to the registry's own origin (scheme, host and port), and to the token realm the
   registry itself named in a challenge; an `http://` realm of an `https://` registry is
-  refused (the password would cross the network in clear);
+  refused when there are credentials (they would cross the network in clear);
 - only in answer to the registry's own challenge: nothing is sent before the registry
   asked (then it is sent at once to the same origin, as it will ask again), and a 401
   from anywhere else, a redirect target such as blob storage, is answered with nothing;

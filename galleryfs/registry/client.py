@@ -97,7 +97,7 @@ class RegistryClient:
         self.bytes_received = 0
         self.requests_sent = 0
         self._harbor: bool | None = None  # learned on first use
-        self._harbor_basic = False  # Harbor's API took our Basic credentials
+        self._harbor_basic = False  # Harbor's API took our Basic credentials: no more probe
         _tune_http_reads()
         self._http = httpx.AsyncClient(
             base_url=self.base,
@@ -319,23 +319,12 @@ class RegistryClient:
             return repos
 
         try:
-            if not self._harbor_basic:
-                if await page_of("/api/v2.0/projects", 1, None) is None:
-                    raise _NotHarbor  # nothing sent but what the registry asked for
-                basic = self.auth.basic_for_harbor()
-                if basic is None:
-                    repos = await listing(None)
-                else:
-                    try:
-                        repos = await listing(basic)
-                        self._harbor_basic = True
-                    except _NotHarbor:
-                        # Refused our credentials: they may be the registry's alone
-                        # (a robot without API access). The catalog will tell.
-                        log.info("%s: Harbor's API refused our credentials", self.host)
-                        raise
-            else:
-                repos = await listing(self.auth.basic_for_harbor())
+            if not self._harbor_basic and await page_of("/api/v2.0/projects", 1, None) is None:
+                raise _NotHarbor
+            # Known to be Harbor: Basic, or anonymously (no credentials) if we have none.
+            basic = self.auth.basic_for_harbor()
+            repos = await listing(basic)
+            self._harbor_basic = basic is not None
         except _NotHarbor:
             self._harbor = False
             return None
