@@ -106,7 +106,8 @@ def test_a_redirect_target_naming_a_realm_gets_no_token_fetch_from_pull(
         assert err.count("\n") == 1, err  # one line, no traceback
         assert storage.seen and storage.authorizations() == [None] * len(storage.seen)
         assert third.seen == []  # no token fetch, with or without the password
-        # The registry itself was asked with the password it challenged for.
+        # The registry itself got the password it challenged for, and not before.
+        assert front.seen[0].authorization is None
         assert any((a or "").startswith("Basic ") for a in front.authorizations("/manifests/"))
     assert not (tmp_path / "out").exists()
 
