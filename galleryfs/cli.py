@@ -32,8 +32,12 @@ def _connection_parent() -> argparse.ArgumentParser:
     g = p.add_argument_group("registry connection")
     g.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
     g.add_argument("--ca-file", metavar="PEM", help="trust this CA bundle for the registry's TLS")
-    g.add_argument("--username", "-u", help="registry user name (with --password-stdin)")
+    g.add_argument("--username", "-u",
+                   help="registry user name (with --password-stdin or --password-file)")
     g.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    g.add_argument("--password-file", metavar="PATH",
+                   help="read the password from this file, again whenever a new token is "
+                        "needed (rotate it without a remount)")
     g.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="give up on an unresponsive registry after this long (default 30)")
     return p
@@ -294,6 +298,20 @@ def human(n: float) -> str:
 
 
 def _credentials(args: argparse.Namespace, host: str) -> Credentials | None:
+    if args.password_file:
+        if args.password_stdin:
+            raise UsageError("--password-file and --password-stdin: choose one")
+        if not args.username:
+            raise UsageError("--password-file needs --username")
+        path = str(Path(args.password_file).absolute())  # the mount daemon runs elsewhere
+        try:
+            password = credentials.read_password_file(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--password-file {args.password_file}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not password:
+            raise UsageError(f"--password-file {args.password_file}: no password in it")
+        return Credentials(args.username, password, password_file=path)
     if args.password_stdin:
         if not args.username:
             raise UsageError("--password-stdin needs --username")
@@ -302,7 +320,8 @@ def _credentials(args: argparse.Namespace, host: str) -> Credentials | None:
             raise UsageError("no password on standard input")
         return Credentials(args.username, password)
     if args.username:
-        raise UsageError("--username needs --password-stdin (passwords are never taken as arguments)")
+        raise UsageError("--username needs --password-stdin or --password-file "
+                         "(passwords are never taken as arguments)")
     return credentials.lookup(host)
 
 
@@ -542,7 +561,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     ref = parse(args.host)
     if ref.repository:
         raise UsageError("login takes a registry host, e.g. registry.example.com")
-    if args.password_stdin:
+    if args.password_stdin or args.password_file:
         creds = _credentials(args, ref.host)
     else:
         if not sys.stdin.isatty():
@@ -552,7 +571,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     assert creds is not None
     # Check the credentials before storing them: a typo should not be saved.
     trio.run(_ping, options_for(args, ref.host, creds), ref.host)
-    path = credentials.save(ref.host, creds)
+    path = credentials.save(ref.host, Credentials(creds.username, creds.password))
     print(f"login succeeded; credentials for {ref.host} stored in {path}")
     return 0
 

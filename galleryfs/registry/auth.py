@@ -4,6 +4,21 @@ A request goes out with whatever we already hold for its scope. On a 401 the cha
 says how to authenticate: Basic, or Bearer with realm/service/scope, in which case a
 token is fetched from the realm (with Basic credentials if we have any, anonymously
 otherwise), cached per scope, and the request is retried once.
+
+Where credentials may go (README, "Credential rules"):
+
+- only to the registry's own origin (scheme, host and port), and to the token realm the
+  registry itself named in a challenge; an `http://` realm of an `https://` registry is
+  refused when there are credentials (they would cross the network in clear);
+- only in answer to the registry's own challenge: nothing is sent before the registry
+  asked (then it is sent at once to the same origin, as it will ask again), and a 401
+  from anywhere else, a redirect target such as blob storage, is answered with nothing;
+- `request_hook` drops any Authorization header from a request to another origin, so a
+  mistake elsewhere (a redirect, an upload location on another host) cannot leak one.
+
+With a password file (`--password-file`), the password is read again whenever a new
+credential is needed: before each token fetch, and when the registry refuses the Basic
+credentials it was sent. A rotated password is so picked up without a remount.
 """
 
 from __future__ import annotations
@@ -18,11 +33,25 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import trio
 
+from ..errors import AuthError
 from .credentials import Credentials
 
 log = logging.getLogger(__name__)
 
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+
+Origin = tuple[str, str, int]
+
+
+def origin_of(url: httpx.URL | str) -> Origin:
+    """(scheme, host, port) of a URL, with the scheme's default port filled in."""
+    parts = urlsplit(str(url))
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -89,16 +118,56 @@ class TokenCache:
 
 
 class RegistryAuth(httpx.Auth):
-    def __init__(self, credentials: Credentials | None) -> None:
+    """The auth flow of one registry, whose origin is `base` (e.g. https://host:port)."""
+
+    def __init__(self, credentials: Credentials | None, base: str) -> None:
         self.credentials = credentials
+        self.origin = origin_of(base)
         self.tokens = TokenCache()
-        self.scheme: str | None = None  # learned from the first challenge
+        self.scheme: str | None = None  # learned from the registry's first challenge
+        self._realms: set[Origin] = set()  # token services the registry named
         self._locks: dict[str, trio.Lock] = {}
 
     def _basic(self) -> str | None:
         if not self.credentials:
             return None
         return basic_authorization(self.credentials)
+
+    def _reread(self) -> bool:
+        """Read the password file again (if there is one); True if the password changed."""
+        if self.credentials is None or not self.credentials.password_file:
+            return False
+        try:
+            fresh = self.credentials.fresh()
+        except (OSError, ValueError) as exc:
+            raise AuthError(f"cannot read the password file {self.credentials.password_file}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not fresh.password:
+            # Caught between a truncate and a write, or emptied: the last password stays.
+            log.warning("password file %s is empty: keeping the password read before",
+                        fresh.password_file)
+            return False
+        changed = fresh.password != self.credentials.password
+        if changed:
+            log.info("password file %s changed: using the new password", fresh.password_file)
+        self.credentials = fresh
+        return changed
+
+    def ours(self, url: httpx.URL | str) -> bool:
+        """The URL is on the registry's own origin."""
+        return origin_of(url) == self.origin
+
+    def is_realm(self, url: httpx.URL | str) -> bool:
+        """The URL is on the origin of a token service the registry named."""
+        return origin_of(url) in self._realms
+
+    async def request_hook(self, request: httpx.Request) -> None:
+        """Run on every request the client sends, redirects and token fetches included:
+        an Authorization header goes only to the registry or a realm it named."""
+        where = origin_of(request.url)
+        if where != self.origin and where not in self._realms and \
+                request.headers.pop("Authorization", None) is not None:
+            log.debug("dropped credentials from a request to %s://%s:%d", *where)
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -108,15 +177,24 @@ class RegistryAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
+        if not self.ours(response.url):
+            # A redirect target (blob storage) asking for credentials: it gets none, and
+            # neither does the registry because of it. The 401 stands (client._check).
+            log.debug("401 from %s, not the registry: not answered", response.url.host)
+            return
         header = response.headers.get("www-authenticate", "")
         scheme, params = parse_challenge(header)
         if scheme == "basic":
             self.scheme = "basic"
             basic = self._basic()
-            if basic is None or request.headers.get("authorization") == basic:
+            if basic is not None and request.headers.get("authorization") == basic:
+                # Refused: a rotated password, if a password file says so.
+                basic = self._basic() if self._reread() else None
+            if basic is None:
                 return  # nothing (new) to offer: let the caller see the 401
             request.headers["Authorization"] = basic
         elif scheme == "bearer" and "realm" in params:
+            self._check_realm(params["realm"])
             self.scheme = "bearer"
             want = scope or params.get("scope", "")
             if params.get("scope") and params["scope"] not in want.split(" "):
@@ -127,6 +205,7 @@ class RegistryAuth(httpx.Auth):
             async with self._locks.setdefault(scope, trio.Lock()):
                 token = self.tokens.get(scope)
                 if token is None or request.headers.get("authorization") == f"Bearer {token}":
+                    self._reread()
                     token_response = yield self._token_request(params, want)
                     await token_response.aread()
                     token = _token_from(token_response)
@@ -139,7 +218,21 @@ class RegistryAuth(httpx.Auth):
             return
         yield request
 
+    def _check_realm(self, realm: str) -> None:
+        """A realm the registry named may have our password, if it is reached as safely
+        as the registry is."""
+        where = origin_of(realm)
+        if where[0] not in ("http", "https") or not where[1]:
+            raise AuthError(f"the registry named a token service that is not an HTTP URL: {realm!r}")
+        if self.origin[0] == "https" and where[0] != "https" and self.credentials:
+            raise AuthError(
+                f"the registry named an http:// token service ({where[1]}:{where[2]}) although "
+                "it speaks HTTPS: galleryfs does not send credentials there in clear")
+        self._realms.add(where)
+
     def _attach(self, request: httpx.Request, scope: str) -> None:
+        if not self.ours(request.url):
+            return
         if self.scheme == "basic":
             basic = self._basic()
             if basic:
@@ -153,6 +246,14 @@ class RegistryAuth(httpx.Auth):
         """The Authorization header this flow would send first for the request."""
         self._attach(request, scope_for(request))
         return request.headers.get("authorization")
+
+    def basic_for_harbor(self) -> httpx.Auth | None:
+        """Basic credentials for Harbor's REST API, once the registry is known to be a
+        Harbor (its API answered like one): the API takes Basic, never a challenge."""
+        self._reread()
+        if not self.credentials:
+            return None
+        return httpx.BasicAuth(self.credentials.username, self.credentials.password)
 
     def _token_request(self, params: dict[str, str], scope: str) -> httpx.Request:
         query: list[tuple[str, str]] = []

@@ -93,10 +93,11 @@ class RegistryClient:
         scheme = "http" if self.options.plain_http else "https"
         self.base = f"{scheme}://{host}"
         self.retry = self.options.retry or RetryPolicy(deadline=self.options.timeout)
-        self.auth = RegistryAuth(self.options.credentials)
+        self.auth = RegistryAuth(self.options.credentials, self.base)
         self.bytes_received = 0
         self.requests_sent = 0
         self._harbor: bool | None = None  # learned on first use
+        self._harbor_basic = False  # Harbor's API took our Basic credentials: no more probe
         _tune_http_reads()
         self._http = httpx.AsyncClient(
             base_url=self.base,
@@ -106,7 +107,8 @@ class RegistryClient:
             timeout=httpx.Timeout(self.options.timeout, connect=min(10.0, self.options.timeout)),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
             headers={"User-Agent": "galleryfs"},
-            event_hooks={"request": [self._count_request]},
+            # The auth hook drops credentials from any request off the registry's origin.
+            event_hooks={"request": [self._count_request, self.auth.request_hook]},
         )
 
     def tls_verify(self) -> ssl.SSLContext | bool:
@@ -142,6 +144,17 @@ class RegistryClient:
         if status in RETRY_STATUS:
             raise RetryableStatus(response)
         detail = _error_detail(response)
+        if status in (401, 403) and not self.auth.ours(response.url) and \
+                not self.auth.is_realm(response.url):
+            # Blob storage the registry redirected to: it gets no credentials of ours.
+            # (A token service's refusal is the registry's: reported below.) Not an
+            # AuthError: the user's credentials are not in question, the registry's
+            # storage is (the mount answers EIO, not EACCES).
+            raise RegistryError(
+                f"{what}: the registry redirected to {response.url.scheme}://"
+                f"{response.url.netloc.decode('ascii', 'replace')}, which refused access "
+                f"(HTTP {status}); galleryfs sends credentials only to the registry and the "
+                "token service it names", status)
         if status == 401:
             hint = "wrong username or password" if self.options.credentials else (
                 "authentication required: use `galleryfs login` or --username/--password-stdin")
@@ -260,45 +273,61 @@ class RegistryClient:
         return await self.catalog()
 
     async def harbor_repositories(self, page_size: int = 100) -> list[str] | None:
-        """Repositories from Harbor's REST API (`/api/v2.0`), or None if it is not there."""
-        what = f"Harbor projects of {self.host}"
-        auth = None
-        if self.options.credentials:
-            auth = httpx.BasicAuth(self.options.credentials.username, self.options.credentials.password)
+        """Repositories from Harbor's REST API (`/api/v2.0`), or None if it is not there.
 
-        async def pages(path: str) -> AsyncIterator[list]:
+        The first page is asked as any request is (credentials only where the registry
+        challenged for them): a 401 there means "not a Harbor we may use", and the
+        catalog is asked instead. Once the API answered like Harbor's, it gets Basic
+        credentials (Harbor's API takes them without a challenge): anonymously it shows
+        only public projects."""
+        what = f"Harbor projects of {self.host}"
+
+        async def page_of(path: str, page: int, auth: httpx.Auth | None) -> list | None:
+            async def once() -> httpx.Response:
+                return await self._http.get(path, params={"page": page, "page_size": page_size},
+                                            auth=auth or httpx.USE_CLIENT_DEFAULT)
+
+            response = await self._retrying(what, once)
+            if response.status_code == 401 or response.status_code in (404, 405) or \
+                    "json" not in response.headers.get("content-type", ""):
+                return None
+            self._check(response, what)
+            try:
+                items = response.json()
+            except ValueError:
+                return None
+            return items if isinstance(items, list) else None
+
+        async def pages(path: str, auth: httpx.Auth | None) -> AsyncIterator[list]:
             page = 1
             while True:
-                async def once(page: int = page) -> httpx.Response:
-                    return await self._http.get(path, params={"page": page, "page_size": page_size},
-                                                auth=auth or httpx.USE_CLIENT_DEFAULT)
-
-                response = await self._retrying(what, once)
-                if response.status_code in (404, 405) or "json" not in response.headers.get(
-                        "content-type", ""):
-                    raise _NotHarbor
-                self._check(response, what)
-                try:
-                    items = response.json()
-                except ValueError:
-                    raise _NotHarbor from None
-                if not isinstance(items, list):
+                items = await page_of(path, page, auth)
+                if items is None:
                     raise _NotHarbor
                 yield items
                 if len(items) < page_size:
                     return
                 page += 1
 
-        try:
+        async def listing(auth: httpx.Auth | None) -> list[str]:
             projects: list[str] = []
-            async for items in pages("/api/v2.0/projects"):
+            async for items in pages("/api/v2.0/projects", auth):
                 projects += [p["name"] for p in items
                              if isinstance(p, dict) and isinstance(p.get("name"), str)]
             repos: list[str] = []
             for project in projects:
-                async for items in pages(f"/api/v2.0/projects/{project}/repositories"):
+                async for items in pages(f"/api/v2.0/projects/{project}/repositories", auth):
                     repos += [r["name"] for r in items
                               if isinstance(r, dict) and isinstance(r.get("name"), str)]
+            return repos
+
+        try:
+            if not self._harbor_basic and await page_of("/api/v2.0/projects", 1, None) is None:
+                raise _NotHarbor
+            # Known to be Harbor: Basic, or anonymously (no credentials) if we have none.
+            basic = self.auth.basic_for_harbor()
+            repos = await listing(basic)
+            self._harbor_basic = basic is not None
         except _NotHarbor:
             self._harbor = False
             return None

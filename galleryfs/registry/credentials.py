@@ -1,8 +1,9 @@
 """Where registry credentials come from, and where `galleryfs login` keeps them.
 
-Order of precedence: explicit (`--username` + `--password-stdin`), the galleryfs store
-(written by `galleryfs login`, mode 0600), then Docker's `config.json` `auths` (what
-`docker login` wrote). Secrets are never logged or put in exception messages.
+Order of precedence: explicit (`--username` with `--password-stdin` or `--password-file`),
+the galleryfs store (written by `galleryfs login`, mode 0600, in a 0700 folder), then
+Docker's `config.json` `auths` (what `docker login` wrote). Secrets are never logged or
+put in exception messages.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import dataclass
+import secrets
+import stat
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UsageError
@@ -20,9 +23,24 @@ from ..errors import UsageError
 class Credentials:
     username: str
     password: str
+    # --password-file: read again whenever a new credential is needed, so a rotated
+    # password is used without a remount. An absolute path (the mount daemon's cwd is /).
+    password_file: str | None = None
 
     def __repr__(self) -> str:  # keep the password out of logs and tracebacks
         return f"Credentials(username={self.username!r}, password=***)"
+
+    def fresh(self) -> Credentials:
+        """These credentials with the password the file holds now (OSError if unreadable)."""
+        if not self.password_file:
+            return self
+        return replace(self, password=read_password_file(self.password_file))
+
+
+def read_password_file(path: str) -> str:
+    """The password in a file: its first line, without the line ending."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        return f.readline().rstrip("\r\n")
 
 
 def config_dir() -> Path:
@@ -83,7 +101,7 @@ def lookup(host: str) -> Credentials | None:
 
 def save(host: str, creds: Credentials) -> Path:
     path = store_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     data = _read_json(path)
     auths = data.setdefault("auths", {})
     token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
@@ -99,14 +117,56 @@ def remove(host: str) -> bool:
     if host not in auths:
         return False
     del auths[host]
+    private_dir(path.parent)
     _write_private(path, data)
     return True
 
 
+def private_dir(folder: Path) -> None:
+    """The folder of the store, created 0700. One that exists and that other users may
+    enter, or that is not ours, is refused, not fixed: whatever it held may have been
+    read or planted already, and its owner should look before trusting it again."""
+    try:
+        folder.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(folder, 0o700)  # whatever the umask
+        return
+    st = os.stat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"cannot store credentials: {folder} is not a folder")
+    if st.st_uid != os.geteuid():
+        raise UsageError(f"refusing to store credentials in {folder}: it belongs to "
+                         f"another user (uid {st.st_uid})")
+    if st.st_mode & 0o077:
+        raise UsageError(
+            f"refusing to store credentials in {folder}: other users may access it "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); check its contents, then "
+            f"`chmod 700 {folder}`")
+
+
 def _write_private(path: Path, data: dict) -> None:
-    # Created 0600 from the start (not chmod after) so the secret is never world-readable.
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    # A new temp file of our own, created 0600 (never one that was there: writing through
+    # it would keep its mode, or follow a symlink to wherever it points), then renamed
+    # over the store, so a reader sees the old file or the new one, never half of one.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(16):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue  # a name someone else holds: draw another
+    else:
+        raise UsageError(f"cannot create a temporary file beside {path}")
+    try:
+        os.fchmod(fd, 0o600)  # the umask may have taken bits away, never added any
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
