@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import trio
 
-from . import __version__, gallery
+from . import __version__, gallery, modelpack
 from .errors import GalleryError, Unsigned, UsageError, first_error
 from .gallery.pushing import check_annotations, check_created
 from .progress import Progress
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotate the revision (repeatable)")
     p.add_argument("--created", metavar="TIMESTAMP",
                    help="record a creation time (RFC 3339); off by default so pushes are reproducible")
+    p.add_argument("--media-types", choices=("cncf", "cnai"), default="cncf",
+                   help="ModelPack's names (cncf, default), or the older vnd.cnai ones that "
+                        "Harbor 2.13-2.15 show as models (cnai)")
 
     p = sub.add_parser("pull", parents=[conn], help="download a revision into a new directory")
     p.add_argument("ref", metavar="REF")
@@ -210,7 +213,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         check_created(args.created)
     result = trio.run(_with_client, args, ref, lambda c: gallery.push(
         c, args.directory, ref, annotations=annotations, created=args.created,
-        progress=_progress(args)))
+        progress=_progress(args), names=modelpack.NAMES[args.media_types]))
     print(f"pushed {ref.host}/{ref.repository}@{result.digest} as :{result.tags[0]}")
     print(f"  {len(result.uploaded)} uploaded ({human(result.bytes_uploaded)}), "
           f"{len(result.mounted)} mounted from another model, {len(result.existing)} already there")
