@@ -221,7 +221,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    ref = parse_model(args.ref)
+    ref = parse_model(args.ref, root=True)
     revision = trio.run(_with_client, args, ref, lambda c: gallery.pull(
         c, ref, args.directory, progress=_progress(args)))
     print(f"pulled {ref.repository}@{revision.digest} into {args.directory} "
@@ -236,7 +236,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     async def run(client: RegistryClient) -> object:
         if not ref.repository:
-            return ("galleries", await gallery.list_galleries(client))
+            return ("galleries", (await gallery.list_galleries(client),
+                                  await gallery.list_root_models(client)))
         if "/" in ref.repository:
             try:
                 return ("revisions", await gallery.list_revisions(client, ref.repository))
@@ -244,14 +245,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 if getattr(exc, "status", None) != 404:
                     raise
         models = await gallery.list_models(client, ref.repository)
-        if not models:
-            raise GalleryError(f"{ref}: no such gallery or model")
-        return ("models", models)
+        if models:
+            return ("models", models)
+        try:  # a model at the registry's root: HOST/model
+            return ("revisions", await gallery.list_revisions(client, ref.repository))
+        except GalleryError as exc:
+            if getattr(exc, "status", None) != 404:
+                raise
+        raise GalleryError(f"{ref}: no such gallery or model")
 
     kind, data = trio.run(_with_client, args, ref, run)  # type: ignore[misc]
     if kind == "galleries":
-        rows = [{"gallery": g, "models": n} for g, n in data.items()]
-        _table(args, rows, ["gallery", "models"])
+        galleries, root = data
+        rows = [{"gallery": g, "models": n} for g, n in galleries.items()]
+        if args.json:
+            # Models at the registry's root belong to no gallery.
+            _table(args, rows + [{"gallery": None, "model": m} for m in root], [])
+        else:
+            _table(args, rows, ["gallery", "models"])
+            if root:
+                print(f"models outside any gallery: {', '.join(root)}")
     elif kind == "models":
         rows = [{"model": m.split("/", 1)[1]} for m in data]
         _table(args, rows, ["model"])
@@ -287,7 +300,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    ref = parse_model(args.ref)
+    ref = parse_model(args.ref, root=True)
     info = trio.run(_with_client, args, ref, lambda c: gallery.inspect(c, ref))
     print(json.dumps(info, indent=2))
     return 0
@@ -301,7 +314,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    src, dst = parse_model(args.source), parse_model(args.target)
+    src, dst = parse_model(args.source, root=True), parse_model(args.target)
 
     async def run() -> str:
         async with RegistryClient(src.host, options_for(args, src.host)) as s:
@@ -342,7 +355,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .trust.keys import load_public
     from .trust.vouch import verify_reference
 
-    ref = parse_model(args.ref)
+    ref = parse_model(args.ref, root=True)
     keys = [load_public(k) for k in args.key]
     digest, verdict = trio.run(_with_client, args, ref, lambda c: verify_reference(
         c, ref.repository, ref.version or gallery.DEFAULT_TAG, keys))

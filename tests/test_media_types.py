@@ -91,3 +91,40 @@ def test_a_cnai_revision_named_only_by_org_cnai_filepath_mounts(registry: Regist
     dest = tmp_path / "pulled"
     assert main(["pull", f"{registry.host}/g/old:v1", str(dest), "--plain-http", "--quiet"]) == 0
     assert (dest / "sub" / "w.bin").read_bytes() == data
+
+
+def test_root_level_repositories_list_inspect_and_pull(registry: Registry, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # HOST/model, as oras, skopeo and docker push it: a model outside any gallery.
+    data = b"root-level weights\n" * 50
+
+    async def push() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            for blob in (data, b"{}"):
+                await client.upload_blob_bytes("rootmodel", digests.of_bytes(blob), blob)
+            body = modelpack.build_manifest(
+                modelpack.Descriptor("application/vnd.oci.empty.v1+json", digests.of_bytes(b"{}"), 2),
+                [modelpack.Descriptor("application/vnd.oci.image.layer.v1.tar",
+                                      digests.of_bytes(data), len(data),
+                                      {modelpack.ANNOTATION_TITLE: "w.bin"})])
+            await client.put_manifest("rootmodel", "v1", body, modelpack.OCI_MANIFEST)
+
+    trio.run(push)
+    host = registry.host
+    assert main(["ls", host, "--plain-http"]) == 0
+    assert "models outside any gallery: rootmodel" in capsys.readouterr().out
+    assert main(["ls", host, "--plain-http", "--json"]) == 0
+    assert {"gallery": None, "model": "rootmodel"} in json.loads(capsys.readouterr().out)
+    assert main(["ls", f"{host}/rootmodel", "--plain-http", "--json"]) == 0
+    assert [r["tags"] for r in json.loads(capsys.readouterr().out)] in (["v1"], [["v1"]])
+    assert main(["inspect", f"{host}/rootmodel:v1", "--plain-http"]) == 0
+    assert [f["path"] for f in json.loads(capsys.readouterr().out)["files"]] == ["w.bin"]
+    assert main(["pull", f"{host}/rootmodel:v1", str(tmp_path / "out"), "--plain-http"]) == 0
+    assert (tmp_path / "out" / "w.bin").read_bytes() == data
+    assert main(["cp", f"{host}/rootmodel:v1", f"{host}/g/promoted:v1", "--plain-http"]) == 0
+    capsys.readouterr()
+    # Writing stays inside galleries: a push names GALLERY/MODEL.
+    assert main(["push", str(tmp_path / "out"), f"{host}/rootmodel:v2", "--plain-http"]) == 2
+    assert "expected HOST/GALLERY/MODEL" in capsys.readouterr().err
+    assert main(["ls", f"{host}/nothing", "--plain-http"]) == 1
+    assert "no such gallery or model" in capsys.readouterr().err

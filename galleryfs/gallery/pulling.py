@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 async def resolve(client: RegistryClient, ref: Reference) -> Revision:
-    if not ref.repository or "/" not in ref.repository:
+    if not ref.repository:  # a model at the registry's root (HOST/model) is fine
         raise UsageError(f"{ref}: expected HOST/GALLERY/MODEL[:TAG|@DIGEST]")
     version = ref.version or DEFAULT_TAG
     manifest = await client.get_manifest(ref.repository, version)
