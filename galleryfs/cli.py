@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import trio
 
-from . import __version__, gallery
+from . import __version__, gallery, modelpack
 from .errors import GalleryError, Unsigned, UsageError, first_error
 from .gallery.pushing import check_annotations, check_created
 from .progress import Progress
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotate the revision (repeatable)")
     p.add_argument("--created", metavar="TIMESTAMP",
                    help="record a creation time (RFC 3339); off by default so pushes are reproducible")
+    p.add_argument("--media-types", choices=("cncf", "cnai"), default="cncf",
+                   help="ModelPack's names (cncf, default), or the older vnd.cnai ones that "
+                        "Harbor 2.13-2.15 show as models (cnai)")
 
     p = _add(sub, "pull", conn, debug, _output_parent("print nothing"))
     p.add_argument("ref", metavar="REF", help="HOST/GALLERY/MODEL[:TAG|@DIGEST]")
@@ -381,7 +384,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         check_created(args.created)
     result = trio.run(_with_client, args, ref, lambda c: gallery.push(
         c, args.directory, ref, annotations=annotations, created=args.created,
-        progress=_progress(args)))
+        progress=_progress(args), names=modelpack.NAMES[args.media_types]))
     _emit(args, {"reference": f"{ref.host}/{ref.repository}", "digest": result.digest,
                  "tags": list(result.tags), "uploaded": len(result.uploaded),
                  "uploadedBytes": result.bytes_uploaded, "mounted": len(result.mounted),
@@ -393,7 +396,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    ref = parse_model(args.ref)
+    ref = parse_model(args.ref, root=True)
     revision = trio.run(_with_client, args, ref, lambda c: gallery.pull(
         c, ref, args.directory, progress=_progress(args)))
     _emit(args, {"reference": f"{ref.host}/{ref.repository}", "digest": revision.digest,
@@ -411,7 +414,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     async def run(client: RegistryClient) -> object:
         if not ref.repository:
-            return ("galleries", await gallery.list_galleries(client))
+            return ("galleries", (await gallery.list_galleries(client),
+                                  await gallery.list_root_models(client)))
         if "/" in ref.repository:
             try:
                 return ("revisions", await gallery.list_revisions(client, ref.repository))
@@ -419,14 +423,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 if getattr(exc, "status", None) != 404:
                     raise
         models = await gallery.list_models(client, ref.repository)
-        if not models:
-            raise GalleryError(f"{ref}: no such gallery or model")
-        return ("models", models)
+        if models:
+            return ("models", models)
+        try:  # a model at the registry's root: HOST/model
+            return ("revisions", await gallery.list_revisions(client, ref.repository))
+        except GalleryError as exc:
+            if getattr(exc, "status", None) != 404:
+                raise
+        raise GalleryError(f"{ref}: no such gallery or model")
 
     kind, data = trio.run(_with_client, args, ref, run)  # type: ignore[misc]
     if kind == "galleries":
-        rows = [{"gallery": g, "models": n} for g, n in data.items()]
-        _table(args, rows, ["gallery", "models"])
+        galleries, root = data
+        rows = [{"gallery": g, "models": n} for g, n in galleries.items()]
+        if args.json:
+            # Models at the registry's root belong to no gallery.
+            _table(args, rows + [{"gallery": None, "model": m} for m in root], [])
+        else:
+            _table(args, rows, ["gallery", "models"])
+            if root:
+                print(f"models outside any gallery: {', '.join(root)}")
     elif kind == "models":
         rows = [{"model": m.split("/", 1)[1]} for m in data]
         _table(args, rows, ["model"])
@@ -469,7 +485,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    ref = parse_model(args.ref)
+    ref = parse_model(args.ref, root=True)
     info = trio.run(_with_client, args, ref, lambda c: gallery.inspect(c, ref))
     print(json.dumps(info, indent=2))
     return 0
@@ -483,7 +499,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    src, dst = parse_model(args.source), parse_model(args.target)
+    src, dst = parse_model(args.source, root=True), parse_model(args.target)
 
     async def run() -> str:
         async with RegistryClient(src.host, options_for(args, src.host)) as s:
@@ -526,7 +542,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .trust.keys import load_public
     from .trust.vouch import verify_reference
 
-    ref = parse_model(args.ref)
+    ref = parse_model(args.ref, root=True)
     keys = [load_public(k) for k in args.key]
     digest, verdict = trio.run(_with_client, args, ref, lambda c: verify_reference(
         c, ref.repository, ref.version or gallery.DEFAULT_TAG, keys))

@@ -22,10 +22,39 @@ from .errors import UnsupportedContent
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_TYPE = "application/vnd.cncf.model.manifest.v1+json"
-CONFIG_TYPE = "application/vnd.cncf.model.config.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-ANNOTATION_FILEPATH = "org.cncf.model.filepath"
+
+
+@dataclass(frozen=True)
+class Names:
+    """The names one generation of the ModelPack spec writes: `vnd.cncf` since v0.0.7,
+    `vnd.cnai` up to v0.0.6, the only ones Harbor 2.13-2.15 show as models."""
+
+    org: str  # cncf or cnai
+    diff_ids: str  # the config's modelfs key: diffIds, or diff_ids up to v0.0.6
+
+    @property
+    def artifact_type(self) -> str:
+        return f"application/vnd.{self.org}.model.manifest.v1+json"
+
+    @property
+    def config_type(self) -> str:
+        return f"application/vnd.{self.org}.model.config.v1+json"
+
+    @property
+    def filepath(self) -> str:
+        return f"org.{self.org}.model.filepath"
+
+    def layer_media_type(self, kind: str) -> str:
+        return f"application/vnd.{self.org}.model.{kind}.v1.raw"
+
+
+CNCF = Names("cncf", "diffIds")
+CNAI = Names("cnai", "diff_ids")
+NAMES = {"cncf": CNCF, "cnai": CNAI}
+ARTIFACT_TYPE = CNCF.artifact_type
+CONFIG_TYPE = CNCF.config_type
+ANNOTATION_FILEPATH = CNCF.filepath
 ANNOTATION_TITLE = "org.opencontainers.image.title"
 ANNOTATION_CREATED = "org.opencontainers.image.created"
 KINDS = ("weight", "weight.config", "doc", "code", "dataset")
@@ -68,7 +97,14 @@ def layer_kind(path: str) -> str:
 
 
 def layer_media_type(kind: str) -> str:
-    return f"application/vnd.cncf.model.{kind}.v1.raw"
+    return CNCF.layer_media_type(kind)
+
+
+def layer_path(annotations: dict) -> object:
+    """The path a layer's annotations give its file (either spec generation, or ORAS's
+    title); unchecked: see `safe_path`."""
+    return (annotations.get(CNCF.filepath) or annotations.get(CNAI.filepath)
+            or annotations.get(ANNOTATION_TITLE))
 
 
 @dataclass(frozen=True)
@@ -91,11 +127,11 @@ def dumps(obj: object) -> bytes:
 
 
 def build_manifest(config: Descriptor, layers: list[Descriptor],
-                   annotations: dict[str, str] | None = None) -> bytes:
+                   annotations: dict[str, str] | None = None, names: Names = CNCF) -> bytes:
     manifest: dict = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
+        "artifactType": names.artifact_type,
         "config": config.to_json(),
         "layers": [layer.to_json() for layer in layers],
     }
@@ -253,7 +289,7 @@ def parse_manifest(digest: str, body: bytes, media_type: str = "") -> Revision:
             skipped.append(f"layer {i}: not an object")
             continue
         annotations = layer.get("annotations") or {}
-        raw_path = annotations.get(ANNOTATION_FILEPATH) or annotations.get(ANNOTATION_TITLE)
+        raw_path = layer_path(annotations)
         layer_digest = layer.get("digest")
         size = layer.get("size")
         layer_type = str(layer.get("mediaType") or "")

@@ -103,10 +103,12 @@ def parse(text: str) -> Reference:
     return Reference(host=host, repository=path, tag=tag, digest=digest)
 
 
-def parse_model(text: str) -> Reference:
-    """A reference that must name a model (a repository of at least gallery/model)."""
+def parse_model(text: str, *, root: bool = False) -> Reference:
+    """A reference that must name a model: a repository of at least gallery/model, or,
+    with `root`, also one at the registry's root (`HOST/model`, as oras, skopeo and docker
+    accept), for commands that read."""
     ref = parse(text)
-    if "/" not in ref.repository:
+    if not ref.repository or "/" not in ref.repository and not root:
         raise InvalidReference(
             f"invalid reference {text!r}: expected HOST/GALLERY/MODEL[:TAG|@DIGEST]"
         )

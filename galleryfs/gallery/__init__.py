@@ -14,7 +14,7 @@ Each takes a connected RegistryClient and references; the CLI only parses and pr
 
 from __future__ import annotations
 
-from .catalog import RevisionInfo, list_galleries, list_models, list_revisions
+from .catalog import RevisionInfo, list_galleries, list_models, list_revisions, list_root_models
 from .defaults import DEFAULT_TAG, ProgressFactory
 from .manage import copy, remove, tag
 from .pulling import inspect, pull, resolve
@@ -29,6 +29,7 @@ __all__ = [
     "inspect",
     "list_galleries",
     "list_models",
+    "list_root_models",
     "list_revisions",
     "pull",
     "push",

@@ -31,6 +31,12 @@ async def list_galleries(client: RegistryClient) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+async def list_root_models(client: RegistryClient) -> list[str]:
+    """Repositories at the registry's root (`HOST/model`, which oras, skopeo and docker
+    accept): models outside any gallery."""
+    return sorted(r for r in await client.repositories() if "/" not in r)
+
+
 async def list_models(client: RegistryClient, prefix: str) -> list[str]:
     return sorted(r for r in await client.repositories() if r.startswith(prefix + "/"))
 

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 async def resolve(client: RegistryClient, ref: Reference) -> Revision:
-    if not ref.repository or "/" not in ref.repository:
+    if not ref.repository:  # a model at the registry's root (HOST/model) is fine
         raise UsageError(f"{ref}: expected HOST/GALLERY/MODEL[:TAG|@DIGEST]")
     version = ref.version or DEFAULT_TAG
     manifest = await client.get_manifest(ref.repository, version)
@@ -86,8 +86,7 @@ def _layer_annotations(revision: Revision) -> dict[_LayerKey, dict]:
         annotations = layer.get("annotations") if isinstance(layer, dict) else None
         if not isinstance(annotations, dict):
             continue
-        path = modelpack.safe_path(annotations.get(modelpack.ANNOTATION_FILEPATH)
-                                   or annotations.get(modelpack.ANNOTATION_TITLE))
+        path = modelpack.safe_path(modelpack.layer_path(annotations))
         digest, size = layer.get("digest"), layer.get("size")
         if path is not None and isinstance(digest, str) and isinstance(size, int):
             out.setdefault((path, digest, size), annotations)

@@ -211,7 +211,8 @@ async def hash_files(files: list[tuple[str, Path]], cache: HashCache | None = No
     return out
 
 
-def build_config(description: dict, files: list[LocalFile], created: str | None) -> bytes:
+def build_config(description: dict, files: list[LocalFile], created: str | None,
+                 names: modelpack.Names = modelpack.CNCF) -> bytes:
     """The ModelPack config: only the keys its published schema allows (every object
     there has additionalProperties: false). What has no key goes into annotations."""
     descriptor: dict = {}
@@ -226,7 +227,7 @@ def build_config(description: dict, files: list[LocalFile], created: str | None)
             "precision": description["precision"],
         }.items() if v and isinstance(v, str)},
         # Raw layers: each layer's uncompressed digest is its digest.
-        "modelfs": {"type": "layers", "diffIds": [f.digest for f in files]},
+        "modelfs": {"type": "layers", names.diff_ids: [f.digest for f in files]},
     }
     return modelpack.dumps(config)
 
@@ -256,13 +257,14 @@ def model_annotations(description: dict) -> dict[str, str]:
 
 
 def manifest_for(files: list[LocalFile], config_bytes: bytes, annotations: dict[str, str],
-                 created: str | None, description: dict | None = None) -> bytes:
+                 created: str | None, description: dict | None = None,
+                 names: modelpack.Names = modelpack.CNCF) -> bytes:
     description = description or {}
     per_file = description.get("files") or {}
-    config = Descriptor(modelpack.CONFIG_TYPE, digests.of_bytes(config_bytes), len(config_bytes))
+    config = Descriptor(names.config_type, digests.of_bytes(config_bytes), len(config_bytes))
     layers = [
-        Descriptor(modelpack.layer_media_type(modelpack.layer_kind(f.path)), f.digest, f.size,
-                   {modelpack.ANNOTATION_FILEPATH: f.path, modelpack.ANNOTATION_TITLE: f.path,
+        Descriptor(names.layer_media_type(modelpack.layer_kind(f.path)), f.digest, f.size,
+                   {names.filepath: f.path, modelpack.ANNOTATION_TITLE: f.path,
                     **file_annotations(per_file.get(f.path)),
                     **(f.table.to_annotations() if f.table else {})})
         for f in files
@@ -270,13 +272,14 @@ def manifest_for(files: list[LocalFile], config_bytes: bytes, annotations: dict[
     manifest_annotations = {**annotations, **model_annotations(description)}
     if created:
         manifest_annotations[modelpack.ANNOTATION_CREATED] = created
-    return modelpack.build_manifest(config, layers, manifest_annotations)
+    return modelpack.build_manifest(config, layers, manifest_annotations, names)
 
 
 async def push(client: RegistryClient, root: Path, ref: Reference, *,
                annotations: dict[str, str] | None = None, created: str | None = None,
                progress: ProgressFactory | None = None,
-               locations: BlobLocations | None = None) -> PushResult:
+               locations: BlobLocations | None = None,
+               names: modelpack.Names = modelpack.CNCF) -> PushResult:
     annotations = dict(annotations or {})
     check_annotations(annotations)
     if created is not None:
@@ -294,8 +297,8 @@ async def push(client: RegistryClient, root: Path, ref: Reference, *,
             files = await hash_files(scanned, HashCache(), job.send_while_hashing, chunk_size)
             description = await trio.to_thread.run_sync(
                 metadata.describe, root, [f.path for f in files])
-            config_bytes = build_config(description, files, created)
-            manifest = manifest_for(files, config_bytes, annotations, created, description)
+            config_bytes = build_config(description, files, created, names)
+            manifest = manifest_for(files, config_bytes, annotations, created, description, names)
             result = PushResult(digest=digests.of_bytes(manifest), tags=[tag])
             if (not any(f.sent_while_hashed for f in files)
                     and await client.head_manifest(job.repo, tag) == result.digest):
