@@ -1,8 +1,9 @@
 """Where registry credentials come from, and where `galleryfs login` keeps them.
 
 Order of precedence: explicit (`--username` + `--password-stdin`), the galleryfs store
-(written by `galleryfs login`, mode 0600), then Docker's `config.json` `auths` (what
-`docker login` wrote). Secrets are never logged or put in exception messages.
+(written by `galleryfs login`, mode 0600), then Docker's `config.json`: its credential
+helper for the host (`credHelpers`, else `credsStore`; credhelpers.py) if it names one,
+else its `auths` (what `docker login` wrote). Secrets are never logged or put in exception messages.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from . import credhelpers
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,14 @@ def _host_keys(host: str) -> list[str]:
 
 def lookup(host: str) -> Credentials | None:
     for path in (store_path(), docker_config_path()):
-        auths = _read_json(path).get("auths", {})
+        data = _read_json(path)
+        if path != store_path():
+            # Docker asks a credential helper first when one is configured for the host.
+            helper = credhelpers.helper_for(data, host)
+            if helper is not None:
+                got = credhelpers.get(helper, host)
+                return Credentials(*got) if got else None
+        auths = data.get("auths", {})
         if not isinstance(auths, dict):
             continue
         for key in _host_keys(host):
