@@ -2,8 +2,9 @@
 
 Order of precedence: explicit (`--username` with `--password-stdin` or `--password-file`),
 the galleryfs store (written by `galleryfs login`, mode 0600, in a 0700 folder), then
-Docker's `config.json` `auths` (what `docker login` wrote). Secrets are never logged or
-put in exception messages.
+Docker's `config.json`: its credential helper for the host (`credHelpers`, else
+`credsStore`; credhelpers.py) if it names one, else its `auths` (what `docker login`
+wrote). Secrets are never logged or put in exception messages.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UsageError
+from . import credhelpers
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,14 @@ def _host_keys(host: str) -> list[str]:
 
 def lookup(host: str) -> Credentials | None:
     for path in (store_path(), docker_config_path()):
-        auths = _read_json(path).get("auths", {})
+        data = _read_json(path)
+        if path != store_path():
+            # Docker asks a credential helper first when one is configured for the host.
+            helper = credhelpers.helper_for(data, host)
+            if helper is not None:
+                got = credhelpers.get(helper, host)
+                return Credentials(*got) if got else None
+        auths = data.get("auths", {})
         if not isinstance(auths, dict):
             continue
         for key in _host_keys(host):
