@@ -84,7 +84,7 @@ def _push(reg: Registry, src: Path, ref: str = f"{REPO}:v1") -> dict[str, str]:
 
 def _login_args(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{reg.password}\n"))
-    return ["--plain-http", "--quiet", "-u", str(reg.username), "--password-stdin"]
+    return ["--plain-http", "-u", str(reg.username), "--password-stdin"]
 
 
 # ---- redirect targets and strangers' realms get nothing ---------------------------------
