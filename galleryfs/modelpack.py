@@ -347,7 +347,7 @@ def parse_manifest(digest: str, body: bytes, media_type: str = "") -> Revision:
     if skipped:
         log.warning("%s: %d layer(s) left out: %s", digest, len(skipped), _some(skipped))
     if tables_ignored:
-        log.warning("%s: chunk tables of %d layer(s) ignored: %s", digest,
+        log.warning("%s: chunk table ignored on %d layer(s): %s", digest,
                     len(tables_ignored), _some(tables_ignored))
     return Revision(digest, manifest, tuple(files), tuple(skipped))
 
