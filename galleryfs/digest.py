@@ -11,7 +11,8 @@ from .errors import DigestMismatch, InvalidReference
 # Only sha256 and sha512 are registered in the OCI image spec; anything else is refused
 # before it reaches a URL or a cache path, so a hostile manifest cannot steer either.
 _HEX_LEN = {"sha256": 64, "sha512": 128}
-_HEX = re.compile(r"^[a-f0-9]+$")
+# fullmatch: `$` would also match before a trailing newline (63 hex digits and a "\n").
+_HEX = re.compile(r"[a-f0-9]+")
 # Few reads per file, each into the same buffer; hashlib releases the GIL while it hashes
 # a piece, so files hashed in threads hash in parallel.
 _FILE_PIECE = 4 << 20
@@ -21,7 +22,7 @@ def validate(digest: str) -> str:
     algo, sep, hexpart = digest.partition(":")
     if not sep or algo not in _HEX_LEN:
         raise InvalidReference(f"unsupported digest {digest!r}: expected sha256:<64 hex>")
-    if len(hexpart) != _HEX_LEN[algo] or not _HEX.match(hexpart):
+    if len(hexpart) != _HEX_LEN[algo] or not _HEX.fullmatch(hexpart):
         raise InvalidReference(f"malformed digest {digest!r}")
     return digest
 

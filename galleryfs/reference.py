@@ -7,16 +7,11 @@ from dataclasses import dataclass
 
 from . import digest as digests
 from .errors import InvalidReference
+from .names import valid_component, valid_tag
 
 # From the distribution spec: path components are lowercase alphanumerics joined by
-# separators; tags are at most 128 word characters, dots and dashes.
-_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# separators; tags are at most 128 word characters, dots and dashes (`names`).
 _HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?$")
-
-
-def valid_tag(tag: str) -> bool:
-    return bool(_TAG.match(tag))
 
 
 def check_tag(tag: str) -> str:
@@ -93,7 +88,7 @@ def parse(text: str) -> Reference:
             if not valid_tag(tag):
                 raise InvalidReference(f"invalid reference {original!r}: bad tag {tag!r}")
         for part in path.split("/"):
-            if not _COMPONENT.match(part):
+            if not valid_component(part):
                 raise InvalidReference(
                     f"invalid reference {original!r}: {part!r} is not a valid name "
                     "(lowercase letters, digits and . _ - separators)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import trio
@@ -11,6 +12,8 @@ from ..errors import NotFound, UnsupportedContent
 from ..modelpack import Revision
 from ..registry.client import RegistryClient
 from ..trust.accessories import is_accessory_tag
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,8 +58,11 @@ async def list_revisions(client: RegistryClient, repo: str) -> list[RevisionInfo
             except NotFound:
                 return  # deleted between the listing and now
             try:
-                manifests[tag] = modelpack.parse_manifest(m.digest, m.body, m.media_type)
-            except UnsupportedContent:
+                # In a thread: a manifest of thousands of layers takes a moment to check.
+                manifests[tag] = await trio.to_thread.run_sync(
+                    modelpack.parse_manifest, m.digest, m.body, m.media_type)
+            except UnsupportedContent as exc:
+                log.warning("%s:%s: %s", repo, tag, exc)
                 manifests[tag] = None
                 by_digest.setdefault(m.digest, RevisionInfo(m.digest, [], 0, None, 0)).tags.append(tag)
 

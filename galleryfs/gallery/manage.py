@@ -10,21 +10,19 @@ import trio
 from .. import digest as digests
 from .. import modelpack
 from ..errors import NotFound, UsageError
-from ..reference import Reference, check_tag
+from ..reference import Reference
 from ..registry.client import RegistryClient
 from ..trust.accessories import accessory_tags, is_accessory_tag
 from .blobs import without_upload
 from .defaults import CONCURRENCY, DEFAULT_TAG, ProgressFactory, open_bar
+from .pushing import check_revision_tag
 
 MAX_ACCESSORIES = 100
 
 
 async def tag(client: RegistryClient, ref: Reference, new_tags: list[str]) -> str:
     for t in new_tags:
-        check_tag(t)
-        if is_accessory_tag(t):
-            raise UsageError(f"invalid tag {t!r}: tags named sha256-<hex>[.suffix] are kept "
-                             "for signatures and referrers, and never shown as revisions")
+        check_revision_tag(t)
     manifest = await client.get_manifest(ref.repository, ref.version or DEFAULT_TAG)
     for t in new_tags:
         await client.put_manifest(ref.repository, t, manifest.body,
@@ -122,7 +120,7 @@ async def copy(src_client: RegistryClient, src: Reference, dst_client: RegistryC
     if dst.digest:
         raise UsageError("copy target takes a tag, not a digest (a copy keeps the "
                          "revision's digest)")
-    target = check_tag(dst.tag or src.tag or DEFAULT_TAG)
+    target = check_revision_tag(dst.tag or src.tag or DEFAULT_TAG)
     manifest = await src_client.get_manifest(src.repository, src.version or DEFAULT_TAG)
     revision = modelpack.parse_manifest(manifest.digest, manifest.body, manifest.media_type)
     blobs: dict[str, int] = {f.digest: f.size for f in revision.files}

@@ -3,7 +3,6 @@ described (`inspect`), or its files downloaded into a directory (`pull`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -36,7 +35,9 @@ async def resolve(client: RegistryClient, ref: Reference) -> Revision:
         raise UsageError(f"{ref}: expected HOST/GALLERY/MODEL[:TAG|@DIGEST]")
     version = ref.version or DEFAULT_TAG
     manifest = await client.get_manifest(ref.repository, version)
-    return modelpack.parse_manifest(manifest.digest, manifest.body, manifest.media_type)
+    # In a thread: a manifest of thousands of layers takes a moment to check.
+    return await trio.to_thread.run_sync(
+        modelpack.parse_manifest, manifest.digest, manifest.body, manifest.media_type)
 
 
 async def read_config(client: RegistryClient, repo: str, revision: Revision) -> dict | None:
@@ -48,11 +49,7 @@ async def read_config(client: RegistryClient, repo: str, revision: Revision) -> 
         log.warning("%s: config of %d bytes ignored (too large)", revision.digest, size)
         return None
     data = await client.read_blob(repo, d, size)
-    try:
-        config = json.loads(data)
-    except ValueError:
-        return None
-    return config if isinstance(config, dict) else None
+    return modelpack.parse_config(data)
 
 
 def _count(raw: object) -> int | None:

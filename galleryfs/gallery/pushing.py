@@ -22,6 +22,7 @@ from ..modelpack import ChunkTable, Descriptor
 from ..reference import Reference, check_tag
 from ..registry.client import RegistryClient
 from ..registry.uploads import DirectUploads
+from ..trust.accessories import is_accessory_tag
 from . import metadata
 from .blobs import EXISTING, MOUNTED, without_upload
 from .defaults import CONCURRENCY, DEFAULT_TAG, Bar, ProgressFactory, open_bar
@@ -275,6 +276,17 @@ def manifest_for(files: list[LocalFile], config_bytes: bytes, annotations: dict[
     return modelpack.build_manifest(config, layers, manifest_annotations, names)
 
 
+def check_revision_tag(tag: str) -> str:
+    """A tag that may name a revision: the OCI grammar, and not shaped like what is
+    kept beside a revision (`ls` and the mount would never show it, `rm` of the revision
+    it is shaped after would take it)."""
+    check_tag(tag)
+    if is_accessory_tag(tag):
+        raise UsageError(f"invalid tag {tag!r}: tags named sha256-<hex>[.suffix] are kept "
+                         "for signatures and referrers, and never shown as revisions")
+    return tag
+
+
 async def push(client: RegistryClient, root: Path, ref: Reference, *,
                annotations: dict[str, str] | None = None, created: str | None = None,
                progress: ProgressFactory | None = None,
@@ -286,8 +298,11 @@ async def push(client: RegistryClient, root: Path, ref: Reference, *,
         check_created(created)
     if ref.digest:
         raise UsageError("push takes a tag, not a digest: the digest follows from the content")
-    tag = check_tag(ref.tag or DEFAULT_TAG)
+    tag = check_revision_tag(ref.tag or DEFAULT_TAG)
     scanned = await trio.to_thread.run_sync(scan_directory, root)
+    if len(scanned) > modelpack.MAX_LAYERS:
+        raise UsageError(f"{root}: {len(scanned)} files; a revision holds at most "
+                         f"{modelpack.MAX_LAYERS} (pack small files into an archive)")
     sizes = await trio.to_thread.run_sync(lambda: [src.stat().st_size for _, src in scanned])
     chunk_size = table_chunk_size(sizes)
     with open_bar(progress, sum(sizes), f"push {ref.model}") as bar:

@@ -64,6 +64,7 @@ import trio
 from .. import digest as digests
 from ..errors import GalleryError, NotFound, Unsigned, UnsupportedContent, first_error
 from ..modelpack import Revision, RevisionFile
+from ..names import valid_tag
 from ..trust.accessories import is_accessory_tag
 from ..trust.chunks import with_tables, without_tables
 from ..trust.policy import Decision, Policy, Verdict
@@ -461,8 +462,9 @@ class Tree:
         if not is_repo:
             return entries
         # Signatures, chunk tables, referrer indexes: kept beside revisions, not revisions.
+        # A tag off the OCI grammar (`a/b`, `sha256:<hex>`, a NUL) cannot be a name here.
         tags = sorted(t for t in set(await self.source.tags(folder.repo))
-                      if not is_accessory_tag(t))
+                      if valid_tag(t) and not is_accessory_tag(t))
         resolved: dict[str, str] = {}
 
         async def resolve(tag: str, limiter: trio.CapacityLimiter) -> None:
@@ -472,8 +474,10 @@ class Tree:
                 except (NotFound, UnsupportedContent, Unsigned) as exc:
                     # A tag deleted since the listing, an image index, a revision the
                     # registry serves only signed (Harbor's 412): leave it out rather
-                    # than break the whole folder.
-                    log.warning("%s:%s is left out: %s", folder.repo, tag, exc)
+                    # than break the whole folder. Warned once, not at each refresh.
+                    if (folder.repo, f"{tag}\0{exc}") not in self._warned:
+                        self._warned.add((folder.repo, f"{tag}\0{exc}"))
+                        log.warning("%s:%s is left out: %s", folder.repo, tag, exc)
                     return
                 self._revisions.setdefault(revision.digest, revision)
                 try:

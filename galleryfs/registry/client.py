@@ -18,6 +18,7 @@ import httpx
 import trio
 
 from .. import digest as digests
+from .. import names
 from ..errors import (
     AuthError,
     DigestMismatch,
@@ -27,6 +28,7 @@ from ..errors import (
     TooLarge,
     Unsigned,
 )
+from . import listings
 from .auth import RegistryAuth
 from .credentials import Credentials
 from .rangecheck import range_mismatch
@@ -98,6 +100,7 @@ class RegistryClient:
         self.requests_sent = 0
         self._harbor: bool | None = None  # learned on first use
         self._harbor_basic = False  # Harbor's API took our Basic credentials: no more probe
+        self._warned_names: set[str] = set()  # names off the grammar, warned about once
         _tune_http_reads()
         self._http = httpx.AsyncClient(
             base_url=self.base,
@@ -252,14 +255,18 @@ class RegistryClient:
 
     async def list_tags(self, repo: str, page_size: int = 1000) -> list[str]:
         tags: list[str] = []
-        async for page in self._paginate(f"/v2/{repo}/tags/list?n={page_size}", f"{self.host}/{repo}"):
-            tags.extend(page.get("tags") or [])
+        what = f"{self.host}/{repo}"
+        async for page in self._paginate(f"/v2/{repo}/tags/list?n={page_size}", what):
+            tags.extend(listings.page_names(page, "tags", names.valid_tag, what,
+                                            self._warned_names))
         return tags
 
     async def catalog(self, page_size: int = 1000) -> list[str]:
         repos: list[str] = []
-        async for page in self._paginate(f"/v2/_catalog?n={page_size}", f"catalog of {self.host}"):
-            repos.extend(page.get("repositories") or [])
+        what = f"catalog of {self.host}"
+        async for page in self._paginate(f"/v2/_catalog?n={page_size}", what):
+            repos.extend(listings.page_names(page, "repositories", names.valid_repository,
+                                             what, self._warned_names))
         return repos
 
     async def repositories(self) -> list[str]:
@@ -292,11 +299,7 @@ class RegistryClient:
                     "json" not in response.headers.get("content-type", ""):
                 return None
             self._check(response, what)
-            try:
-                items = response.json()
-            except ValueError:
-                return None
-            return items if isinstance(items, list) else None
+            return listings.harbor_items(response.content)
 
         async def pages(path: str, auth: httpx.Auth | None) -> AsyncIterator[list]:
             page = 1
@@ -312,13 +315,13 @@ class RegistryClient:
         async def listing(auth: httpx.Auth | None) -> list[str]:
             projects: list[str] = []
             async for items in pages("/api/v2.0/projects", auth):
-                projects += [p["name"] for p in items
-                             if isinstance(p, dict) and isinstance(p.get("name"), str)]
+                projects += listings.harbor_names(items, names.valid_component, what,
+                                                  self._warned_names)
             repos: list[str] = []
             for project in projects:
                 async for items in pages(f"/api/v2.0/projects/{project}/repositories", auth):
-                    repos += [r["name"] for r in items
-                              if isinstance(r, dict) and isinstance(r.get("name"), str)]
+                    repos += listings.harbor_names(items, names.valid_repository, what,
+                                                   self._warned_names)
             return repos
 
         try:
@@ -342,11 +345,7 @@ class RegistryClient:
                 break
             seen.add(next_url)
             response = await self._request("GET", next_url, what)
-            try:
-                page = response.json()
-            except ValueError:
-                raise RegistryError(f"{what}: registry sent a listing that is not JSON") from None
-            yield page if isinstance(page, dict) else {}
+            yield listings.page(response.content, what)
             next_url = _next_link(response, self.base)
 
     async def blob_size(self, repo: str, digest: str) -> int | None:
