@@ -234,7 +234,7 @@ def test_ls_lists_a_model_with_hostile_tags(hostile_gallery: tuple[HostileRegist
     result = galleryfs("ls", "--plain-http", "--json", f"{reg.host}/g/m")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert [(r["digest"], r["tags"]) for r in json.loads(result.stdout)] == [(digest, "good")]
+    assert [(r["digest"], r["tags"]) for r in json.loads(result.stdout)] == [(digest, ["good"])]
     assert len(warnings_of(result.stderr)) == 1, result.stderr
     assert f"{len(HOSTILE_TAGS)} skipped" in result.stderr
     # The catalog's hostile repository names are left out, the rest lists.
