@@ -336,6 +336,31 @@ def test_a_listing_that_links_on_forever_stops_with_an_error(
         assert len(harbor.requests(r"^GET /api/v2\.0/projects")) == 6
 
 
+class _Lying(HarborAPIStandIn):
+    """A server posing as Harbor: a project name Harbor would refuse (a path of its own),
+    and a project whose listing claims another project's repository."""
+
+    def _repositories(self, project: str) -> list[str]:
+        names = super()._repositories(project)
+        return [*names, "other/hidden"] if project == "pub" else names
+
+
+def test_names_a_lying_harbor_lists_stay_inside_their_project(
+        filled: Registry, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    with _Lying(filled.url, projects={"g": False, "pub": True, "x/../../../v2/_catalog?": True},
+                accounts={ROBOT: Account(filled.password or "", access={"g": {"list"}})},
+                upstream_auth=filled.auth) as harbor:
+        with caplog.at_level(logging.WARNING, logger="galleryfs"):
+            code, out, err = _ls(harbor.host, "--json", password=filled.password or "",
+                                 monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 0, err
+        assert json.loads(out) == [{"gallery": "g", "models": 105}, {"gallery": "pub", "models": 1}]
+        assert not harbor.requests("_catalog") and not harbor.requests(r"/projects/x")
+        assert "ignoring a Harbor project named 'x/../../../v2/_catalog?'" in caplog.text
+        assert "ignoring repository 'other/hidden' listed in Harbor project pub" in caplog.text
+
+
 # ---- Link headers as Harbor writes them -------------------------------------------------
 
 
