@@ -15,6 +15,7 @@ from galleryfs.reference import parse
 from galleryfs.registry.client import ClientOptions, RegistryClient
 from galleryfs.registry.retry import RetryPolicy
 from tests.faultproxy import FaultProxy, HeaderRecorder
+from tests.harbor_api import HarborAPIStandIn
 from tests.registry_harness import Registry
 
 
@@ -105,22 +106,21 @@ def test_catalog_and_tags_paginate(registry: Registry, tmp_path: Path) -> None:
 def test_harbor_projects_api_lists_galleries_without_catalog(registry: Registry, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     src = _model(tmp_path)
-    with FaultProxy(registry.url) as proxy:
+    # Harbor's API in front of the real registry; its catalog is admin-only.
+    with HarborAPIStandIn(registry.url, projects={"alpha": True, "beta": True}) as harbor:
         for name in ("alpha/m1", "alpha/llm/base", "beta/m2"):
-            assert main(["push", str(src), f"{proxy.host}/{name}:v1", "--plain-http", "--quiet"]) == 0
+            assert main(["push", str(src), f"{harbor.host}/{name}:v1", "--plain-http", "--quiet"]) == 0
         capsys.readouterr()
-        proxy.harbor_api = True
-        proxy.catalog_forbidden = True
-        assert main(["ls", proxy.host, "--plain-http", "--json"]) == 0
+        assert main(["ls", harbor.host, "--plain-http", "--json"]) == 0
         import json
 
         assert json.loads(capsys.readouterr().out) == [{"gallery": "alpha", "models": 2},
                                                        {"gallery": "beta", "models": 1}]
-        assert main(["ls", f"{proxy.host}/alpha", "--plain-http"]) == 0
+        assert main(["ls", f"{harbor.host}/alpha", "--plain-http"]) == 0
         out = capsys.readouterr().out
         assert "llm/base" in out and "m1" in out
-        assert proxy.harbor_requests >= 3
-        assert not any(path.startswith("/v2/_catalog") for _, path, _ in proxy.seen)
+        assert len(harbor.requests("^GET /api/v2.0/")) >= 3
+        assert not harbor.requests("/v2/_catalog")
 
 
 def test_plain_registry_falls_back_to_catalog(registry: Registry, tmp_path: Path) -> None:

@@ -36,12 +36,16 @@ async def list_galleries(client: RegistryClient) -> dict[str, int]:
 
 async def list_root_models(client: RegistryClient) -> list[str]:
     """Repositories at the registry's root (`HOST/model`, which oras, skopeo and docker
-    accept): models outside any gallery."""
+    accept): models outside any gallery. Harbor keeps every repository in a project: once
+    the client knows it talks to one, it does not page through every project again."""
+    if client.is_harbor:
+        return []
     return sorted(r for r in await client.repositories() if "/" not in r)
 
 
 async def list_models(client: RegistryClient, prefix: str) -> list[str]:
-    return sorted(r for r in await client.repositories() if r.startswith(prefix + "/"))
+    # Asked for one gallery: on Harbor, one project's listing rather than every project's.
+    return sorted(r for r in await client.repositories(prefix) if r.startswith(prefix + "/"))
 
 
 async def list_revisions(client: RegistryClient, repo: str) -> list[RevisionInfo]:

@@ -7,6 +7,7 @@ uploads, tags and the catalog. What a manifest means for a model is `modelpack`'
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -47,6 +48,14 @@ MONOLITHIC_LIMIT = 16 << 20
 # Seconds a failed or cancelled upload spends dropping its session before giving up.
 DROP_TIMEOUT = 5.0
 _PIECE = 1 << 20
+# Harbor's API refuses a page_size over 100 (422: its swagger's maximum).
+HARBOR_PAGE_SIZE = 100
+# Pages of one listing followed at most (Harbor's 100,000 projects, or repositories of a
+# project; a catalog of 1000 pages): a server that links on forever ends there, with an
+# error, instead of a listing that never ends.
+MAX_PAGES = 1000
+# Harbor's rule for project names: no slash, no dot segment, nothing to escape in a path.
+_HARBOR_PROJECT = re.compile(r"[a-z0-9][a-z0-9._-]{0,254}")
 
 ProgressFn = Callable[[int], None]
 
@@ -159,7 +168,10 @@ class RegistryClient:
                 f"(HTTP {status}); galleryfs sends credentials only to the registry and the "
                 "token service it names", status)
         if status == 401:
-            hint = "wrong username or password" if self.options.credentials else (
+            # The account named as given (`robot$project+name` included): which of
+            # several stored credentials was used is the first thing to check.
+            creds = self.options.credentials
+            hint = f"wrong username or password (as {creds.username})" if creds else (
                 "authentication required: use `galleryfs login` or --username/--password-stdin")
             raise AuthError(f"{self.host}: {hint} ({what})", status)
         if status == 403:
@@ -269,73 +281,157 @@ class RegistryClient:
                                              what, self._warned_names))
         return repos
 
-    async def repositories(self) -> list[str]:
-        """Every repository the registry lets us see: Harbor's project API where the
-        registry is a Harbor (robot accounts often may not read the catalog), else
-        `/v2/_catalog`."""
+    async def repositories(self, gallery: str | None = None) -> list[str]:
+        """Every repository the registry lets us see, or those of one gallery: Harbor's
+        project API where the registry is a Harbor (its catalog is admin-only, so a robot
+        account cannot read it), else `/v2/_catalog`."""
         if self._harbor is not False:
-            found = await self.harbor_repositories()
+            found = await self.harbor_repositories(gallery)
             if found is not None:
                 return found
-        return await self.catalog()
+        repos = await self.catalog()
+        return repos if gallery is None else [r for r in repos if r.startswith(gallery + "/")]
 
-    async def harbor_repositories(self, page_size: int = 100) -> list[str] | None:
-        """Repositories from Harbor's REST API (`/api/v2.0`), or None if it is not there.
+    @property
+    def is_harbor(self) -> bool:
+        """Whether the registry's Harbor API has answered (learned on the first listing)."""
+        return bool(self._harbor)
 
-        The first page is asked as any request is (credentials only where the registry
-        challenged for them): a 401 there means "not a Harbor we may use", and the
-        catalog is asked instead. Once the API answered like Harbor's, it gets Basic
-        credentials (Harbor's API takes them without a challenge): anonymously it shows
-        only public projects."""
-        what = f"Harbor projects of {self.host}"
+    async def harbor_repositories(self, gallery: str | None = None) -> list[str] | None:
+        """Repositories from Harbor's REST API (`/api/v2.0`), all or one project's, or
+        None if that API is not there.
 
-        async def page_of(path: str, page: int, auth: httpx.Auth | None) -> list | None:
-            async def once() -> httpx.Response:
-                return await self._http.get(path, params={"page": page, "page_size": page_size},
-                                            auth=auth or httpx.USE_CLIENT_DEFAULT)
-
-            response = await self._retrying(what, once)
-            if response.status_code == 401 or response.status_code in (404, 405) or \
-                    "json" not in response.headers.get("content-type", ""):
-                return None
-            self._check(response, what)
-            return listings.harbor_items(response.content)
-
-        async def pages(path: str, auth: httpx.Auth | None) -> AsyncIterator[list]:
-            page = 1
-            while True:
-                items = await page_of(path, page, auth)
-                if items is None:
-                    raise _NotHarbor
-                yield items
-                if len(items) < page_size:
-                    return
-                page += 1
-
-        async def listing(auth: httpx.Auth | None) -> list[str]:
-            projects: list[str] = []
-            async for items in pages("/api/v2.0/projects", auth):
-                projects += listings.harbor_names(items, names.valid_component, what,
-                                                  self._warned_names)
-            repos: list[str] = []
-            for project in projects:
-                async for items in pages(f"/api/v2.0/projects/{project}/repositories", auth):
-                    repos += listings.harbor_names(items, names.valid_repository, what,
-                                                   self._warned_names)
-            return repos
-
+        The first page of projects is asked as any request is (credentials only where
+        the registry challenged for them): a 401 there means "not a Harbor we may use",
+        and the catalog is asked instead. Once the API answered like Harbor's, it gets
+        Basic credentials (Harbor's API takes them without a challenge): anonymously it
+        shows only public projects. A project whose repositories we may not list (a
+        robot allowed to pull but not to list) is left out with a warning, not the
+        whole listing: Harbor shows a robot every project it has any permission in."""
         try:
-            if not self._harbor_basic and await page_of("/api/v2.0/projects", 1, None) is None:
-                raise _NotHarbor
+            if not self._harbor_basic:
+                await self._harbor_page(self._harbor_url("/api/v2.0/projects", 1), None)
             # Known to be Harbor: Basic, or anonymously (no credentials) if we have none.
             basic = self.auth.basic_for_harbor()
-            repos = await listing(basic)
+            if basic is not None and not self._harbor_basic:
+                await self._harbor_check_credentials(basic)
+            if gallery is not None:
+                # Only the project asked for: a Harbor with many projects is not paged
+                # through to show one. Names Harbor would refuse are in no project.
+                project = gallery.split("/", 1)[0]
+                projects = [project] if _HARBOR_PROJECT.fullmatch(project) else []
+            else:
+                projects = []
+                async for items in self._harbor_pages("/api/v2.0/projects", basic):
+                    for p in items:
+                        name = p.get("name")
+                        if isinstance(name, str) and _HARBOR_PROJECT.fullmatch(name):
+                            projects.append(name)
+                        else:
+                            log.warning("%s: ignoring a Harbor project named %r", self.host, name)
+            repos: list[str] = []
+            for project in dict.fromkeys(projects):
+                repos += await self._harbor_project_repositories(project, basic)
             self._harbor_basic = basic is not None
-        except _NotHarbor:
+        except (_NotHarbor, _HarborRefused):
             self._harbor = False
             return None
         self._harbor = True
-        return sorted(repos)
+        if gallery is not None:
+            repos = [r for r in repos if r.startswith(gallery + "/")]
+        return sorted(set(repos))
+
+    async def _harbor_project_repositories(self, project: str, auth: httpx.Auth | None) -> list[str]:
+        """One project's repositories (full names, `project/a/b`); none, with a warning,
+        if Harbor will not list them to us (401/403: also what a project that does not
+        exist answers)."""
+        repos: list[str] = []
+        try:
+            # Project names are checked (_HARBOR_PROJECT): nothing to encode. Repository
+            # names, which may hold slashes, never go into an API path here (Harbor wants
+            # them encoded twice there, `a%252Fb`).
+            async for items in self._harbor_pages(f"/api/v2.0/projects/{project}/repositories", auth):
+                for r in items:
+                    name = r.get("name")
+                    if isinstance(name, str) and name.startswith(project + "/"):
+                        repos.append(name)
+                    else:
+                        log.warning("%s: ignoring repository %r listed in Harbor project %s",
+                                    self.host, name, project)
+        except _HarborRefused as exc:
+            log.warning("%s: Harbor does not let us list the repositories of project %s "
+                        "(HTTP %d): it is left out", self.host, project, exc.status)
+            return []
+        return repos
+
+    async def _harbor_check_credentials(self, basic: httpx.Auth) -> None:
+        """Harbor's API serves credentials it does not take as an anonymous caller (the
+        public projects, no error): a robot with a mistyped secret would see only those.
+        So, once, who are we: 401 is a refusal (AuthError, naming the account); a robot
+        gets 412 ("not a user"), a user 200."""
+        url = f"{self.base}/api/v2.0/users/current"
+        what = f"Harbor API of {self.host} (/api/v2.0/users/current)"
+
+        async def once() -> httpx.Response:
+            return await self._http.get(url, auth=basic)
+
+        response = await self._retrying(what, once)
+        if response.status_code == 401:
+            self._check(response, what)
+
+    def _harbor_url(self, path: str, page: int) -> str:
+        return f"{self.base}{path}?page={page}&page_size={HARBOR_PAGE_SIZE}"
+
+    async def _harbor_page(self, url: str, auth: httpx.Auth | None) -> tuple[list[dict], httpx.Response]:
+        """One page of a listing of Harbor's API: its items and the response (for its
+        headers). Raises _HarborRefused on 401/403, _NotHarbor when the answer is not
+        Harbor's."""
+        what = f"Harbor API of {self.host} ({urlsplit(url).path})"
+
+        async def once() -> httpx.Response:
+            return await self._http.get(url, auth=auth or httpx.USE_CLIENT_DEFAULT)
+
+        response = await self._retrying(what, once)
+        if response.status_code in (401, 403):
+            raise _HarborRefused(response.status_code)
+        if response.status_code in (404, 405) or "json" not in response.headers.get("content-type", ""):
+            raise _NotHarbor
+        self._check(response, what)
+        items = listings.harbor_items(response.content)  # bounded, depth-safe JSON
+        if items is None:
+            raise _NotHarbor
+        return [item for item in items if isinstance(item, dict)], response
+
+    async def _harbor_pages(self, path: str, auth: httpx.Auth | None) -> AsyncIterator[list[dict]]:
+        """A listing of Harbor's API, page by page (`page`, `page_size`): the next page is
+        the `Link` marked `rel="next"` (Harbor joins its links with " , ", prev first),
+        on the registry's origin only; it ends when `X-Total-Count` items came, a page
+        is empty, or no next page is named; after MAX_PAGES pages it is an error (a
+        server that pages on forever)."""
+        url = self._harbor_url(path, 1)
+        seen: set[str] = set()
+        count = 0
+        for page in range(1, MAX_PAGES + 1):
+            seen.add(url)
+            items, response = await self._harbor_page(url, auth)
+            yield items
+            count += len(items)
+            total = _total_count(response)
+            if not items or (total is not None and count >= total):
+                return
+            next_url = _next_link(response, self.base)
+            if next_url is None and (total is not None or len(items) >= HARBOR_PAGE_SIZE):
+                # More to come but no link to it (a proxy that dropped the header).
+                next_url = self._harbor_url(path, page + 1)
+            if next_url is None:
+                return
+            if next_url in seen:
+                log.warning("%s: Harbor's listing of %s linked back to a page it served; "
+                            "stopped", self.host, path)
+                return
+            url = next_url
+        raise RegistryError(f"Harbor API of {self.host} ({path}): more than {MAX_PAGES} "
+                            "pages; stopped")
 
     async def _paginate(self, url: str, what: str) -> AsyncIterator[dict]:
         seen: set[str] = set()
@@ -343,6 +439,8 @@ class RegistryClient:
         while next_url:
             if next_url in seen:  # a registry that links back to a page it served
                 break
+            if len(seen) == MAX_PAGES:  # one that links on to ever new pages
+                raise RegistryError(f"{what}: more than {MAX_PAGES} pages; stopped")
             seen.add(next_url)
             response = await self._request("GET", next_url, what)
             yield listings.page(response.content, what)
@@ -630,6 +728,14 @@ class _NotHarbor(Exception):
     pass
 
 
+class _HarborRefused(Exception):
+    """Harbor's API answered 401 or 403: it will not show us this listing."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 def _causes(exc: BaseException) -> str:
     parts = []
     seen: BaseException | None = exc
@@ -677,17 +783,32 @@ def _verified_manifest(body: bytes, media_type: str, reference: str,
     return Manifest(computed, media_type, body)
 
 
+# One link of a Link header: <target> and its parameters (RFC 8288). Harbor joins
+# links with " , "; a target may itself hold commas.
+_LINK = re.compile(r'<([^>]*)>((?:\s*;\s*[^;,<]*)*)')
+_REL = re.compile(r'(?i);\s*rel\s*=\s*"?([^";,]*)"?')
+
+
 def _next_link(response: httpx.Response, base: str) -> str | None:
-    link = response.headers.get("link")
-    if not link:
-        return None
-    target = link.split(";", 1)[0].strip().strip("<>")
-    url = urljoin(response.request.url.__str__(), target)
-    # Following a Link to another origin would hand it our credentials.
-    if urlsplit(url)[:2] != urlsplit(base)[:2]:
-        log.warning("ignoring pagination link to another origin: %s", url)
-        return None
-    return url
+    """The absolute URL of the Link marked `rel="next"` (not merely the first link:
+    Harbor names the previous page first), if it is on the registry's origin."""
+    header = ", ".join(response.headers.get_list("link"))
+    for target, params in _LINK.findall(header):
+        rel = _REL.search(params)
+        if rel and "next" in rel.group(1).lower().split():
+            url = urljoin(str(response.request.url), target.strip())
+            # Following a Link to another origin would hand it our credentials.
+            if urlsplit(url)[:2] != urlsplit(base)[:2]:
+                log.warning("ignoring pagination link to another origin: %s", url)
+                return None
+            return url
+    return None
+
+
+def _total_count(response: httpx.Response) -> int | None:
+    """Harbor's `X-Total-Count`: how many items the whole listing has, if said."""
+    value = response.headers.get("x-total-count", "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def _location(response: httpx.Response, base: str, what: str) -> str:
