@@ -353,7 +353,8 @@ class RegistryClient:
             async for items in self._harbor_pages(f"/api/v2.0/projects/{project}/repositories", auth):
                 for r in items:
                     name = r.get("name")
-                    if isinstance(name, str) and name.startswith(project + "/"):
+                    if (isinstance(name, str) and name.startswith(project + "/")
+                            and names.valid_repository(name)):
                         repos.append(name)
                     else:
                         log.warning("%s: ignoring repository %r listed in Harbor project %s",
