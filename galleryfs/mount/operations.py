@@ -30,7 +30,8 @@ from ..errors import (
     first_error,
 )
 from . import xattrs
-from .reader import BlobHandle, BlobRef, ChunkReader
+from .packed import Handle, PackedLayers
+from .reader import BlobRef, ChunkReader
 from .tree import ROOT_INODE, Kind, Refused, Tree
 from .verify import ChunkMismatch
 from .writeback import PageCacheFill
@@ -54,7 +55,7 @@ class ReadOnly(GalleryError):
 
 
 class NotServable(UnsupportedContent):
-    """A file whose layer galleryfs cannot serve yet (a packed tar layer)."""
+    """A file whose layer galleryfs cannot serve (a packed layer it could not unpack)."""
 
 
 def errno_for(exc: BaseException) -> int:
@@ -119,10 +120,12 @@ class Operations(pyfuse3.Operations):
         refresh: float = 30.0,
         counters: Callable[[], dict[str, object]] | None = None,
         fill: PageCacheFill | None = None,
+        packed: PackedLayers | None = None,
     ) -> None:
         super().__init__()
         self.tree = tree
         self.reader = reader
+        self.packed = packed
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.refresh = refresh
@@ -130,7 +133,7 @@ class Operations(pyfuse3.Operations):
         self.fill = fill
         self.readdir_requests = 0
         self.nursery: trio.Nursery | None = None  # for prefetches; set by the runner
-        self._files: dict[int, BlobHandle] = {}
+        self._files: dict[int, Handle] = {}
         self._next_fh = 1
 
     # ---- helpers -----------------------------------------------------------------
@@ -164,6 +167,8 @@ class Operations(pyfuse3.Operations):
         if self.counters is not None:
             out.update(self.counters())
         out.update(self.reader.snapshot())
+        if self.packed is not None:
+            out.update(self.packed.snapshot())
         out["open_files"] = len(self._files)
         out["readdir_requests"] = self.readdir_requests
         if self.fill is not None:
@@ -231,15 +236,20 @@ class Operations(pyfuse3.Operations):
             # Refused at open, so a reader gets a clear error before any byte rather
             # than EIO in the middle of a copy.
             raise NotServable(f"{self.tree.display_path(inode)}: {node.file.reason}")
-        # The size and table are this revision's claims: the reader serves only bytes
-        # that match them, and caches under them.
-        blob = BlobRef(node.repo, node.file.digest, node.file.size, node.file.table,
-                       label=self.tree.display_path(inode))
+        label = self.tree.display_path(inode)
         fh = self._next_fh
+        if node.file.member is not None and self.packed is not None:
+            # A file inside a packed layer: a range of the layer (or of its unpacked tar).
+            self._files[fh] = self.packed.open(node.repo, node.file, label, self.nursery)
+        else:
+            # The size and table are this revision's claims: the reader serves only bytes
+            # that match them, and caches under them.
+            blob = BlobRef(node.repo, node.file.digest, node.file.size, node.file.table,
+                           label=label)
+            self._files[fh] = self.reader.open(blob, self.nursery)
+            if self.fill is not None:
+                self.fill.opened(blob, inode)
         self._next_fh += 1
-        self._files[fh] = self.reader.open(blob, self.nursery)
-        if self.fill is not None:
-            self.fill.opened(blob, inode)
         # Immutable content: let the kernel keep its page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
