@@ -30,7 +30,7 @@ from ..errors import (
     first_error,
 )
 from . import xattrs
-from .packed import Handle, PackedLayers
+from .packed import Handle, MemberHandle, PackedLayers
 from .reader import BlobRef, ChunkReader
 from .tree import ROOT_INODE, Kind, Refused, Tree
 from .verify import ChunkMismatch
@@ -240,7 +240,11 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         if node.file.member is not None and self.packed is not None:
             # A file inside a packed layer: a range of the layer (or of its unpacked tar).
-            self._files[fh] = self.packed.open(node.repo, node.file, label, self.nursery)
+            handle = self.packed.open(node.repo, node.file, label, self.nursery)
+            if self.fill is not None and isinstance(handle, MemberHandle):
+                # Its pages hold a range of the layer blob, which the disk cache keeps.
+                self.fill.opened(handle.inner.blob, inode, handle.offset, handle.size)
+            self._files[fh] = handle
         else:
             # The size and table are this revision's claims: the reader serves only bytes
             # that match them, and caches under them.
