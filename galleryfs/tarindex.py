@@ -372,14 +372,16 @@ def inflate(raw: Readable, packing: str, out: Callable[[bytes], object], limit: 
     else:
         raise ValueError(f"no decompressor for {packing!r}")
     total = 0
-    try:
-        while True:
+    while True:
+        try:
             piece = stream.read(INFLATE_PIECE)
-            if not piece:
-                return total
-            total += len(piece)
-            if total > limit:
-                raise ValueError(f"unpacks to more than {limit} bytes")
-            out(piece)
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
-        raise ValueError(f"damaged {packing} stream: {exc or type(exc).__name__}") from None
+        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+            # (only the stream's errors: a full disk under `out` is not a damaged layer)
+            raise ValueError(f"damaged {packing} stream: {exc or type(exc).__name__}"
+                             ) from None
+        if not piece:
+            return total
+        total += len(piece)
+        if total > limit:
+            raise ValueError(f"unpacks to more than {limit} bytes")
+        out(piece)

@@ -104,12 +104,14 @@ def test_oras_folder_mounts_as_a_folder_and_pulls(registry: Registry, tmp_path: 
     monkeypatch.chdir(source)  # oras-py pushes only paths below the working folder
     client = oras.client.OrasClient(hostname=registry.host, insecure=True)
     client.push(target=f"{registry.host}/g/oras:v1", files=["1_Pooling", "config.json"])
-    manifest = json.loads(galleryfs("inspect", "--plain-http", f"{registry.host}/g/oras:v1",
-                                    env=isolated_env(tmp_path)).stdout or "{}").get("manifest")
-    if manifest is not None:  # what oras-py wrote: one tar+gzip layer marked for unpacking
-        folder = [layer for layer in manifest["layers"]
-                  if layer["annotations"][modelpack.ANNOTATION_TITLE] == "1_Pooling"]
-        assert folder and folder[0]["mediaType"].endswith("tar+gzip")
+    shown = galleryfs("inspect", "--plain-http", f"{registry.host}/g/oras:v1",
+                      env=isolated_env(tmp_path))
+    assert shown.returncode == 0, shown.stderr
+    # What oras-py wrote: the folder as one tar+gzip layer named by its title (oras-py,
+    # unlike the oras CLI, does not add `io.deis.oras.content.unpack`).
+    (folder,) = [layer for layer in json.loads(shown.stdout)["manifest"]["layers"]
+                 if layer["annotations"][modelpack.ANNOTATION_TITLE] == "1_Pooling"]
+    assert folder["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
     want = expected(source, "1_Pooling", "config.json")
     env = isolated_env(tmp_path)
     pull(registry, "g/oras:v1", tmp_path / "out", env)
@@ -327,3 +329,49 @@ async def test_write_behind_takes_a_members_chunks_from_its_page_cache(
     # 3, 4, 5 from the member's pages; 6 from memory (the last read); 2 fetched again.
     assert fill.stats.filled == 5 and fill.stats.from_memory == 1
     assert fill.stats.fetched == 1 and kernel.served == 3 * CHUNK
+
+
+# ---- compressed layers that cannot be unpacked -----------------------------------------
+
+
+def _push_single(registry: Registry, repo: str, media: str, blob: bytes, path: str) -> None:
+    packed.push_raw(registry.host, repo, "v1",
+                    (packed.MODELPACK_CONFIG, packed.modelpack_config([packed.digest(blob)])),
+                    [(media, blob, {packed.FILEPATH: path})],
+                    artifact_type=packed.MODELPACK_ARTIFACT)
+
+
+def test_a_damaged_compressed_layer_is_refused_with_the_reason(registry: Registry,
+                                                               tmp_path: Path) -> None:
+    # Its digest is right (the registry checked it): the layer itself is not gzip.
+    _push_single(registry, "g/bad", "application/vnd.cncf.model.doc.v1.tar+gzip",
+                 b"not gzip at all " * 100, "docs")
+    env = isolated_env(tmp_path)
+    with mounted(f"{registry.host}/g/bad", tmp_path / "mnt", env, "--plain-http",
+                 "--cache-dir", str(tmp_path / "cache")) as mnt:
+        f = mnt / "v1" / "docs"
+        assert "damaged gzip stream" in os.getxattr(f, UNSUPPORTED).decode()
+        with pytest.raises(OSError) as raised:
+            f.read_bytes()
+        assert raised.value.errno == errno.EOPNOTSUPP
+    result = galleryfs("pull", "--plain-http", f"{registry.host}/g/bad:v1",
+                       str(tmp_path / "out"), env=env)
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
+    assert "damaged gzip stream" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_compressed_layer_larger_than_the_cache_is_not_unpacked(registry: Registry,
+                                                                  tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "zeros.bin").write_bytes(bytes(8 << 20))  # 8 MiB that zstd makes a few KB
+    tar = packed.tar_of(root, ["zeros.bin"])
+    _push_single(registry, "g/bomb", "application/vnd.cncf.model.weight.v1.tar+zstd",
+                 packed.compress(tar, "zstd"), "zeros.bin")
+    env = isolated_env(tmp_path)
+    with mounted(f"{registry.host}/g/bomb", tmp_path / "mnt", env, "--plain-http",
+                 "--cache-dir", str(tmp_path / "cache"), "--cache-size", "4M",
+                 "--chunk-size", "1M") as mnt:
+        assert "unpacks to more than" in os.getxattr(mnt / "v1" / "zeros.bin",
+                                                     UNSUPPORTED).decode()

@@ -23,18 +23,22 @@ import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import trio
 
 from .. import tarindex
-from ..errors import DigestMismatch, UnsupportedContent
+from ..errors import DigestMismatch, UnsupportedContent, first_error
 from ..modelpack import TAR, Revision, RevisionFile
 from .blob import BlobRef
 from .reader import BlobHandle, ChunkReader
 
 log = logging.getLogger(__name__)
+
+# Checked chunks of an unpacked tar kept per layer (a few streams reading at once).
+CHECKED_CHUNKS = 4
 
 
 class Handle(Protocol):
@@ -63,17 +67,21 @@ class LocalTar:
         self.chunk_size = chunk_size
         self.digests = digests
         self._lock = threading.Lock()
-        self._last: tuple[int, bytes] | None = None  # the last chunk checked
+        # The last chunks checked: reads of a few KiB each do not hash a chunk each.
+        self._checked: OrderedDict[int, bytes] = OrderedDict()
 
     def _chunk(self, index: int) -> bytes:
-        last = self._last
-        if last is not None and last[0] == index:
-            return last[1]
+        data = self._checked.get(index)
+        if data is not None:
+            self._checked.move_to_end(index)
+            return data
         cs = self.chunk_size
         data = os.pread(self.fd, min(cs, self.size - index * cs), index * cs)
         if hashlib.sha256(data).digest() != self.digests[index]:
             raise DigestMismatch(f"chunk {index} of an unpacked layer changed on disk")
-        self._last = (index, data)
+        self._checked[index] = data
+        while len(self._checked) > CHECKED_CHUNKS:
+            self._checked.popitem(last=False)
         return data
 
     def read(self, offset: int, size: int) -> bytes:
@@ -150,36 +158,42 @@ class _Layer:
 
 
 class _Compressed:
-    """The compressed blob as a file-like object for the decompressing thread: each
-    `read` takes the next piece from the registry, back in trio, and hashes it. Not
-    checked by chunk: nothing unpacked is used before the whole blob matched its digest
-    (one pass over the network, whatever `--verify` says)."""
+    """The compressed blob as a file-like object for the decompressing thread: `read`
+    takes the next piece the fetching task received (one or two ahead, so the network
+    and the decompression overlap) and hashes it. Not checked by chunk: nothing
+    unpacked is used before the whole blob matched its digest (one pass over the
+    network, whatever `--verify` says)."""
 
-    def __init__(self, reader: ChunkReader, blob: BlobRef) -> None:
-        self.fetcher = reader.fetcher
-        self.piece = reader.chunk_size
-        self.blob = blob
-        self.pos = 0
-        self.hash = hashlib.new(blob.digest.partition(":")[0])
+    def __init__(self, algorithm: str, pieces: trio.MemoryReceiveChannel[bytes]) -> None:
+        self.pieces = pieces
+        self.hash = hashlib.new(algorithm)
         self.pending = b""
+        self.taken = 0
 
-    async def next(self) -> bytes:
-        if self.pos >= self.blob.size:
+    async def _take(self) -> bytes:
+        try:
+            return await self.pieces.receive()
+        except trio.EndOfChannel:
             return b""
-        end = min(self.blob.size, self.pos + self.piece)
-        data = bytes(await self.fetcher.range(self.blob, self.pos, end))
-        self.pos = end
+
+    def _next(self) -> bytes:
+        data = trio.from_thread.run(self._take)
         self.hash.update(data)
         return data
 
     def read(self, n: int = -1, /) -> bytes:
-        if not self.pending:
-            self.pending = trio.from_thread.run(self.next)
-        if n < 0 or n >= len(self.pending):
-            out, self.pending = self.pending, b""
-        else:
-            out, self.pending = self.pending[:n], self.pending[n:]
+        if self.taken >= len(self.pending):
+            self.pending, self.taken = self._next(), 0
+        # Decompressors ask for a few KiB at a time: hand out slices, never re-cut the rest.
+        end = len(self.pending) if n < 0 else min(len(self.pending), self.taken + n)
+        out = self.pending[self.taken:end]
+        self.taken = end
         return out
+
+    def drain(self) -> None:
+        """Hash the rest (a trailer, padding; everything after damage)."""
+        while self._next():
+            pass
 
 
 class _Spill:
@@ -267,25 +281,42 @@ class PackedLayers:
     async def _unpack(self, blob: BlobRef, packing: str, layer: _Layer) -> None:
         assert self.spill_dir is not None
         fd = os.open(self.spill_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
-        try:
-            source = _Compressed(self.reader, blob)
-            spill = _Spill(fd, self.reader.chunk_size)
+        spill = _Spill(fd, self.reader.chunk_size)
+        send, receive = trio.open_memory_channel[bytes](1)
+        source = _Compressed(blob.digest.partition(":")[0], receive)
+        fetcher, piece = self.reader.fetcher, self.reader.chunk_size
+
+        async def fetch() -> None:
+            async with send:
+                for start in range(0, blob.size, piece):
+                    end = min(blob.size, start + piece)
+                    await send.send(bytes(await fetcher.range(blob, start, end)))
+
+        def unpack() -> str:
             try:
-                await trio.to_thread.run_sync(
-                    tarindex.inflate, source, packing, spill.write, self.spill_limit)
+                tarindex.inflate(source, packing, spill.write, self.spill_limit)
                 damage = ""
             except ValueError as exc:
                 damage = str(exc)
-            # The rest of the blob (a gzip trailer, padding; all of it after damage):
-            # the digest decides whether the registry or the layer is at fault.
-            while await source.next():
-                pass
+            # The digest decides whether the registry or the layer is at fault.
+            source.drain()
+            return damage
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch)
+                try:
+                    damage = await trio.to_thread.run_sync(unpack)
+                finally:
+                    nursery.cancel_scope.cancel()  # a failed unpack stops the fetch
             got = f"{blob.digest.partition(':')[0]}:{source.hash.hexdigest()}"
             if got != blob.digest:
                 raise DigestMismatch(f"{blob}: the compressed layer hashes to {got}: "
                                      "not unpacked")
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
+            if isinstance(exc, BaseExceptionGroup):
+                raise first_error(exc) from None
             raise
         if damage:
             os.close(fd)
