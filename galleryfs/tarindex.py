@@ -160,8 +160,13 @@ def walk(size: int, *, max_members: int = MAX_MEMBERS,
             if not raw.isdigit() or len(raw) > 20:
                 return stop(f"pax size {raw[:30]!r}")
             length = int(raw)
+        if info.type == tarfile.GNUTYPE_SPARSE:
+            # Its map may go on in extension blocks: where the next header is is unsure.
+            return stop(f"{name[:200]!r} is a sparse file")
+        # A pax (GNU 1.0) sparse file: its data is a map and pieces, not the file.
+        sparse = any(key.startswith("GNU.sparse.") for key in pax)
         pax, long_name, long_link = {}, None, None
-        if info.type in tarfile.REGULAR_TYPES and info.type != tarfile.GNUTYPE_SPARSE:
+        if info.type in tarfile.REGULAR_TYPES and not sparse:
             kind = FILE
         elif info.type == tarfile.DIRTYPE:
             kind = DIR
@@ -171,7 +176,7 @@ def walk(size: int, *, max_members: int = MAX_MEMBERS,
             kind = SYMLINK
         else:
             kind = ""
-        if kind != FILE and info.type in tarfile.SUPPORTED_TYPES:
+        if kind != FILE and info.type in tarfile.SUPPORTED_TYPES and not sparse:
             length = 0  # folders, links, devices, fifos carry no data (as tarfile reads them)
         if data + length > size:
             out.warnings.append(f"{name[:200]!r}: its {length} bytes at {data} run past the "

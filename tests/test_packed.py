@@ -231,6 +231,21 @@ def test_listing_reads_headers_not_data() -> None:
     assert sum(n for _, n in asked) == listing.header_bytes < 8 * 512
 
 
+def test_sparse_files_are_not_served_as_their_map() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("GNUSparseFile.0/w.bin")
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": "w.bin", "GNU.sparse.realsize": "4096"}
+        info.size = 1024
+        tar.addfile(info, io.BytesIO(b"1\n0\n512\n" + bytes(1016)))
+        _add(tar, "after.txt", b"after")
+    data = buf.getvalue()
+    listing = tarindex.index(lambda off, n: data[off:off + n], len(data))
+    assert [m.name for m in listing.members] == ["after.txt"]
+    assert "sparse" in listing.warnings[0]
+
+
 def test_member_cap_stops_the_listing() -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

@@ -238,7 +238,9 @@ class Operations(pyfuse3.Operations):
             raise NotServable(f"{self.tree.display_path(inode)}: {node.file.reason}")
         label = self.tree.display_path(inode)
         fh = self._next_fh
-        if node.file.member is not None and self.packed is not None:
+        if node.file.member is not None:
+            if self.packed is None:  # (members come from PackedLayers: cannot happen)
+                raise NotServable(f"{self.tree.display_path(inode)}: no packed layer reader")
             # A file inside a packed layer: a range of the layer (or of its unpacked tar).
             handle = self.packed.open(node.repo, node.file, label, self.nursery)
             if self.fill is not None and isinstance(handle, MemberHandle):
