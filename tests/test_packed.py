@@ -112,6 +112,8 @@ def test_oras_folder_mounts_as_a_folder_and_pulls(registry: Registry, tmp_path: 
     (folder,) = [layer for layer in json.loads(shown.stdout)["manifest"]["layers"]
                  if layer["annotations"][modelpack.ANNOTATION_TITLE] == "1_Pooling"]
     assert folder["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+    files = {f["path"]: f for f in json.loads(shown.stdout)["files"]}
+    assert files["1_Pooling"]["packed"] == "gzip" and "unsupported" not in files["1_Pooling"]
     want = expected(source, "1_Pooling", "config.json")
     env = isolated_env(tmp_path)
     pull(registry, "g/oras:v1", tmp_path / "out", env)

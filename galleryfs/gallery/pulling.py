@@ -151,7 +151,9 @@ async def inspect(client: RegistryClient, ref: Reference) -> dict:
         "files": [
             {"path": f.path, "size": f.size, "digest": f.digest, "mediaType": f.media_type,
              **_file_facts(f, layers.get(_key(f)) or {}),
-             **({} if f.servable else {"unsupported": f.reason})}
+             # A packed layer: its members are what pull writes and the mount shows.
+             **({"packed": f.packing} if f.packing else
+                {} if f.servable else {"unsupported": f.reason})}
             for f in revision.files
         ],
         "skippedLayers": list(revision.skipped),
