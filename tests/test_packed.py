@@ -392,3 +392,38 @@ def test_a_compressed_layer_larger_than_the_cache_is_not_unpacked(registry: Regi
                  "--chunk-size", "1M") as mnt:
         assert "unpacks to more than" in os.getxattr(mnt / "v1" / "zeros.bin",
                                                      UNSUPPORTED).decode()
+
+
+# ---- the tree, with members in a packed layer's place -----------------------------------
+
+
+@pytest.mark.trio
+async def test_tree_shows_members_in_the_layers_place_and_empty_folders() -> None:
+    from galleryfs.mount.tree import Kind, Tree
+    from tests.test_tree import REV1, _names, _path, _source
+
+    calls: list[str] = []
+
+    async def unpack(repo: str, revision: modelpack.Revision) -> modelpack.Revision:
+        calls.append(repo)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            _add(tar, "src", kind=tarfile.DIRTYPE)
+            _add(tar, "src/empty", kind=tarfile.DIRTYPE)
+            _add(tar, "src/main.py", b"print()")
+            _add(tar, "config.json", b"{}")  # outside the layer's folder
+        data = buf.getvalue()
+        listing = tarindex.index(lambda off, n: data[off:off + n], len(data))
+        return tarindex.expand(revision, {f.digest: listing for f in revision.files
+                                          if f.packing})
+
+    tree = Tree(_source(), "", unpack=unpack)
+    rev = f"g/m/{REV1.digest}"
+    assert await _names(tree, rev) == ["1_Pooling", "config.json", "model.safetensors", "src"]
+    assert await _names(tree, f"{rev}/src") == ["empty", "main.py"]
+    assert await _names(tree, f"{rev}/src/empty") == []
+    assert tree.get(await _path(tree, f"{rev}/src")).kind is Kind.FOLDER
+    main = tree.get(await _path(tree, f"{rev}/src/main.py"))
+    assert main.kind is Kind.FILE and main.file is not None and main.file.size == 7
+    assert tree.get(await _path(tree, f"{rev}/config.json")).file.size == 10  # the layer's
+    assert calls == ["g/m"]  # once per revision folder
