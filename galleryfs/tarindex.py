@@ -48,6 +48,8 @@ MAX_HEADER_BYTES = 64 << 20
 # A pax record set or GNU long name: a path is at most 4096 bytes.
 MAX_EXTENDED = 64 << 10
 NAME_MAX = 255
+# Warnings logged per layer: a hostile tar of 100,000 bad members is one screenful.
+MAX_WARNINGS = 20
 
 FILE = "file"
 DIR = "dir"
@@ -349,8 +351,11 @@ def expand(revision: Revision, listings: dict[str, Listing | None]) -> Revision:
             continue
         members, warnings = place(f, listing, taken)
         files.extend(members)
-        for line in warnings:
+        for line in warnings[:MAX_WARNINGS]:
             log.warning("%s: packed layer %s: %s", revision.digest, f.digest, line)
+        if len(warnings) > MAX_WARNINGS:
+            log.warning("%s: packed layer %s: %d more members skipped", revision.digest,
+                        f.digest, len(warnings) - MAX_WARNINGS)
     return replace(revision, files=tuple(files))
 
 

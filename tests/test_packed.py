@@ -427,3 +427,20 @@ async def test_tree_shows_members_in_the_layers_place_and_empty_folders() -> Non
     assert main.kind is Kind.FILE and main.file is not None and main.file.size == 7
     assert tree.get(await _path(tree, f"{rev}/config.json")).file.size == 10  # the layer's
     assert calls == ["g/m"]  # once per revision folder
+
+
+def test_warnings_of_a_layer_are_capped(caplog: pytest.LogCaptureFixture) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(50):
+            _add(tar, f"../bad{i}", b"x")
+    data = buf.getvalue()
+    listing = tarindex.index(lambda off, n: data[off:off + n], len(data))
+    layer = modelpack.RevisionFile("sha256-x", "sha256:" + "0" * 64, len(data),
+                                   "application/vnd.kitops.modelkit.code.v1.tar", False,
+                                   packing=modelpack.TAR)
+    with caplog.at_level("WARNING"):
+        tarindex.expand(modelpack.Revision("sha256:" + "1" * 64, {}, (layer,), ()),
+                        {layer.digest: listing})
+    assert len(caplog.records) == tarindex.MAX_WARNINGS + 1
+    assert "30 more members skipped" in caplog.records[-1].getMessage()
