@@ -444,3 +444,53 @@ def test_warnings_of_a_layer_are_capped(caplog: pytest.LogCaptureFixture) -> Non
                         {layer.digest: listing})
     assert len(caplog.records) == tarindex.MAX_WARNINGS + 1
     assert "30 more members skipped" in caplog.records[-1].getMessage()
+
+
+# ---- a registry that lies about a compressed layer ---------------------------------------
+
+
+@pytest.mark.trio
+async def test_a_compressed_layer_the_registry_damages_is_not_unpacked_then_is(
+        registry: Registry, tmp_path: Path, source: Path) -> None:
+    from galleryfs.errors import DigestMismatch
+    from galleryfs.mount.packed import PackedLayers
+    from galleryfs.mount.reader import ChunkReader
+    from tests.test_chunks import Counting, _client
+
+    packed.push_modelpack(registry.host, "g/lie", "v1", source,
+                          {"model.safetensors": "weight"}, "gzip")
+    async with _client(registry) as client:
+        m = await client.get_manifest("g/lie", "v1")
+        revision = modelpack.parse_manifest(m.digest, m.body, m.media_type)
+        fetch = Counting(client)  # the real registry's bytes, with a flipped first byte
+        layers = PackedLayers(ChunkReader(fetch, chunk_size=1 << 20),
+                              spill_dir=str(tmp_path), spill_limit=1 << 30)
+        fetch.corrupt = True
+        with pytest.raises(DigestMismatch):
+            await layers.expand("g/lie", revision)
+        fetch.corrupt = False  # the registry's fault, not the layer's: tried again
+        (f,) = (await layers.expand("g/lie", revision)).files
+        assert f.path == "model.safetensors" and f.member is not None
+        handle = layers.open("g/lie", f, f.path, None)
+        want = (source / "model.safetensors").read_bytes()
+        assert await handle.read(0, len(want) + 10) == want
+        layers.close()
+
+
+def test_an_unpacked_chunk_changed_on_disk_is_not_served(tmp_path: Path) -> None:
+    import hashlib
+
+    from galleryfs.errors import DigestMismatch
+    from galleryfs.mount.packed import LocalTar
+
+    data = os.urandom(3000)
+    fd = os.open(tmp_path / "t", os.O_RDWR | os.O_CREAT, 0o600)
+    os.pwrite(fd, data, 0)
+    tar = LocalTar(fd, len(data), 1024, [hashlib.sha256(data[i:i + 1024]).digest()
+                                         for i in range(0, len(data), 1024)])
+    assert tar.read(1000, 1000) == data[1000:2000]  # chunks 0 and 1
+    os.pwrite(fd, b"\x00" if data[2100] else b"\x01", 2100)  # chunk 2
+    assert tar.read(0, 2048) == data[:2048]
+    with pytest.raises(DigestMismatch):
+        tar.read(2048, 10)
+    tar.close()
