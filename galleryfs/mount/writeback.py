@@ -121,7 +121,9 @@ class PageCacheFill:
         """`inode` is being read: the pages of `blob` (from byte `base` on, `length`
         bytes of it) will be found there."""
         end = blob.size if length is None else base + length
-        self._inodes.setdefault((blob.digest, blob.size), {})[inode] = (base, end)
+        files = self._inodes.setdefault((blob.digest, blob.size), {})
+        files.pop(inode, None)  # the latest opened is asked first
+        files[inode] = (base, end)
 
     def owe(self, blob: BlobRef, index: int) -> None:
         """A chunk fetched from the registry went to a reader, not yet to the disk cache
@@ -215,8 +217,8 @@ class PageCacheFill:
     async def _from_page_cache(self, blob: BlobRef, start: int, end: int) -> bytes | None:
         files = self._inodes.get((blob.digest, blob.size), {})
         # A file holding the whole chunk (a chunk across two members: none does).
-        inode, base = next(((i, b) for i, (b, e) in files.items() if b <= start and end <= e),
-                           (None, 0))
+        inode, base = next(((i, b) for i, (b, e) in reversed(files.items())
+                            if b <= start and end <= e), (None, 0))
         if inode is None:
             return None
         pieces: list[bytes] = []
