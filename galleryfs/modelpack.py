@@ -4,7 +4,9 @@ Writing: one raw layer per file, sorted by path, no timestamps unless asked for,
 same files always give the same manifest digest (one revision per model content).
 Reading: ModelPack (and the older `vnd.cnai` names), and ORAS-style artifacts whose
 files are named by `org.opencontainers.image.title`. Paths from a manifest are treated
-as hostile: anything that could leave the revision folder is dropped.
+as hostile: anything that could leave the revision folder is dropped. Packed layers
+(tar, tar+gzip, tar+zstd: KitOps, ModelPack without `--raw`, ORAS folders) are listed
+as one unservable file each here; `tarindex` puts their members in their place.
 """
 
 from __future__ import annotations
@@ -208,6 +210,17 @@ class ChunkTable:
 
 
 @dataclass(frozen=True)
+class TarMember:
+    """Where a file of a packed layer lies: bytes [offset, offset+size) of the layer's
+    tar (the blob itself, or its decompressed stream)."""
+
+    offset: int
+    layer_size: int  # the layer blob's size, as the manifest says
+    packing: str  # TAR, GZIP or ZSTD
+    folder: bool = False  # a folder of the tar (size 0): shown even when empty
+
+
+@dataclass(frozen=True)
 class RevisionFile:
     """One file of a revision, as the manifest describes it."""
 
@@ -218,8 +231,15 @@ class RevisionFile:
     servable: bool = True
     reason: str = ""
     # The chunk table the manifest carries for this file, if any (bound to the revision
-    # digest with the rest of the manifest).
+    # digest with the rest of the manifest). For a member: the layer blob's table.
     table: ChunkTable | None = None
+    # A packed layer (not served itself): its compression, and the folder (or file) its
+    # members must lie in: the layer's path annotation, or "" (the revision root) when
+    # it has none, as KitOps layers (paths in the Kitfile, members relative to the root).
+    packing: str = ""
+    under: str = ""
+    # A member of the packed layer `digest` (tarindex.expand), not a layer of its own.
+    member: TarMember | None = None
 
 
 @dataclass(frozen=True)
@@ -298,9 +318,26 @@ class _Paths:
         return ""
 
 
-def _is_tar(media_type: str) -> bool:
-    # ModelPack .tar/.tar+gzip, ORAS folders (tar+gzip), Docker rootfs (tar.gzip), KitOps.
-    return ".tar" in media_type or media_type.endswith(("+gzip", "+zstd", ".gzip", ".zstd"))
+TAR = "tar"
+GZIP = "gzip"
+ZSTD = "zstd"
+PACKINGS = (TAR, GZIP, ZSTD)
+
+
+def packing(media_type: str) -> str | None:
+    """TAR, GZIP or ZSTD for a packed layer, "" for one packed some other way, None for
+    a plain file. ModelPack and `vnd.cnai` `.tar[+gzip|+zstd]`, KitOps
+    `vnd.kitops.modelkit.*.v1.tar[+gzip]`, ORAS folders and Docker layers
+    (`...layer.v1.tar+gzip`, `tar.gzip`)."""
+    if media_type.endswith((".tar+gzip", ".tar.gzip", ".tar.gz")):
+        return GZIP
+    if media_type.endswith((".tar+zstd", ".tar.zstd")):
+        return ZSTD
+    if media_type.endswith(".tar"):
+        return TAR
+    if ".tar" in media_type or media_type.endswith(("+gzip", "+zstd", ".gzip", ".zstd")):
+        return ""
+    return None
 
 
 ORAS_UNPACK = "io.deis.oras.content.unpack"
@@ -367,17 +404,21 @@ def parse_manifest(digest: str, body: bytes, media_type: str = "") -> Revision:
         if problem:
             skipped.append(f"layer {i}: path {path[:100]!r} {problem}")
             continue
-        if _is_tar(layer_type) and not _oras_plain_file(layer_type, annotations):
-            files.append(RevisionFile(path, layer_digest, size, layer_type, False,
-                                      f"packed layer ({layer_type}) is not supported yet"))
+        try:
+            table = ChunkTable.from_annotations(annotations, size)
+        except ValueError as exc:
+            # Bound to the digest like everything else: a pusher wrote it wrong. The
+            # file is served as one without a table (verified whole, see the mount).
+            tables_ignored.append(f"layer {i}: {exc}")
+            table = None
+        packed = packing(layer_type)
+        if packed is not None and not _oras_plain_file(layer_type, annotations):
+            named = layer_path(annotations) is not None
+            reason = (f"packed layer ({layer_type}): its files show in its place"
+                      if packed else f"packed layer ({layer_type}): unknown compression")
+            files.append(RevisionFile(path, layer_digest, size, layer_type, False, reason,
+                                      table=table, packing=packed, under=path if named else ""))
         else:
-            try:
-                table = ChunkTable.from_annotations(annotations, size)
-            except ValueError as exc:
-                # Bound to the digest like everything else: a pusher wrote it wrong. The
-                # file is served as one without a table (verified whole, see the mount).
-                tables_ignored.append(f"layer {i}: {exc}")
-                table = None
             files.append(RevisionFile(path, layer_digest, size, layer_type, table=table))
     # One line each, not one per layer: a hostile manifest can have thousands.
     if skipped:

@@ -63,7 +63,32 @@ def test_hostile_manifest_is_contained() -> None:
     assert [f.path for f in rev.files] == ["good.safetensors", "nested/ok.json", "folder", "oras-file.txt"]
     assert len(rev.skipped) == 6
     folder = rev.files[2]
-    assert not folder.servable and "not supported" in folder.reason
+    # A packed layer: not served itself; its members go under its path (tarindex).
+    assert not folder.servable and folder.packing == modelpack.TAR and folder.under == "folder"
+
+
+@pytest.mark.parametrize(("media", "packing"), [
+    ("application/vnd.cncf.model.weight.v1.raw", None),
+    ("application/vnd.cncf.model.weight.v1.tar", "tar"),
+    ("application/vnd.cncf.model.doc.v1.tar+gzip", "gzip"),
+    ("application/vnd.cncf.model.code.v1.tar+zstd", "zstd"),
+    ("application/vnd.cnai.model.dataset.v1.tar", "tar"),
+    ("application/vnd.kitops.modelkit.model.v1.tar", "tar"),
+    ("application/vnd.kitops.modelkit.code.v1.tar+gzip", "gzip"),
+    ("application/vnd.oci.image.layer.v1.tar+gzip", "gzip"),
+    ("application/vnd.docker.image.rootfs.diff.tar.gzip", "gzip"),
+    ("application/vnd.cncf.model.weight.v1.tar+xz", ""),  # packed, no decompressor
+])
+def test_packing_of_media_types(media: str, packing: str | None) -> None:
+    assert modelpack.packing(media) == packing
+
+
+def test_unnamed_packed_layer_unpacks_at_the_root() -> None:
+    # KitOps layers carry no path: their members are named from the revision root.
+    body = _manifest([{"mediaType": "application/vnd.kitops.modelkit.model.v1.tar",
+                       "digest": D1, "size": 10}])
+    (layer,) = modelpack.parse_manifest(D2, body).files
+    assert layer.packing == modelpack.TAR and layer.under == ""
 
 
 def test_index_and_garbage_are_refused() -> None:

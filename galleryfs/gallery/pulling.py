@@ -26,6 +26,7 @@ from .pushing import (
     MODEL_PARAMETERS,
     MODEL_TYPE,
 )
+from .unpack import unpack_layers
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ async def inspect(client: RegistryClient, ref: Reference) -> dict:
         "files": [
             {"path": f.path, "size": f.size, "digest": f.digest, "mediaType": f.media_type,
              **_file_facts(f, layers.get(_key(f)) or {}),
-             **({} if f.servable else {"unsupported": f.reason})}
+             # A packed layer: its members are what pull writes and the mount shows.
+             **({"packed": f.packing} if f.packing else
+                {} if f.servable else {"unsupported": f.reason})}
             for f in revision.files
         ],
         "skippedLayers": list(revision.skipped),
@@ -162,10 +165,11 @@ async def pull(client: RegistryClient, ref: Reference, dest: Path, *,
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"{dest}: already exists and is not an empty directory")
     revision = await resolve(client, ref)
-    unsupported = [f for f in revision.files if not f.servable]
+    # Packed layers are unpacked (unpack.py); one packed some unknown way cannot be.
+    unsupported = [f for f in revision.files if not f.servable and not f.packing]
     if unsupported:
         names = ", ".join(f"{f.path} ({f.media_type})" for f in unsupported[:5])
-        raise UnsupportedContent(f"cannot pull {ref}: packed layers are not supported yet: {names}")
+        raise UnsupportedContent(f"cannot pull {ref}: layers galleryfs cannot unpack: {names}")
     parent = dest.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"{parent}: no such directory")
@@ -184,7 +188,10 @@ async def pull(client: RegistryClient, ref: Reference, dest: Path, *,
         try:
             async with trio.open_nursery() as nursery:
                 for f in revision.files:
-                    nursery.start_soon(fetch, f)
+                    if not f.packing:
+                        nursery.start_soon(fetch, f)
+                nursery.start_soon(unpack_layers, client, ref.repository, revision, staging,
+                                   bar, limiter)
             if dest.exists():
                 dest.rmdir()
             os.replace(staging, dest)

@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -32,8 +33,9 @@ from ..errors import (
     first_error,
 )
 from . import xattrs
-from .reader import BlobHandle, BlobRef, ChunkReader, NoDiskCache
-from .tree import ROOT_INODE, Kind, Refused, Tree
+from .packed import Handle, MemberHandle, PackedLayers
+from .reader import BlobRef, ChunkReader, NoDiskCache, Warmed
+from .tree import ROOT_INODE, Kind, Node, Refused, Tree
 from .verify import ChunkMismatch
 from .writeback import PageCacheFill
 
@@ -57,7 +59,7 @@ class ReadOnly(GalleryError):
 
 
 class NotServable(UnsupportedContent):
-    """A file whose layer galleryfs cannot serve yet (a packed tar layer)."""
+    """A file whose layer galleryfs cannot serve (a packed layer it could not unpack)."""
 
 
 def errno_for(exc: BaseException) -> int:
@@ -125,10 +127,12 @@ class Operations(pyfuse3.Operations):
         refresh: float = 30.0,
         counters: Callable[[], dict[str, object]] | None = None,
         fill: PageCacheFill | None = None,
+        packed: PackedLayers | None = None,
     ) -> None:
         super().__init__()
         self.tree = tree
         self.reader = reader
+        self.packed = packed
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.umask = umask & 0o777
@@ -137,7 +141,7 @@ class Operations(pyfuse3.Operations):
         self.fill = fill
         self.readdir_requests = 0
         self.nursery: trio.Nursery | None = None  # for prefetches; set by the runner
-        self._files: dict[int, BlobHandle] = {}
+        self._files: dict[int, Handle] = {}
         self._next_fh = 1
 
     # ---- helpers -----------------------------------------------------------------
@@ -172,6 +176,8 @@ class Operations(pyfuse3.Operations):
         if self.counters is not None:
             out.update(self.counters())
         out.update(self.reader.snapshot())
+        if self.packed is not None:
+            out.update(self.packed.snapshot())
         out["open_files"] = len(self._files)
         out["readdir_requests"] = self.readdir_requests
         if self.fill is not None:
@@ -227,7 +233,7 @@ class Operations(pyfuse3.Operations):
 
     # ---- data --------------------------------------------------------------------
 
-    def _blob(self, inode: int) -> BlobRef:
+    def _file(self, inode: int) -> Node:
         node = self.tree.get(inode)
         if node.kind is not Kind.FILE or node.file is None:
             raise NotFound(f"inode {inode} is not a file")
@@ -235,24 +241,44 @@ class Operations(pyfuse3.Operations):
             # Refused at open, so a reader gets a clear error before any byte rather
             # than EIO in the middle of a copy.
             raise NotServable(f"{self.tree.display_path(inode)}: {node.file.reason}")
+        return node
+
+    def _blob(self, node: Node) -> BlobRef:
+        assert node.file is not None
         # The size and table are this revision's claims: the reader serves only bytes
         # that match them, and caches under them.
         return BlobRef(node.repo, node.file.digest, node.file.size, node.file.table,
-                       label=self.tree.display_path(inode))
+                       label=self.tree.display_path(node.inode))
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             raise ReadOnly("open for writing")
-        blob = self._blob(inode)
+        node = self._file(inode)
+        assert node.file is not None
         fh = self._next_fh
+        self._files[fh] = await self._open(node, inode)
         self._next_fh += 1
-        self._files[fh] = self.reader.open(blob, self.nursery)
-        if self.fill is not None:
-            self.fill.opened(blob, inode)
         # Immutable content: let the kernel keep its page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def _open(self, node: Node, inode: int) -> Handle:
+        assert node.file is not None
+        if node.file.member is not None:
+            if self.packed is None:  # (members come from PackedLayers: cannot happen)
+                raise NotServable(f"{self.tree.display_path(inode)}: no packed layer reader")
+            # A file inside a packed layer: a range of the layer (or of its unpacked tar).
+            handle = self.packed.open(node.repo, node.file, self.tree.display_path(inode),
+                                      self.nursery)
+            if self.fill is not None and isinstance(handle, MemberHandle):
+                # Its pages hold a range of the layer blob, which the disk cache keeps.
+                self.fill.opened(handle.inner.blob, inode, handle.offset, handle.size)
+            return handle
+        blob = self._blob(node)
+        if self.fill is not None:
+            self.fill.opened(blob, inode)
+        return self.reader.open(blob, self.nursery)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -291,12 +317,32 @@ class Operations(pyfuse3.Operations):
             return json.dumps({"done": done, "owed": self.fill.owed if self.fill else 0}
                               ).encode()
         if name == XATTR_WARM and self.tree.get(inode).kind is Kind.FILE:
-            warmed = await self.reader.warm(self._blob(inode))
+            node = self._file(inode)
+            assert node.file is not None
+            if node.file.member is None:
+                warmed = await self.reader.warm(self._blob(node))
+            else:
+                warmed = await self._warm_member(node, inode)
             return json.dumps(dataclasses.asdict(warmed), separators=(",", ":")).encode()
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
+
+    async def _warm_member(self, node: Node, inode: int) -> Warmed:
+        """A file inside a packed layer: read through, so its part of the layer goes the
+        way any read's does (verified, then to the disk cache behind the reads)."""
+        assert node.file is not None
+        before = self.reader.fetcher.stats.fetched_bytes
+        handle = await self._open(node, inode)
+        try:
+            step = self.reader.chunk_size
+            for offset in range(0, node.file.size, step):
+                await handle.read(offset, min(step, node.file.size - offset))
+        finally:
+            handle.close()
+        return Warmed(chunks=math.ceil(node.file.size / step) if node.file.size else 0,
+                      fetched=0, bytes=self.reader.fetcher.stats.fetched_bytes - before)
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

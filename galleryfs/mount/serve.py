@@ -21,6 +21,7 @@ from ..registry.ranges import DirectRanges
 from .config import MountConfig
 from .diskcache import DiskCache
 from .operations import Operations
+from .packed import PackedLayers
 from .reader import DEFAULT_MEMORY, WINDOW_CAP, ChunkReader
 from .sources import RegistrySource
 from .tree import Tree
@@ -67,6 +68,10 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=config.chunk_size,
                              memory_bytes=memory, disk=disk,
                              fetch_timeout=config.options.timeout * 2, verify=config.verify)
+        # Compressed packed layers are unpacked beside the disk cache, within its size.
+        packed = PackedLayers(reader, spill_dir=config.cache_dir if disk is not None else None,
+                              spill_limit=config.cache_size)
+        tree.unpack = packed.expand
 
         def counters() -> dict[str, object]:
             return {"registry_bytes": client.bytes_received,
@@ -80,7 +85,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         if fill is not None:
             reader.defer = fill.owe
         ops = Operations(tree, reader, uid=config.uid, gid=config.gid, umask=config.umask,
-                         refresh=config.refresh, counters=counters, fill=fill)
+                         refresh=config.refresh, counters=counters, fill=fill, packed=packed)
         # A bare "galleryfs" fsname is resolved as a path when the cwd has such a folder.
         options = {f"fsname=galleryfs:{config.source}", "subtype=galleryfs", "ro",
                    "default_permissions"}
@@ -105,6 +110,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         finally:
             pyfuse3.close(unmount=True)
             ranges.close()
+            packed.close()
             if disk is not None:
                 disk.close()
     log.info("%s unmounted", config.mountpoint)

@@ -55,7 +55,7 @@ import logging
 import math
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -103,6 +103,11 @@ class Voucher(Protocol):
     """Who vouches for a revision: its signatures, checked against the trusted keys."""
 
     async def vouch(self, repo: str, revision: Revision) -> Verdict: ...
+
+
+# (repo, revision) -> the revision with its packed layers' members in their place
+# (mount/packed.py). None: packed layers stay listed as unservable files.
+Unpack = Callable[[str, Revision], Awaitable[Revision]]
 
 
 class Refused(Unsigned):
@@ -181,8 +186,10 @@ class Tree:
         mount_time_ns: int | None = None,
         policy: Policy | None = None,
         voucher: Voucher | None = None,
+        unpack: Unpack | None = None,
     ) -> None:
         self.source = source
+        self.unpack = unpack
         self.policy = policy or Policy()
         if self.policy.enforced and voucher is None:
             raise ValueError("a signature policy needs a voucher")
@@ -573,6 +580,10 @@ class Tree:
         if revision is None:
             revision = await self.source.manifest(folder.repo, folder.digest)
             self._revisions[folder.digest] = revision
+        if self.unpack is not None:
+            revision = await self.unpack(folder.repo, revision)
+            if folder.children is not None:  # built by a concurrent lookup meanwhile
+                return folder
         self._build_revision(folder, revision)
         return folder
 
@@ -581,7 +592,9 @@ class Tree:
         for f in revision.files:
             parent = rev
             parts = f.path.split("/")
-            for i, part in enumerate(parts[:-1]):
+            # A folder of a packed layer: its path is all folders (shown even if empty).
+            folder = f.member is not None and f.member.folder
+            for i, part in enumerate(parts if folder else parts[:-1]):
                 path = "/".join(parts[: i + 1])
                 sub = self._node(("path", rev.inode, path), Kind.FOLDER, part, parent.inode,
                                  repo=rev.repo, path=path, revision=rev.inode,
@@ -591,6 +604,8 @@ class Tree:
                 assert parent.children is not None
                 parent.children[part] = sub.inode
                 parent = sub
+            if folder:
+                continue
             leaf = self._node(("path", rev.inode, f.path), Kind.FILE, parts[-1], parent.inode,
                               repo=rev.repo, digest=f.digest, path=f.path, file=f,
                               revision=rev.inode, mtime_ns=rev.mtime_ns)

@@ -100,8 +100,10 @@ class PageCacheFill:
         self.stats = FillStats()
         # (digest, size, index) -> blob: a blob is what a revision claims of a digest.
         self._owed: OrderedDict[tuple[str, int, int], BlobRef] = OrderedDict()
-        # (digest, size) -> the inode whose pages hold it
-        self._inodes: dict[tuple[str, int], int] = {}
+        # (digest, size) -> the inodes whose pages hold it: inode -> (where the file
+        # starts in the blob, where it ends). A file is the whole blob, or a member of a
+        # packed layer (a range of it).
+        self._inodes: dict[tuple[str, int], dict[int, tuple[int, int]]] = {}
         self._replies: dict[int, _Reply] = {}
         self._cookies = itertools.count(1)
         self._last_owed = -math.inf
@@ -114,9 +116,14 @@ class PageCacheFill:
     def owed(self) -> int:
         return len(self._owed)
 
-    def opened(self, blob: BlobRef, inode: int) -> None:
-        """`inode` is being read: the pages of `blob` will be found there."""
-        self._inodes[(blob.digest, blob.size)] = inode
+    def opened(self, blob: BlobRef, inode: int, base: int = 0, length: int | None = None
+               ) -> None:
+        """`inode` is being read: the pages of `blob` (from byte `base` on, `length`
+        bytes of it) will be found there."""
+        end = blob.size if length is None else base + length
+        files = self._inodes.setdefault((blob.digest, blob.size), {})
+        files.pop(inode, None)  # the latest opened is asked first
+        files[inode] = (base, end)
 
     def owe(self, blob: BlobRef, index: int) -> None:
         """A chunk fetched from the registry went to a reader, not yet to the disk cache
@@ -208,7 +215,10 @@ class PageCacheFill:
         self.stats.fill_ns += int((trio.current_time() - t0) * 1e9)
 
     async def _from_page_cache(self, blob: BlobRef, start: int, end: int) -> bytes | None:
-        inode = self._inodes.get((blob.digest, blob.size))
+        files = self._inodes.get((blob.digest, blob.size), {})
+        # A file holding the whole chunk (a chunk across two members: none does).
+        inode, base = next(((i, b) for i, (b, e) in reversed(files.items())
+                            if b <= start and end <= e), (None, 0))
         if inode is None:
             return None
         pieces: list[bytes] = []
@@ -218,7 +228,7 @@ class PageCacheFill:
             reply = self._replies[cookie] = _Reply()
             try:
                 try:
-                    self.retrieve(inode, end - pos, pos, cookie)
+                    self.retrieve(inode, end - pos, pos - base, cookie)
                 except OSError as exc:  # the kernel forgot the inode
                     log.debug("retrieve of inode %d failed: %s", inode, exc)
                     return None
