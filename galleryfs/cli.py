@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", choices=("strict", "end"), default="strict",
                    help="files without a chunk table: verify the whole blob before serving "
                         "it (strict, default), or serve unverified bytes (end: weaker)")
+    p.add_argument("--max-inodes", type=int, default=100_000, metavar="N",
+                   help="names the daemon keeps in memory (default 100000; see README)")
 
     p = sub.add_parser("unmount", help="unmount a galleryfs mount")
     p.add_argument("mountpoint", type=Path)
@@ -421,7 +423,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir or default_cache_dir(),
         cache_size=parse_size(args.cache_size, zero=True), refresh=args.refresh,
         chunk_size=parse_size(args.chunk_size), debug=args.debug, verify=args.verify,
-        trusted_keys=keys, audit=args.audit,
+        trusted_keys=keys, audit=args.audit, max_inodes=args.max_inodes,
     )
     return mount_main(config, foreground=args.foreground)
 

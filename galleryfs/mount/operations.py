@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -44,6 +45,11 @@ XATTR_STATS = xattrs.STATS
 XATTR_UNSUPPORTED = xattrs.UNSUPPORTED
 XATTR_FLUSH = xattrs.FLUSH
 FLUSH_TIMEOUT = 120.0
+# Seconds between two trims of an inode table over its bound: the kernel's forgets for
+# what it was asked to let go of come in batches. A trim walks the whole table (about
+# 10 us a node): the pause is also at least TRIM_PAUSE times what the last one took.
+TRIM_INTERVAL = 0.5
+TRIM_PAUSE = 4
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -119,6 +125,7 @@ class Operations(pyfuse3.Operations):
         refresh: float = 30.0,
         counters: Callable[[], dict[str, object]] | None = None,
         fill: PageCacheFill | None = None,
+        invalidate_entry: Callable[[int, bytes], None] | None = None,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -130,8 +137,13 @@ class Operations(pyfuse3.Operations):
         self.fill = fill
         self.readdir_requests = 0
         self.nursery: trio.Nursery | None = None  # for prefetches; set by the runner
-        self._files: dict[int, BlobHandle] = {}
+        self._files: dict[int, tuple[BlobHandle, int]] = {}  # fh -> (handle, inode)
         self._next_fh = 1
+        # How the kernel is asked to let go of an entry (tests pass their own).
+        self._invalidate_entry = invalidate_entry or _invalidate_entry
+        self.invalidations = 0
+        self._trimming = False
+        self._trim_again = False
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -172,8 +184,47 @@ class Operations(pyfuse3.Operations):
                        fill_chunks=st.filled, fill_from_memory=st.from_memory,
                        fill_fetched=st.fetched, fill_missed=st.missed,
                        fill_s=round(st.fill_ns / 1e9, 3))
-        out["inodes"] = self.tree.inode_count
+        out.update(inodes=self.tree.inode_count, inodes_peak=self.tree.inodes_peak,
+                   inodes_max=self.tree.max_inodes, inodes_dropped=self.tree.inodes_dropped,
+                   inode_invalidations=self.invalidations)
         return out
+
+    # ---- bounding the inode table --------------------------------------------------
+
+    def trim(self) -> None:
+        """Trim the tree's inode table; ask the kernel to let go of what it names."""
+        for parent, name in self.tree.trim():
+            self.invalidations += 1
+            try:
+                self._invalidate_entry(parent, os.fsencode(name))
+            except OSError as exc:  # the kernel no longer knows it: nothing to let go of
+                log.debug("invalidating %s: %s", name, exc)
+
+    def _want_trim(self) -> None:
+        """Trim soon if the table is over its bound: at once without a nursery (tests),
+        else in the background, at most every TRIM_INTERVAL seconds."""
+        if not self.tree.over_limit:
+            return
+        if self.nursery is None:
+            self.trim()
+        elif self._trimming:
+            self._trim_again = True
+        else:
+            self._trimming = True
+            self.nursery.start_soon(self._trim_loop)
+
+    async def _trim_loop(self) -> None:
+        try:
+            while True:
+                self._trim_again = False
+                started = time.perf_counter()
+                self.trim()
+                took = time.perf_counter() - started
+                await trio.sleep(max(TRIM_INTERVAL, TRIM_PAUSE * took))
+                if not (self._trim_again and self.tree.over_limit):
+                    return
+        finally:
+            self._trimming = False
 
     # ---- names -------------------------------------------------------------------
 
@@ -181,8 +232,14 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         node = await self.tree.lookup(parent_inode, os.fsdecode(name))
-        await self.tree.revalidate(node.inode)
-        return self._entry(node.inode)
+        try:  # counted (so not dropped) from here; uncounted if no entry is sent
+            await self.tree.revalidate(node.inode)
+            entry = self._entry(node.inode)
+        except BaseException:
+            self.tree.forget(node.inode, 1)
+            raise
+        self._want_trim()
+        return entry
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
@@ -193,6 +250,7 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, n in inode_list:
             self.tree.forget(inode, n)
+        self._want_trim()
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -213,9 +271,12 @@ class Operations(pyfuse3.Operations):
         entries = await self.tree.listdir(fh, refresh=start_id == 0)
         for i in range(start_id, len(entries)):
             name, inode = entries[i]
+            # The kernel takes a reference to each entry of a readdirplus reply (one
+            # it cannot use, it forgets), none to one that did not fit.
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(inode), i + 1):
                 break
             self.tree.count_lookup(inode)
+        self._want_trim()
 
     # ---- data --------------------------------------------------------------------
 
@@ -237,7 +298,8 @@ class Operations(pyfuse3.Operations):
                        label=self.tree.display_path(inode))
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = self.reader.open(blob, self.nursery)
+        self._files[fh] = (self.reader.open(blob, self.nursery), inode)
+        self.tree.opened(inode)
         if self.fill is not None:
             self.fill.opened(blob, inode)
         # Immutable content: let the kernel keep its page cache across opens.
@@ -245,13 +307,14 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._files[fh].read(off, size)
+        return await self._files[fh][0].read(off, size)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        handle = self._files.pop(fh, None)
-        if handle is not None:
-            handle.close()
+        entry = self._files.pop(fh, None)
+        if entry is not None:
+            entry[0].close()
+            self.tree.closed(entry[1])
 
     async def retrieve_reply(self, cookie: int, inode: int, offset: int, data: bytes) -> None:
         if self.fill is not None:
@@ -307,3 +370,9 @@ class Operations(pyfuse3.Operations):
     _refused = fuse_errors(_refuse)
     setattr = mknod = mkdir = unlink = rmdir = symlink = _refused
     rename = link = create = write = setxattr = removexattr = _refused
+
+
+def _invalidate_entry(parent: int, name: bytes) -> None:
+    # Queued to pyfuse3's notify thread: a synchronous invalidation from a request
+    # handler could wait on the folder lock that very request holds.
+    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
