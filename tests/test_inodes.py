@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -324,7 +325,23 @@ def _settled(mnt: Path, bound: int, timeout: float = 30.0) -> dict[str, Any]:
         time.sleep(0.2)
 
 
+def _walk(top: Path) -> tuple[list[tuple[int, int]], list[OSError]]:
+    """(folders, files) of each folder below `top`, walked as eight readers would: one
+    `os.walk` after another takes minutes (four registry requests a model, one model
+    after another, on a busy machine)."""
+    errors: list[OSError] = []
+
+    def one(path: Path) -> list[tuple[int, int]]:
+        return [(len(d), len(f)) for _, d, f in os.walk(path, onerror=errors.append)]
+
+    models = sorted(top.iterdir())
+    with ThreadPoolExecutor(8) as pool:
+        found = [(len(models), 0)] + [c for part in pool.map(one, models) for c in part]
+    return found, errors
+
+
 @pytest.mark.mount
+@pytest.mark.timeout(600)
 @pytest.mark.skipif(not fuse_available(), reason="/dev/fuse unavailable")
 def test_a_big_gallery_listed_twice_keeps_the_daemon_bounded(registry: Registry,
                                                              tmp_path: Path) -> None:
@@ -339,9 +356,7 @@ def test_a_big_gallery_listed_twice_keeps_the_daemon_bounded(registry: Registry,
         wait_for_mount(proc, mnt, log)
         rss_before = _rss(proc.pid)
         for walk in (1, 2):
-            errors: list[OSError] = []
-            found = [(len(dirs), len(names))
-                     for _, dirs, names in os.walk(mnt / "big", onerror=errors.append)]
+            found, errors = _walk(mnt / "big")
             assert not errors
             # A model: 3 revision folders and 3 tags (links to folders); FILES a revision.
             assert sum(d for d, _ in found) == MODELS * 7
@@ -421,3 +436,23 @@ def test_a_killed_daemon_gives_mmap_readers_sigbus_and_the_next_mount_recovers(
             reader.kill()
             reader.wait(timeout=10)
         unmount(mnt, proc)
+
+
+def test_max_inodes_is_checked_and_reaches_the_daemon_child() -> None:
+    from galleryfs.errors import UsageError
+    from galleryfs.mount.config import MountConfig
+    from galleryfs.registry.client import ClientOptions
+
+    def config(**changes: Any) -> MountConfig:
+        return MountConfig("registry.example:5000/team", "mnt", ClientOptions(), "cache",
+                           **changes)
+
+    assert config().max_inodes == 100_000
+    assert MountConfig.from_json(config(max_inodes=5000).to_json()).max_inodes == 5000
+    with pytest.raises(UsageError, match="--max-inodes must be at least 1000"):
+        config(max_inodes=10)
+    bad = subprocess.run([sys.executable, "-m", "galleryfs", "mount", "127.0.0.1:1/g", "/nonexistent",
+                          "--max-inodes", "5"], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--max-inodes must be at least 1000" in bad.stderr

@@ -218,7 +218,10 @@ class Operations(pyfuse3.Operations):
             while True:
                 self._trim_again = False
                 started = time.perf_counter()
-                self.trim()
+                try:
+                    self.trim()
+                except Exception:  # a bug here must not take the mount down with it
+                    log.exception("trimming the inode table failed")
                 took = time.perf_counter() - started
                 await trio.sleep(max(TRIM_INTERVAL, TRIM_PAUSE * took))
                 if not (self._trim_again and self.tree.over_limit):

@@ -302,6 +302,9 @@ class Tree:
 
     def opened(self, inode: int) -> None:
         self._open[inode] = self._open.get(inode, 0) + 1
+        node = self._nodes.get(inode)
+        if node is not None:
+            self._touch(node)
 
     def closed(self, inode: int) -> None:
         left = self._open.get(inode, 0) - 1
