@@ -9,6 +9,7 @@ mount tests do the same through a real kernel and a real registry.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ from typing import Any
 import httpx
 import pyfuse3
 import pytest
+import trio
+import trio.testing
 
 from galleryfs import digest as digests
 from galleryfs import modelpack
@@ -259,8 +262,8 @@ MODELS = 2000
 FILES = 8  # a revision's files (one blob): 62,000 names in all
 MOUNT_MAX_INODES = 4000
 # Measured here: the daemon starts at about 44 MiB. Walking the gallery twice took it to
-# 53 MiB with --max-inodes 4000; without a bound it held all 62,000 names, at 78 MiB
-# (about 0.6 KiB a name).
+# 50-57 MiB with --max-inodes 4000; without a bound (--max-inodes 100000000) it held all
+# 62,002 names after each walk, at 78 MiB (about 0.6 KiB a name).
 RSS_GROWTH = 20 << 20
 RSS_BOUND = 100 << 20
 
@@ -456,3 +459,32 @@ def test_max_inodes_is_checked_and_reaches_the_daemon_child() -> None:
                          stdin=subprocess.DEVNULL)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "--max-inodes must be at least 1000" in bad.stderr
+
+
+@pytest.mark.trio
+async def test_trims_run_in_the_background_at_most_every_interval(
+        monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock) -> None:
+    from galleryfs.mount import operations
+
+    tree = Tree(_gallery(30), "", max_inodes=50)
+    kernel = FakeKernel()
+    ops = _ops(tree, kernel)
+    trims: list[float] = []
+    real_trim = tree.trim
+
+    def counted() -> list[tuple[int, str]]:
+        trims.append(trio.current_time())
+        return real_trim()
+
+    monkeypatch.setattr(tree, "trim", counted)
+    async with trio.open_nursery() as nursery:
+        ops.nursery = nursery
+        await _ls_r(ops, kernel)  # hundreds of requests over the bound, none waits on a trim
+        assert len(trims) == 1
+        for _ in range(20):  # each trim asks, the forgets come, the next trim drops
+            await trio.sleep(operations.TRIM_INTERVAL)
+            await kernel.deliver()
+        assert all(b - a >= operations.TRIM_INTERVAL for a, b in itertools.pairwise(trims))
+        assert 2 <= len(trims) <= 21
+        assert tree.inode_count <= tree.max_inodes
+        nursery.cancel_scope.cancel()
