@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", choices=("strict", "end"), default="strict",
                    help="files without a chunk table: verify the whole blob before serving "
                         "it (strict, default), or serve unverified bytes (end: weaker)")
+    p.add_argument("--max-inodes", type=int, default=100_000, metavar="N",
+                   help="names the daemon keeps in memory (default 100000; see README)")
     g = p.add_argument_group("who may read")
     g.add_argument("--allow-other", action="store_true",
                    help="let other local users read (as the modes allow; non-root needs "
@@ -624,7 +626,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir or default_cache_dir(),
         cache_size=parse_size(args.cache_size, zero=True), refresh=args.refresh,
         chunk_size=parse_size(args.chunk_size), debug=args.debug, verify=args.verify,
-        trusted_keys=keys, audit=args.audit,
+        trusted_keys=keys, audit=args.audit, max_inodes=args.max_inodes,
         allow_other=args.allow_other, uid=args.uid, gid=args.gid, umask=args.umask,
     )
     return mount_main(config, foreground=args.foreground)

@@ -22,6 +22,7 @@ from ..registry.retry import RetryPolicy
 from ..trust.keys import parse_public
 from ..trust.policy import Policy
 from .reader import DEFAULT_CHUNK
+from .tree import DEFAULT_MAX_INODES
 from .verify import MODES as VERIFY_MODES
 from .verify import STRICT
 
@@ -29,6 +30,7 @@ DEFAULT_CACHE_SIZE = 10 << 30
 DEFAULT_REFRESH = 30.0
 MIN_CHUNK = 4 << 10
 MAX_CHUNK = 256 << 20
+MIN_INODES = 1000
 
 
 def default_cache_dir() -> str:
@@ -57,6 +59,7 @@ class MountConfig:
     uid: int | None = None  # owner shown; None: the user who mounts
     gid: int | None = None
     umask: int = 0o022  # bits taken from r-xr-xr-x (folders) and r--r--r-- (files)
+    max_inodes: int = DEFAULT_MAX_INODES  # bound of the inode table (tree.py)
 
     def __post_init__(self) -> None:
         self.mountpoint = os.path.abspath(self.mountpoint)
@@ -68,6 +71,8 @@ class MountConfig:
             raise UsageError("--refresh must not be negative")
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
             raise UsageError("--chunk-size must be between 4K and 256M")
+        if self.max_inodes < MIN_INODES:
+            raise UsageError(f"--max-inodes must be at least {MIN_INODES}")
         if self.verify not in VERIFY_MODES:
             raise UsageError(f"--verify takes {' or '.join(VERIFY_MODES)}")
         for name, value in (("--uid", self.uid), ("--gid", self.gid)):

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -49,6 +50,11 @@ XATTR_UNSUPPORTED = xattrs.UNSUPPORTED
 XATTR_FLUSH = xattrs.FLUSH
 XATTR_WARM = xattrs.WARM
 FLUSH_TIMEOUT = 120.0
+# Seconds between two trims of an inode table over its bound: the kernel's forgets for
+# what it was asked to let go of come in batches. A trim walks the whole table (about
+# 10 us a node): the pause is also at least TRIM_PAUSE times what the last one took.
+TRIM_INTERVAL = 0.5
+TRIM_PAUSE = 4
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -128,6 +134,7 @@ class Operations(pyfuse3.Operations):
         counters: Callable[[], dict[str, object]] | None = None,
         fill: PageCacheFill | None = None,
         packed: PackedLayers | None = None,
+        invalidate_entry: Callable[[int, bytes], None] | None = None,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -141,8 +148,13 @@ class Operations(pyfuse3.Operations):
         self.fill = fill
         self.readdir_requests = 0
         self.nursery: trio.Nursery | None = None  # for prefetches; set by the runner
-        self._files: dict[int, Handle] = {}
+        self._files: dict[int, tuple[Handle, int]] = {}  # fh -> (handle, inode)
         self._next_fh = 1
+        # How the kernel is asked to let go of an entry (tests pass their own).
+        self._invalidate_entry = invalidate_entry or _invalidate_entry
+        self.invalidations = 0
+        self._trimming = False
+        self._trim_again = False
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -186,8 +198,50 @@ class Operations(pyfuse3.Operations):
                        fill_chunks=st.filled, fill_from_memory=st.from_memory,
                        fill_fetched=st.fetched, fill_missed=st.missed,
                        fill_s=round(st.fill_ns / 1e9, 3))
-        out["inodes"] = self.tree.inode_count
+        out.update(inodes=self.tree.inode_count, inodes_peak=self.tree.inodes_peak,
+                   inodes_max=self.tree.max_inodes, inodes_dropped=self.tree.inodes_dropped,
+                   inode_invalidations=self.invalidations)
         return out
+
+    # ---- bounding the inode table --------------------------------------------------
+
+    def trim(self) -> None:
+        """Trim the tree's inode table; ask the kernel to let go of what it names."""
+        for parent, name in self.tree.trim():
+            self.invalidations += 1
+            try:
+                self._invalidate_entry(parent, os.fsencode(name))
+            except OSError as exc:  # the kernel no longer knows it: nothing to let go of
+                log.debug("invalidating %s: %s", name, exc)
+
+    def _want_trim(self) -> None:
+        """Trim soon if the table is over its bound: at once without a nursery (tests),
+        else in the background, at most every TRIM_INTERVAL seconds."""
+        if not self.tree.over_limit:
+            return
+        if self.nursery is None:
+            self.trim()
+        elif self._trimming:
+            self._trim_again = True
+        else:
+            self._trimming = True
+            self.nursery.start_soon(self._trim_loop)
+
+    async def _trim_loop(self) -> None:
+        try:
+            while True:
+                self._trim_again = False
+                started = time.perf_counter()
+                try:
+                    self.trim()
+                except Exception:  # a bug here must not take the mount down with it
+                    log.exception("trimming the inode table failed")
+                took = time.perf_counter() - started
+                await trio.sleep(max(TRIM_INTERVAL, TRIM_PAUSE * took))
+                if not (self._trim_again and self.tree.over_limit):
+                    return
+        finally:
+            self._trimming = False
 
     # ---- names -------------------------------------------------------------------
 
@@ -195,8 +249,14 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         node = await self.tree.lookup(parent_inode, os.fsdecode(name))
-        await self.tree.revalidate(node.inode)
-        return self._entry(node.inode)
+        try:  # counted (so not dropped) from here; uncounted if no entry is sent
+            await self.tree.revalidate(node.inode)
+            entry = self._entry(node.inode)
+        except BaseException:
+            self.tree.forget(node.inode, 1)
+            raise
+        self._want_trim()
+        return entry
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
@@ -207,6 +267,7 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, n in inode_list:
             self.tree.forget(inode, n)
+        self._want_trim()
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -227,9 +288,12 @@ class Operations(pyfuse3.Operations):
         entries = await self.tree.listdir(fh, refresh=start_id == 0)
         for i in range(start_id, len(entries)):
             name, inode = entries[i]
+            # The kernel takes a reference to each entry of a readdirplus reply (one
+            # it cannot use, it forgets), none to one that did not fit.
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(inode), i + 1):
                 break
             self.tree.count_lookup(inode)
+        self._want_trim()
 
     # ---- data --------------------------------------------------------------------
 
@@ -258,7 +322,8 @@ class Operations(pyfuse3.Operations):
         node = self._file(inode)
         assert node.file is not None
         fh = self._next_fh
-        self._files[fh] = await self._open(node, inode)
+        self._files[fh] = (await self._open(node, inode), inode)
+        self.tree.opened(inode)
         self._next_fh += 1
         # Immutable content: let the kernel keep its page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -282,13 +347,14 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._files[fh].read(off, size)
+        return await self._files[fh][0].read(off, size)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        handle = self._files.pop(fh, None)
-        if handle is not None:
-            handle.close()
+        entry = self._files.pop(fh, None)
+        if entry is not None:
+            entry[0].close()
+            self.tree.closed(entry[1])
 
     async def retrieve_reply(self, cookie: int, inode: int, offset: int, data: bytes) -> None:
         if self.fill is not None:
@@ -367,3 +433,9 @@ class Operations(pyfuse3.Operations):
     _refused = fuse_errors(_refuse)
     setattr = mknod = mkdir = unlink = rmdir = symlink = _refused
     rename = link = create = write = setxattr = removexattr = _refused
+
+
+def _invalidate_entry(parent: int, name: bytes) -> None:
+    # Queued to pyfuse3's notify thread: a synchronous invalidation from a request
+    # handler could wait on the folder lock that very request holds.
+    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)

@@ -54,7 +54,8 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
     async with RegistryClient(host, config.options) as client:
         policy = config.policy
         source = RegistrySource(client, policy.keys)
-        tree = Tree(source, root, refresh=config.refresh, policy=policy, voucher=source)
+        tree = Tree(source, root, refresh=config.refresh, policy=policy, voucher=source,
+                    max_inodes=config.max_inodes)
         await tree.check()
         # --cache-size 0: no disk cache. A cold read then writes nothing locally (where the
         # cache shares a disk with the data being read, that write is what bounds it), and

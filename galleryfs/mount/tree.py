@@ -40,22 +40,36 @@ the moment its listing last changed, and `fresh_for` says how long its listing s
 fresh: the kernel caches a listing while the folder's attributes are valid and re-reads
 it when the mtime has moved (see `operations.Operations.opendir`).
 
-Inodes are allocated on first sight of a name and kept for the mount's lifetime: keys
-are stable (repository, tag, digest, path), so a name always gets the same inode.
-Lookup counts are kept as the kernel requires; nothing is freed when they reach zero
-because names already seen are few and cheap, and an inode must not be reused while
-the kernel might still refer to it.
+Inodes and memory. An inode number is a hash of the node's key (repository, tag,
+digest, path), so a name gets the same number whenever it is made: the tree may drop
+what it knows of a folder and build it again later (from the registry, or from the
+manifest it kept) without the kernel seeing a number move, not even in a listing it
+cached. A number is never given to another key while a node holds it, and a node is
+dropped only when the kernel holds no reference to it (its lookup count, raised by each
+lookup and each readdirplus entry, lowered by `forget`, is 0) and no file handle uses it,
+so a number the kernel may still use always means the same entry. A hash collision (two
+keys, one 63-bit number: about 1 in 10^8 for 100,000 live nodes) is settled by hashing
+again, once the first number is taken.
+
+`max_inodes` bounds the table: when it holds more nodes, `trim` drops the contents of
+folders nothing below which is held (stale listings first, then the least recently
+used), drops nodes no listing reaches any more (tags deleted or moved), and names the
+least recently used entries below the pinned top of the tree (the root, and a registry
+root's galleries) for the kernel to let go of (`Operations` sends the kernel an entry
+invalidation; the forgets that follow let the next `trim` drop them). Memory then follows
+`max_inodes` and the size of the pinned listings, not how much was ever listed.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import enum
+import hashlib
 import logging
 import math
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -87,6 +101,15 @@ RESOLVE_CONCURRENCY = 8
 # Not beyond this many children: a registry root can hold thousands.
 PREFETCH_LISTINGS = 4
 PREFETCH_MAX_CHILDREN = 1000
+# The default bound of the inode table (`--max-inodes`); a node and its share of the
+# listings take about 1-2 KiB.
+DEFAULT_MAX_INODES = 100_000
+# A trim brings the table down to this share of the bound, so that it is not trimmed
+# again at every new name.
+TRIM_TARGET = 0.8
+# An entry the kernel was asked to let go of is not asked about again for this long
+# (one in use, a working directory or an open file, stays).
+REASK_AFTER = 30.0
 
 
 class Source(Protocol):
@@ -137,7 +160,9 @@ class Node:
     revision: int = 0  # FOLDER/FILE: inode of the revision folder
     mtime_ns: int = 0
     children: dict[str, int] | None = None  # REVISION/FOLDER: fixed contents
-    lookups: int = 0
+    lookups: int = 0  # references the kernel holds (lookups and readdirplus entries)
+    key: tuple = ()  # what the inode number is a hash of
+    touched: int = 0  # when last looked up or listed (a tick of the tree's own)
 
     @property
     def is_dir(self) -> bool:
@@ -171,6 +196,17 @@ class _NamespaceState:
     listing: _Listing | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
     prefetching: bool = False
+    # What the last listing held, kept when a trim drops the listing: the folder's
+    # mtime moves only if the next one differs (the kernel may have cached the old one).
+    fingerprint: int | None = None
+
+
+@dataclass
+class _Survey:
+    order: list[int] = field(default_factory=list)  # reached from the root, parents first
+    size: dict[int, int] = field(default_factory=dict)  # nodes below
+    held: dict[int, bool] = field(default_factory=dict)  # any below held or busy
+    recent: dict[int, int] = field(default_factory=dict)  # latest touch at or below
 
 
 class Tree:
@@ -187,9 +223,11 @@ class Tree:
         policy: Policy | None = None,
         voucher: Voucher | None = None,
         unpack: Unpack | None = None,
+        max_inodes: int = DEFAULT_MAX_INODES,
     ) -> None:
         self.source = source
         self.unpack = unpack
+        self.max_inodes = max_inodes  # 0: unbounded
         self.policy = policy or Policy()
         if self.policy.enforced and voucher is None:
             raise ValueError("a signature policy needs a voucher")
@@ -211,7 +249,11 @@ class Tree:
         self._catalog_repos: list[str] = []
         self._catalog_lock = trio.Lock()
         self._warned: set[tuple[str, str]] = set()
-        self._next_inode = ROOT_INODE
+        self._open: dict[int, int] = {}  # inode -> open file handles
+        self._tick = 0
+        self._asked: dict[int, float] = {}  # inode -> when the kernel was asked to let go
+        self.inodes_peak = 0
+        self.inodes_dropped = 0
         # Where background listings run (the mount's nursery); None: never.
         self.spawn: trio.Nursery | None = None
         self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_LISTINGS)
@@ -226,16 +268,28 @@ class Tree:
         inode = self._keys.get(key)
         if inode is not None:
             return self._nodes[inode]
-        inode = self._next_inode
-        self._next_inode += 1
-        node = Node(inode, kind, name, parent, **fields)  # type: ignore[arg-type]
+        inode = ROOT_INODE if not self._nodes else self._number(key)
+        node = Node(inode, kind, name, parent, key=key, **fields)  # type: ignore[arg-type]
         if not node.mtime_ns:
             node.mtime_ns = self.mount_time_ns
         self._nodes[inode] = node
         self._keys[key] = inode
         if kind is Kind.NAMESPACE:
             self._namespaces[inode] = _NamespaceState()
+        self.inodes_peak = max(self.inodes_peak, len(self._nodes))
         return node
+
+    def _number(self, key: tuple) -> int:
+        """The key's inode number: the same each time the key is made (see the module
+        docstring), never one a live node holds."""
+        text = repr(key).encode("utf-8", "surrogatepass")
+        salt = b""
+        while True:
+            h = hashlib.blake2b(text, digest_size=8, salt=salt).digest()
+            inode = int.from_bytes(h, "big") >> 1  # 63 bits: st_ino stays positive
+            if inode > ROOT_INODE and inode not in self._nodes:
+                return inode
+            salt = (int.from_bytes(salt or b"\0", "big") + 1).to_bytes(8, "big")
 
     def get(self, inode: int) -> Node:
         try:
@@ -243,17 +297,210 @@ class Tree:
         except KeyError:
             raise NotFound(f"inode {inode} is unknown") from None
 
+    def _touch(self, node: Node) -> None:
+        self._tick += 1
+        node.touched = self._tick
+
     def count_lookup(self, inode: int, n: int = 1) -> None:
         self._nodes[inode].lookups += n
 
     def forget(self, inode: int, n: int) -> None:
+        """The kernel dropped `n` references; a node at 0 may go at the next `trim`."""
         node = self._nodes.get(inode)
         if node is not None:
             node.lookups = max(0, node.lookups - n)
+            if not node.lookups:
+                self._asked.pop(inode, None)  # let go: ask again if it is taken again
+
+    def opened(self, inode: int) -> None:
+        self._open[inode] = self._open.get(inode, 0) + 1
+        node = self._nodes.get(inode)
+        if node is not None:
+            self._touch(node)
+
+    def closed(self, inode: int) -> None:
+        left = self._open.get(inode, 0) - 1
+        if left > 0:
+            self._open[inode] = left
+        else:
+            self._open.pop(inode, None)
 
     @property
     def inode_count(self) -> int:
         return len(self._nodes)
+
+    @property
+    def over_limit(self) -> bool:
+        return bool(self.max_inodes) and len(self._nodes) > self.max_inodes
+
+    # ---- bounding the table ------------------------------------------------------
+
+    def trim(self) -> list[tuple[int, str]]:
+        """Bring the table back under `max_inodes` as far as the kernel lets it; the
+        (parent inode, name) entries the kernel should be asked to let go of for more.
+
+        First the contents of folders nothing below which is held are dropped (they
+        are built again when asked for): stale namespace listings first, which would
+        be read again anyway, then the least recently used. Then nodes no folder lists
+        any more, and that the kernel does not hold. Nothing the kernel holds, nothing
+        an open file uses and no listing being read is dropped.
+        """
+        if not self.over_limit:
+            return []
+        target = int(self.max_inodes * TRIM_TARGET)
+        survey = self._survey()
+        units = [i for i in survey.order if self._clearable(i, survey)
+                 and not self._clearable(self._nodes[i].parent, survey)]
+        now = self.clock()
+
+        def stale_then_lru(inode: int) -> tuple[bool, int]:
+            state = self._namespaces.get(inode)
+            fresh = state is None or (state.listing is not None
+                                      and now - state.listing.fetched_at < self.refresh)
+            return fresh, survey.recent[inode]
+
+        for inode in sorted(units, key=stale_then_lru):
+            if len(self._nodes) <= target:
+                break
+            self._clear(self._nodes[inode])
+        self._sweep()
+        self._asked = {i: t for i, t in self._asked.items()
+                       if i in self._nodes and now - t < REASK_AFTER}
+        excess = len(self._nodes) - target
+        if excess <= 0:
+            return []
+        # The kernel holds the rest: ask it to let go of the least recently used
+        # entries below the pinned top, each with everything below it.
+        pinned = self._pinned()
+        candidates = [i for top in pinned for i in self._contents(self._nodes[top])
+                      if i in self._nodes and i not in pinned and i not in self._asked
+                      and survey.held.get(i)]  # else nothing below it to let go of
+        asks: list[tuple[int, str]] = []
+        for inode in sorted(candidates, key=lambda i: survey.recent[i]):
+            if excess <= 0:
+                break
+            node = self._nodes[inode]
+            asks.append((node.parent, node.name))
+            self._asked[inode] = now
+            excess -= 1 + survey.size.get(inode, 0)
+        return asks
+
+    def _pinned(self) -> set[int]:
+        pinned = {ROOT_INODE}
+        if not self.root_repo:  # a registry root: its galleries stay too
+            pinned.update(self._contents(self._nodes[ROOT_INODE]))
+        return pinned
+
+    def _contents(self, node: Node) -> Iterable[int]:
+        if node.kind is Kind.NAMESPACE:
+            state = self._namespaces.get(node.inode)
+            if state is None or state.listing is None:
+                return ()
+            return state.listing.entries.values()
+        return node.children.values() if node.children else ()
+
+    def _busy(self, node: Node) -> bool:
+        state = self._namespaces.get(node.inode)
+        return state is not None and state.lock.locked()
+
+    def _free(self, node: Node) -> bool:
+        return node.lookups == 0 and node.inode not in self._open and not self._busy(node)
+
+    def _survey(self) -> _Survey:
+        """For each folder reached from the root: how many nodes are below it, whether
+        any of them is held, and when any of them was last used."""
+        survey = _Survey()
+        seen: set[int] = set()
+        stack = [ROOT_INODE]
+        while stack:
+            inode = stack.pop()
+            if inode in seen or inode not in self._nodes:
+                continue
+            seen.add(inode)
+            survey.order.append(inode)
+            stack.extend(self._contents(self._nodes[inode]))
+        for inode in reversed(survey.order):  # children before their folder
+            node = self._nodes[inode]
+            size, held, recent = 0, False, node.touched
+            for child in self._contents(node):
+                if child not in survey.size:
+                    continue
+                size += 1 + survey.size[child]
+                held = held or survey.held[child] or not self._free(self._nodes[child])
+                recent = max(recent, survey.recent[child])
+            survey.size[inode], survey.held[inode], survey.recent[inode] = size, held, recent
+        return survey
+
+    def _clearable(self, inode: int, survey: _Survey) -> bool:
+        """A namespace's listing or a revision's files can be dropped: none is held."""
+        node = self._nodes.get(inode)
+        return (node is not None and inode != ROOT_INODE and inode in survey.size
+                and node.kind in (Kind.NAMESPACE, Kind.REVISION)
+                and (survey.size[inode] > 0 or self._has_contents(node))
+                and not survey.held[inode] and not self._busy(node))
+
+    def _has_contents(self, node: Node) -> bool:
+        if node.kind is Kind.NAMESPACE:
+            state = self._namespaces.get(node.inode)
+            return state is not None and state.listing is not None
+        return node.children is not None
+
+    def _clear(self, folder: Node) -> None:
+        """Drop a folder's contents and everything below them; they are built again
+        (with the same inode numbers) when next asked for."""
+        stack = list(self._contents(folder))
+        if folder.kind is Kind.NAMESPACE:
+            self._namespaces[folder.inode].listing = None
+        else:
+            folder.children = None
+        while stack:
+            node = self._nodes.get(stack.pop())
+            if node is not None:
+                stack.extend(self._contents(node))
+                self._drop(node)
+
+    def _sweep(self) -> None:
+        """Drop nodes that no listing reaches from the root or from a held node."""
+        keep: set[int] = set()
+        held = [i for i, n in self._nodes.items() if not self._free(n)]
+        above: set[int] = set()
+        for inode in held:  # and the folders above them
+            node = self._nodes.get(self._nodes[inode].parent)
+            while node is not None and node.inode not in above:
+                above.add(node.inode)
+                node = self._nodes.get(node.parent)
+        stack = [ROOT_INODE, *held, *above]
+        # A listing being built has made nodes it has not published yet.
+        building = {i for i, s in self._namespaces.items() if s.lock.locked()}
+        stack += [i for i, n in self._nodes.items() if n.parent in building]
+        while stack:
+            inode = stack.pop()
+            if inode in keep or inode not in self._nodes:
+                continue
+            keep.add(inode)
+            stack.extend(self._contents(self._nodes[inode]))
+        for inode in [i for i in self._nodes if i not in keep]:
+            self._drop(self._nodes[inode])
+        # Manifests and verdicts go with the last node that names their revision.
+        live = {n.digest for n in self._nodes.values() if n.kind in (Kind.REVISION, Kind.TAG)}
+        live_revs = {(n.repo, n.digest) for n in self._nodes.values()
+                     if n.kind in (Kind.REVISION, Kind.TAG)}
+        for digest in [d for d in self._revisions if d not in live]:
+            del self._revisions[digest]
+        for key in [k for k in self._verdicts if k not in live_revs]:
+            del self._verdicts[key]
+        for key in [k for k, lock in self._vouching.items()
+                    if k not in live_revs and not lock.locked()]:
+            del self._vouching[key]
+
+    def _drop(self, node: Node) -> None:
+        if self._nodes.get(node.inode) is not node:
+            return
+        del self._nodes[node.inode]
+        if self._keys.get(node.key) == node.inode:
+            del self._keys[node.key]
+        self._namespaces.pop(node.inode, None)
+        self.inodes_dropped += 1
 
     # ---- attributes --------------------------------------------------------------
 
@@ -284,6 +531,7 @@ class Tree:
         """The child `name` of folder `parent`; counts one lookup."""
         node = await self._child(parent, name)
         node.lookups += 1
+        self._touch(node)
         return node
 
     async def _child(self, parent: int, name: str) -> Node:
@@ -317,6 +565,7 @@ class Tree:
         folder = self.get(inode)
         if not folder.is_dir:
             raise NotADirectoryError(inode)
+        self._touch(folder)
         if folder.kind is Kind.NAMESPACE:
             entries = await self._namespace_entries(folder, refresh=refresh)
             self._prefetch_children(entries)
@@ -341,7 +590,8 @@ class Tree:
             self.spawn.start_soon(self._prefetch_listing, node)
 
     def _listed(self, folder: Node) -> bool:
-        listing = self._namespaces[folder.inode].listing
+        state = self._namespaces.get(folder.inode)
+        listing = state.listing if state is not None else None
         return listing is not None and self.clock() - listing.fetched_at < self.refresh
 
     def fresh_for(self, inode: int) -> float:
@@ -364,7 +614,8 @@ class Tree:
         state = self._namespaces[folder.inode]
         try:
             async with self._prefetch_limiter:
-                if not self._listed(folder):
+                # A trim may have dropped the folder while this waited its turn.
+                if self._nodes.get(folder.inode) is folder and not self._listed(folder):
                     await self._namespace_entries(folder)
                     self.prefetched_listings += 1
         except GalleryError as exc:  # the foreground listing will report it
@@ -377,7 +628,9 @@ class Tree:
         if node.kind is not Kind.TAG:
             raise UnsupportedContent(f"inode {inode} is not a symlink")
         # Tags move: refresh the owning listing when it is stale, so the link follows.
-        await self._namespace_entries(self._nodes[node.parent])
+        folder = self._nodes.get(node.parent)
+        if folder is not None:  # else a tag gone from the registry, still held
+            await self._namespace_entries(folder)
         return node.digest
 
     def display_path(self, inode: int) -> str:
@@ -446,10 +699,12 @@ class Tree:
                             self.display_path(folder.inode), exc)
                 listing.fetched_at = self.clock()
                 return listing.entries
-            if listing is not None and entries != listing.entries:
+            fingerprint = hash(tuple(sorted(entries.items())))
+            if state.fingerprint is not None and fingerprint != state.fingerprint:
                 # Strictly later: the kernel compares it with the mtime it cached.
                 folder.mtime_ns = max(folder.mtime_ns + 1, time.time_ns())
             state.listing = _Listing(entries, self.clock())
+            state.fingerprint = fingerprint
             return entries
 
     async def _build_namespace(self, folder: Node) -> dict[str, int]:
@@ -574,7 +829,7 @@ class Tree:
             return folder
         if folder.kind is Kind.FOLDER:
             # Subfolders are built together with their revision.
-            await self._expand(self._nodes[folder.revision])
+            await self._expand(self.get(folder.revision))
             return folder
         revision = self._revisions.get(folder.digest)
         if revision is None:
