@@ -5,6 +5,12 @@ Every network fetch of the data path goes through `BlobFetch`, so a dead registr
 into an error rather than a hang, and a blob the registry lost turns into `BlobMissing`:
 a file the listing shows but whose bytes are gone is damage (EIO), not absence (ENOENT).
 
+Time is bounded by stalls, not totals (registry/deadline.py): a fetch gives up once
+`timeout` passes without 64 KiB of it arriving, retries and fallbacks included. A reader
+(`waiting`) gives up once no 64 KiB *of its blob* arrived for `timeout`, whichever task
+fetches them: a read queued behind a prefetch span or a whole-blob check of the same
+blob waits while those move, and not `timeout` more for each of them when they stall.
+
 Two shapes: `range`, exactly bytes [start, end) in one buffer; and `span`, one request
 for a run of chunks handed over chunk by chunk as they arrive (the registry spends far
 less CPU per byte on a few long ranges than on many chunk-sized ones).
@@ -12,14 +18,16 @@ less CPU per byte on a few long ranges than on many chunk-sized ones).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn
 
 import trio
 
 from ..errors import BlobMissing, NotFound, RegistryUnavailable
+from ..registry.deadline import Watchdog
 from .blob import BlobRef, Chunk
 
 # (repo, digest, start, end) -> exactly bytes [start, end)
@@ -32,6 +40,10 @@ SpanFetcher = Callable[[str, str, int, int, int, Deliver], Awaitable[int]]
 # A span's piece for its taker: False when it was no longer wanted (not counted). The
 # next piece is received meanwhile only if it returns before checking the piece.
 Take = Callable[[int, bytearray], Awaitable[bool]]
+
+
+# Seconds after a reader's wait stalled in which another wait for that blob fails at once.
+STALL_MEMORY = 1.0
 
 
 @dataclass
@@ -48,21 +60,59 @@ class BlobFetch:
         self.span_fetch = span_fetch
         self.timeout = timeout
         self.stats = FetchStats()
+        # (digest, size) -> the progress of every fetch of that blob, while anyone waits.
+        self._blobs: weakref.WeakValueDictionary[tuple[str, int], Watchdog] = (
+            weakref.WeakValueDictionary())
+        # (digest, size) -> when a reader's wait for it stalled, and the error it got.
+        self._stalled: dict[tuple[str, int], tuple[float, RegistryUnavailable]] = {}
 
     @property
     def spans(self) -> bool:
         return self.span_fetch is not None
 
+    def _blob(self, blob: BlobRef) -> Watchdog:
+        key = (blob.digest, blob.size)
+        dog = self._blobs.get(key)
+        if dog is None:
+            dog = self._blobs[key] = Watchdog(self.timeout, f"{blob.repo}@{blob.digest}")
+        return dog
+
+    def _fetching(self, blob: BlobRef) -> Watchdog:
+        """The watchdog of one fetch, its bytes counted for the blob too."""
+        return Watchdog(self.timeout, f"{blob.repo}@{blob.digest}", parent=self._blob(blob))
+
+    @contextmanager
+    def waiting(self, blob: BlobRef) -> Iterator[None]:
+        """A reader's wait for the blob's bytes: `RegistryUnavailable` once none of
+        them arrived for `timeout` (module docstring). Right after such a failure, the
+        next wait fails at once: the kernel follows a failed read-ahead with a read of
+        its own, which would double what the reader waits for its EIO."""
+        key = (blob.digest, blob.size)
+        failed = self._stalled.get(key)
+        if failed is not None:
+            if trio.current_time() - failed[0] < STALL_MEMORY:
+                raise failed[1]
+            del self._stalled[key]
+        dog = self._blob(blob)
+        with dog.watch() as scope:
+            yield
+        if scope.cancelled_caught:
+            error = dog.stalled()
+            self._stalled[key] = (trio.current_time(), error)
+            while len(self._stalled) > 64:
+                del self._stalled[next(iter(self._stalled))]
+            raise error
+
     async def range(self, blob: BlobRef, start: int, end: int) -> Chunk:
         """Bytes [start, end) of the blob, straight from the registry."""
+        dog = self._fetching(blob)
         try:
-            with trio.move_on_after(self.timeout) as scope:
+            with dog.watch() as scope:
                 data = await self.fetch(blob.repo, blob.digest, start, end)
         except NotFound as exc:
             _missing(blob, exc)
         if scope.cancelled_caught:
-            raise RegistryUnavailable(
-                f"{blob.repo}@{blob.digest}: no data within {self.timeout:g}s")
+            raise dog.stalled()
         if len(data) != end - start:
             raise RegistryUnavailable(
                 f"{blob.repo}@{blob.digest}: got {len(data)} bytes for a {end - start} byte range")
@@ -72,8 +122,8 @@ class BlobFetch:
 
     async def span(self, blob: BlobRef, start: int, end: int, piece: int, take: Take) -> None:
         """Bytes [start, end) with one request, handed to `take` `piece` bytes at a time.
-        Returns early, without an error, on a timeout (a piece's time for every piece):
-        the caller gives up what was not taken."""
+        Returns early, without an error, once it stalls (`timeout` without 64 KiB): the
+        caller gives up what was not taken."""
         assert self.span_fetch is not None
         stats = self.stats
 
@@ -84,7 +134,7 @@ class BlobFetch:
 
         stats.spans += 1
         try:
-            with trio.move_on_after(self.timeout * math.ceil((end - start) / piece)):
+            with self._fetching(blob).watch():
                 await self.span_fetch(blob.repo, blob.digest, start, end, piece, deliver)
         except NotFound as exc:
             _missing(blob, exc)

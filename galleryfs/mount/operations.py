@@ -33,7 +33,7 @@ from . import xattrs
 from .reader import BlobHandle, BlobRef, ChunkReader
 from .tree import ROOT_INODE, Kind, Refused, Tree
 from .verify import ChunkMismatch
-from .writeback import PageCacheFill
+from .writeback import UNMOUNT_FLUSH, PageCacheFill
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ XATTR_MEDIATYPE = xattrs.MEDIATYPE
 XATTR_STATS = xattrs.STATS
 XATTR_UNSUPPORTED = xattrs.UNSUPPORTED
 XATTR_FLUSH = xattrs.FLUSH
-FLUSH_TIMEOUT = 120.0
+FLUSH_TIMEOUT = UNMOUNT_FLUSH
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -277,8 +277,9 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE and name == XATTR_FLUSH:
             done = self.fill is None or await self.fill.flush(FLUSH_TIMEOUT)
-            return json.dumps({"done": done, "owed": self.fill.owed if self.fill else 0}
-                              ).encode()
+            # owed: chunks the disk cache will not get (left, or given up by the flush)
+            owed = self.fill.owed + self.fill.flush_missed if self.fill else 0
+            return json.dumps({"done": done, "owed": owed}).encode()
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -371,6 +371,12 @@ class BlobHandle:
         self.closed = False
 
     async def read(self, offset: int, size: int) -> memoryview | bytes:
+        # One deadline for the whole read, however many fetches, checks and waits on
+        # other tasks' fetches it takes: --timeout without its blob's bytes moving.
+        with self.reader.fetcher.waiting(self.blob):
+            return await self._read(offset, size)
+
+    async def _read(self, offset: int, size: int) -> memoryview | bytes:
         window = self.readahead.observe(offset, size)
         reader = self.reader
         end = min(self.blob.size, offset + size)

@@ -65,7 +65,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         ranges = DirectRanges(client)
         reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=config.chunk_size,
                              memory_bytes=memory, disk=disk,
-                             fetch_timeout=config.options.timeout * 2, verify=config.verify)
+                             fetch_timeout=config.options.timeout, verify=config.verify)
 
         def counters() -> dict[str, object]:
             return {"registry_bytes": client.bytes_received,
