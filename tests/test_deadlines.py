@@ -34,7 +34,7 @@ SLACK = 2.0
 def _push(registry: Registry, tmp_path: Path, files: dict[str, bytes],
           ref: str = "g/m:v1") -> None:
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(exist_ok=True)
     for name, data in files.items():
         (src / name).write_bytes(data)
 
@@ -168,6 +168,7 @@ def test_sigterm_during_pull_removes_the_staging_folder(registry: Registry,
                 proc.wait(timeout=5)
     assert proc.returncode != 0
     assert not list(tmp_path.glob(".out.galleryfs-*"))
+    assert proc.returncode == 128 + signal.SIGTERM  # as if killed by it, but cleaned up
     assert not (tmp_path / "out").exists()
     assert "SIGTERM" in err and "Traceback" not in err, err
 
@@ -250,6 +251,31 @@ def test_read_from_a_frozen_registry_fails_within_timeout(registry: Registry, tm
         assert time.monotonic() < deadline, got
         time.sleep(0.2)
     assert _cli(tmp_path, "unmount", str(cleanup), within=15)[0].returncode == 0
+
+
+@mount
+def test_listing_walk_with_a_frozen_registry_waits_once(registry: Registry, tmp_path: Path,
+                                                         cleanup: Path) -> None:
+    """Listings expired, registry frozen: `ls g/m` walks the catalog (root) and the
+    model's tags, and waited --timeout for each (and for each of the kernel's requests);
+    now the first unanswered listing keeps the others' old listings for a while, and a
+    model never listed fails at once."""
+    _push(registry, tmp_path, {"a.bin": b"a"})
+    _push(registry, tmp_path / "src", {"b.bin": b"b"}, ref="h/n:v1")
+    timeout = 3.0
+    _mount(registry.host, cleanup, tmp_path, "--timeout", str(timeout), "--refresh", "1")
+    assert "v1" in os.listdir(cleanup / "g" / "m")
+    with frozen(registry):
+        time.sleep(1.2)  # the --refresh period passes: every listing is due again
+        start = time.monotonic()
+        assert "v1" in os.listdir(cleanup / "g" / "m")  # the old listing
+        took = time.monotonic() - start
+        assert took < timeout + SLACK, f"ls took {took:.1f}s"
+        start = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            os.listdir(cleanup / "h" / "n")
+        assert exc.value.errno == errno.EIO
+        assert time.monotonic() - start < SLACK
 
 
 @mount

@@ -26,7 +26,14 @@ from typing import NoReturn
 
 import trio
 
-from ..errors import BlobMissing, NotFound, RegistryUnavailable
+from ..errors import (
+    AuthError,
+    BlobMissing,
+    GalleryError,
+    NotFound,
+    RegistryError,
+    RegistryUnavailable,
+)
 from ..registry.deadline import Watchdog
 from .blob import BlobRef, Chunk
 
@@ -42,8 +49,9 @@ SpanFetcher = Callable[[str, str, int, int, int, Deliver], Awaitable[int]]
 Take = Callable[[int, bytearray], Awaitable[bool]]
 
 
-# Seconds after a reader's wait stalled in which another wait for that blob fails at once.
-STALL_MEMORY = 1.0
+# Seconds after the registry failed a reader's wait in which another wait for that blob
+# fails at once.
+FAILURE_MEMORY = 1.0
 
 
 @dataclass
@@ -63,8 +71,8 @@ class BlobFetch:
         # (digest, size) -> the progress of every fetch of that blob, while anyone waits.
         self._blobs: weakref.WeakValueDictionary[tuple[str, int], Watchdog] = (
             weakref.WeakValueDictionary())
-        # (digest, size) -> when a reader's wait for it stalled, and the error it got.
-        self._stalled: dict[tuple[str, int], tuple[float, RegistryUnavailable]] = {}
+        # (digest, size) -> when the registry failed a reader's wait for it, and how.
+        self._failed: dict[tuple[str, int], tuple[float, GalleryError]] = {}
 
     @property
     def spans(self) -> bool:
@@ -84,24 +92,29 @@ class BlobFetch:
     @contextmanager
     def waiting(self, blob: BlobRef) -> Iterator[None]:
         """A reader's wait for the blob's bytes: `RegistryUnavailable` once none of
-        them arrived for `timeout` (module docstring). Right after such a failure, the
-        next wait fails at once: the kernel follows a failed read-ahead with a read of
-        its own, which would double what the reader waits for its EIO."""
+        them arrived for `timeout` (module docstring). Right after the registry failed
+        a wait (a stall, an error after retries), the next wait for that blob fails the
+        same at once: the kernel follows a failed read-ahead with a read of its own,
+        which would double what the reader waits for its EIO."""
         key = (blob.digest, blob.size)
-        failed = self._stalled.get(key)
+        failed = self._failed.get(key)
         if failed is not None:
-            if trio.current_time() - failed[0] < STALL_MEMORY:
-                raise failed[1]
-            del self._stalled[key]
+            if trio.current_time() - failed[0] < FAILURE_MEMORY:
+                raise failed[1].with_traceback(None)
+            del self._failed[key]
         dog = self._blob(blob)
-        with dog.watch() as scope:
-            yield
-        if scope.cancelled_caught:
-            error = dog.stalled()
-            self._stalled[key] = (trio.current_time(), error)
-            while len(self._stalled) > 64:
-                del self._stalled[next(iter(self._stalled))]
-            raise error
+        try:
+            with dog.watch() as scope:
+                yield
+            if scope.cancelled_caught:
+                raise dog.stalled()
+        except (RegistryUnavailable, RegistryError) as exc:
+            if isinstance(exc, AuthError):  # EACCES, and a token renewal may cure it
+                raise
+            self._failed[key] = (trio.current_time(), exc)
+            while len(self._failed) > 64:
+                del self._failed[next(iter(self._failed))]
+            raise
 
     async def range(self, blob: BlobRef, start: int, end: int) -> Chunk:
         """Bytes [start, end) of the blob, straight from the registry."""

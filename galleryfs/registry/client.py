@@ -104,7 +104,10 @@ class RegistryClient:
             auth=self.auth,
             verify=self.tls_verify(),
             follow_redirects=True,
-            timeout=httpx.Timeout(self.options.timeout, connect=min(10.0, self.options.timeout)),
+            # The stall deadline (deadline.py) ends a wait first; httpx's, per receive,
+            # only backs it up where no operation watches.
+            timeout=httpx.Timeout(2 * self.options.timeout,
+                                  connect=min(10.0, self.options.timeout)),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
             headers={"User-Agent": "galleryfs"},
             event_hooks={"request": [self._count_request, _watch_request],
