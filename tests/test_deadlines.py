@@ -26,9 +26,11 @@ from tests.registry_harness import Registry
 from tests.test_mount import stats
 from tests.trickle import TrickleProxy, frozen
 
-# What "a little" is: the deadline's own slack (a tenth), a process start, a FUSE round
-# trip, on a loaded 2-core machine. Without the bounds, these waits took 2x to 100x.
-SLACK = 2.0
+# What "a little" is: the deadline's own slack (a tenth), a FUSE round trip, on a loaded
+# 2-core machine; a CLI command also starts a Python process (a second or two when the
+# machine is busy). Without the bounds, these waits took 2x to 100x the timeout.
+SLACK = 2.5
+CLI_SLACK = 5.0
 
 
 def _push(registry: Registry, tmp_path: Path, files: dict[str, bytes],
@@ -95,7 +97,7 @@ def test_commands_on_a_trickling_registry_fail_within_timeout(registry: Registry
             result, took = _cli(tmp_path, *args, *opts, within=timeout)
             line = _one_line_error(result)
             assert "stalled" in line or "no answer" in line, line
-            assert took < timeout + SLACK, f"{args[0]} took {took:.1f}s"
+            assert took < timeout + CLI_SLACK, f"{args[0]} took {took:.1f}s"
     assert not (tmp_path / "out").exists() and not is_mounted(str(mnt))
     assert not list(tmp_path.glob(".out.galleryfs-*"))
 
@@ -112,7 +114,7 @@ def test_pull_of_a_trickled_blob_fails_within_timeout(registry: Registry,
                             within=timeout)
         assert proxy.held  # the blob was being trickled when pull gave up
     assert "stalled" in _one_line_error(result)
-    assert took < timeout + SLACK, f"pull took {took:.1f}s"
+    assert took < timeout + CLI_SLACK, f"pull took {took:.1f}s"
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.galleryfs-*"))
 
 
@@ -125,7 +127,7 @@ def test_pull_of_a_frozen_registry_fails_within_timeout(registry: Registry,
                             str(tmp_path / "out"), "--plain-http", "--timeout", str(timeout),
                             within=timeout)
     assert "no answer" in _one_line_error(result) or "did not answer" in result.stderr
-    assert took < timeout + SLACK, f"pull took {took:.1f}s"
+    assert took < timeout + CLI_SLACK, f"pull took {took:.1f}s"
 
 
 def test_a_slow_but_steady_pull_is_not_cut_short(registry: Registry, tmp_path: Path) -> None:

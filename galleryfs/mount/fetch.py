@@ -49,9 +49,10 @@ SpanFetcher = Callable[[str, str, int, int, int, Deliver], Awaitable[int]]
 Take = Callable[[int, bytearray], Awaitable[bool]]
 
 
-# Seconds after the registry failed a reader's wait in which another wait for that blob
-# fails at once.
+# Seconds after the registry failed a read in which the kernel's read of one page of it
+# fails at once (BlobFetch.waiting).
 FAILURE_MEMORY = 1.0
+PAGE = 4096
 
 
 @dataclass
@@ -71,8 +72,8 @@ class BlobFetch:
         # (digest, size) -> the progress of every fetch of that blob, while anyone waits.
         self._blobs: weakref.WeakValueDictionary[tuple[str, int], Watchdog] = (
             weakref.WeakValueDictionary())
-        # (digest, size) -> when the registry failed a reader's wait for it, and how.
-        self._failed: dict[tuple[str, int], tuple[float, GalleryError]] = {}
+        # (digest, size) -> when the registry failed a read of it, where, and how.
+        self._failed: dict[tuple[str, int], tuple[float, int, int, GalleryError]] = {}
 
     @property
     def spans(self) -> bool:
@@ -90,18 +91,19 @@ class BlobFetch:
         return Watchdog(self.timeout, f"{blob.repo}@{blob.digest}", parent=self._blob(blob))
 
     @contextmanager
-    def waiting(self, blob: BlobRef) -> Iterator[None]:
-        """A reader's wait for the blob's bytes: `RegistryUnavailable` once none of
-        them arrived for `timeout` (module docstring). Right after the registry failed
-        a wait (a stall, an error after retries), the next wait for that blob fails the
-        same at once: the kernel follows a failed read-ahead with a read of its own,
-        which would double what the reader waits for its EIO."""
+    def waiting(self, blob: BlobRef, offset: int, size: int) -> Iterator[None]:
+        """A read's wait for bytes [offset, offset+size) of the blob: `RegistryUnavailable`
+        once none of the blob's bytes arrived for `timeout` (module docstring).
+
+        When the registry fails a read (a stall, an error after retries), the kernel
+        follows it with a read of one page of it (the failed read was its read-ahead),
+        which would double the time to EIO: that read, for a second, fails the same at
+        once. Any other read asks again."""
         key = (blob.digest, blob.size)
-        failed = self._failed.get(key)
-        if failed is not None:
-            if trio.current_time() - failed[0] < FAILURE_MEMORY:
-                raise failed[1].with_traceback(None)
-            del self._failed[key]
+        failed = self._failed.pop(key, None)
+        if (failed is not None and size <= PAGE and failed[1] <= offset < failed[2]
+                and trio.current_time() - failed[0] < FAILURE_MEMORY):
+            raise failed[3].with_traceback(None)
         dog = self._blob(blob)
         try:
             with dog.watch() as scope:
@@ -109,11 +111,10 @@ class BlobFetch:
             if scope.cancelled_caught:
                 raise dog.stalled()
         except (RegistryUnavailable, RegistryError) as exc:
-            if isinstance(exc, AuthError):  # EACCES, and a token renewal may cure it
-                raise
-            self._failed[key] = (trio.current_time(), exc)
-            while len(self._failed) > 64:
-                del self._failed[next(iter(self._failed))]
+            if not isinstance(exc, AuthError):  # EACCES; a token renewal may cure it
+                self._failed[key] = (trio.current_time(), offset, offset + size, exc)
+                while len(self._failed) > 64:
+                    del self._failed[next(iter(self._failed))]
             raise
 
     async def range(self, blob: BlobRef, start: int, end: int) -> Chunk:

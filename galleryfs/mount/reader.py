@@ -373,7 +373,7 @@ class BlobHandle:
     async def read(self, offset: int, size: int) -> memoryview | bytes:
         # One deadline for the whole read, however many fetches, checks and waits on
         # other tasks' fetches it takes: --timeout without its blob's bytes moving.
-        with self.reader.fetcher.waiting(self.blob):
+        with self.reader.fetcher.waiting(self.blob, offset, size):
             return await self._read(offset, size)
 
     async def _read(self, offset: int, size: int) -> memoryview | bytes:
