@@ -61,7 +61,9 @@ class DirectTransport:
         self.scheme = url.scheme
         self.host = url.hostname or ""
         self.port = url.port or (443 if self.scheme == "https" else 80)
-        self.timeout = client.options.timeout
+        # A backstop per receive: the stall deadline (deadline.py) ends a wait first, and
+        # a thread it gives up is stopped by shutting its socket (ranges.py).
+        self.timeout = 2 * client.options.timeout
         verify = client.tls_verify()
         self.tls = verify if isinstance(verify, ssl.SSLContext) else None
         self._idle: list[http.client.HTTPConnection] = []
