@@ -208,10 +208,10 @@ class Tree:
         self._catalog: _Listing | None = None
         self._catalog_repos: list[str] = []
         self._catalog_lock = trio.Lock()
-        # When a listing last went unanswered (the registry down or stalled): for the next
-        # UNANSWERED_HOLD seconds folders keep their old listings without asking, and the
-        # tags of a model never listed fail at once, so a path walk across several folders
-        # (and the kernel's lookup, opendir, readdir of each) waits --timeout once.
+        # When a catalog or tag list last went unanswered (the registry down or stalled):
+        # for the next UNANSWERED_HOLD seconds folders keep their old listings without
+        # asking, and the tags of a model never listed fail at once, so a path walk across
+        # several folders (the kernel's lookup, opendir, readdir of each) waits once.
         self._unanswered: RegistryUnavailable | None = None
         self._unanswered_at = -math.inf
         self._warned: set[tuple[str, str]] = set()
@@ -456,7 +456,6 @@ class Tree:
             try:
                 entries = await self._build_namespace(folder)
             except GalleryError as exc:
-                self._note_unanswered(exc)
                 if listing is None:
                     raise
                 log.warning("%s: refresh failed, keeping the old listing: %s",
@@ -489,9 +488,13 @@ class Tree:
             # A listing went unanswered a moment ago: the tags would wait as long again.
             raise RegistryUnavailable(f"{self._unanswered} (a moment ago)")
         # Signatures, chunk tables, referrer indexes: kept beside revisions, not revisions.
-        tags = sorted(t for t in set(await self.source.tags(folder.repo))
-                      if not is_accessory_tag(t))
+        try:
+            found = await self.source.tags(folder.repo)
+        except GalleryError as exc:
+            self._note_unanswered(exc)
+            raise
         self._unanswered_at = -math.inf  # answered: ask again from now on
+        tags = sorted(t for t in set(found) if not is_accessory_tag(t))
         resolved: dict[str, str] = {}
 
         async def resolve(tag: str, limiter: trio.CapacityLimiter) -> None:

@@ -168,17 +168,10 @@ class PageCacheFill:
             try:
                 # An unmount waiting on a flush must not wait on the registry too: a
                 # flush takes from the page cache only, and cancels a refetch under way.
-                refetch = not self._flushing
-                with trio.CancelScope() as scope:
-                    self._refetch = scope if refetch else None
-                    await self._fill(blob, index, refetch=refetch)
-                if scope.cancelled_caught:
-                    self.stats.missed += 1
+                await self._fill(blob, index, refetch=not self._flushing)
             except Exception:  # a fault here must not take the mount down with it
                 log.exception("write-behind of %s chunk %d failed", digest, index)
                 self.stats.missed += 1
-            finally:
-                self._refetch = None
 
     async def drained(self) -> None:
         """Until nothing is owed: every owed chunk written, or given up."""
@@ -217,9 +210,16 @@ class PageCacheFill:
                 self.stats.missed += 1
                 return
             try:
-                data = await self.source.fetch_range(blob, start, end)
+                # Only the fetch is cancelled by a flush (`flush`), never a disk write.
+                with trio.CancelScope() as self._refetch:
+                    data = await self.source.fetch_range(blob, start, end)
             except GalleryError as exc:
                 log.debug("write-behind of %s chunk %d: %s", blob.digest, index, exc)
+                self.stats.missed += 1
+                return
+            finally:
+                self._refetch = None
+            if data is None:  # cancelled by a flush
                 self.stats.missed += 1
                 return
             self.stats.fetched += 1

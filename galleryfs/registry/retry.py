@@ -33,8 +33,8 @@ class RetryPolicy:
     base: float = 0.2
     cap: float = 5.0
     # Overall bound, so a dead registry turns into an error, not a hang. The caller's
-    # stall deadline (deadline.py) bounds the whole loop too: no retry is started that
-    # could not end before it.
+    # stall deadline (deadline.py) bounds the whole loop too: no retry is started whose
+    # backoff would outlast it.
     deadline: float = 30.0
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
