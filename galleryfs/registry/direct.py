@@ -61,9 +61,9 @@ class DirectTransport:
         self.scheme = url.scheme
         self.host = url.hostname or ""
         self.port = url.port or (443 if self.scheme == "https" else 80)
-        # A backstop per receive: the stall deadline (deadline.py) ends a wait first, and
+        # Per send or receive. Range reads are bounded by the stall deadline (deadline.py):
         # a thread it gives up is stopped by shutting its socket (ranges.py).
-        self.timeout = 2 * client.options.timeout
+        self.timeout = client.options.timeout
         verify = client.tls_verify()
         self.tls = verify if isinstance(verify, ssl.SSLContext) else None
         self._idle: list[http.client.HTTPConnection] = []
