@@ -3,17 +3,21 @@ described (`inspect`), or its files downloaded into a directory (`pull`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
 
 from .. import digest as digests
 from .. import modelpack
-from ..errors import UnsupportedContent, UsageError
+from ..errors import GalleryError, UnsupportedContent, UsageError
 from ..modelpack import Revision
 from ..reference import Reference
 from ..registry.client import RegistryClient
@@ -29,6 +33,12 @@ from .pushing import (
 from .unpack import unpack_layers
 
 log = logging.getLogger(__name__)
+
+
+class Terminated(GalleryError):
+    """SIGTERM during a pull (exit status as for a process killed by it)."""
+
+    exit_code = 128 + signal.SIGTERM
 
 
 async def resolve(client: RegistryClient, ref: Reference) -> Revision:
@@ -173,30 +183,60 @@ async def pull(client: RegistryClient, ref: Reference, dest: Path, *,
     parent = dest.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"{parent}: no such directory")
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.galleryfs-", dir=parent))
     limiter = trio.CapacityLimiter(CONCURRENCY)
-    with open_bar(progress, revision.size, f"pull {ref.model}") as bar:
+    # SIGTERM (a service stopped, a pod evicted) cleans up as Ctrl-C does: the staging
+    # folder is removed, not left beside `dest` (SIGTERM's default would kill us first).
+    with _sigterm() as signals:
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.galleryfs-", dir=parent))
+        terminated = False
+        with open_bar(progress, revision.size, f"pull {ref.model}") as bar:
 
-        async def fetch(f: modelpack.RevisionFile) -> None:
-            async with limiter:
-                target = staging / f.path
-                await trio.to_thread.run_sync(
-                    lambda: target.parent.mkdir(parents=True, exist_ok=True))
-                await client.download_blob(ref.repository, f.digest, f.size, target, bar)
-                os.chmod(target, 0o644)
+            async def fetch(f: modelpack.RevisionFile) -> None:
+                async with limiter:
+                    target = staging / f.path
+                    await trio.to_thread.run_sync(
+                        lambda: target.parent.mkdir(parents=True, exist_ok=True))
+                    await client.download_blob(ref.repository, f.digest, f.size, target, bar)
+                    os.chmod(target, 0o644)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for f in revision.files:
-                    if not f.packing:
-                        nursery.start_soon(fetch, f)
-                nursery.start_soon(unpack_layers, client, ref.repository, revision, staging,
-                                   bar, limiter)
-            if dest.exists():
-                dest.rmdir()
-            os.replace(staging, dest)
-            os.chmod(dest, 0o755)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            async def until_sigterm(cancel: trio.CancelScope) -> None:
+                nonlocal terminated
+                if signals is None:
+                    return
+                async for _ in signals:
+                    terminated = True
+                    cancel.cancel()
+                    return
+
+            try:
+                async with trio.open_nursery() as watcher:
+                    watcher.start_soon(until_sigterm, watcher.cancel_scope)
+                    async with trio.open_nursery() as nursery:
+                        for f in revision.files:
+                            if not f.packing:
+                                nursery.start_soon(fetch, f)
+                        nursery.start_soon(unpack_layers, client, ref.repository, revision,
+                                           staging, bar, limiter)
+                    watcher.cancel_scope.cancel()
+                if terminated:
+                    raise Terminated(f"pull of {ref} terminated (SIGTERM); nothing was "
+                                     f"written to {dest}")
+                if dest.exists():
+                    dest.rmdir()
+                os.replace(staging, dest)
+                os.chmod(dest, 0o755)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
     return revision
+
+
+@contextlib.contextmanager
+def _sigterm() -> Iterator[trio.abc.ReceiveChannel[int] | None]:
+    """SIGTERM as a channel while in the block (None off the main thread, where Python
+    cannot take signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        yield signals

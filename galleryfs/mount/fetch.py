@@ -5,6 +5,12 @@ Every network fetch of the data path goes through `BlobFetch`, so a dead registr
 into an error rather than a hang, and a blob the registry lost turns into `BlobMissing`:
 a file the listing shows but whose bytes are gone is damage (EIO), not absence (ENOENT).
 
+Time is bounded by stalls, not totals (registry/deadline.py): a fetch gives up once
+`timeout` passes without 64 KiB of it arriving, retries and fallbacks included. A reader
+(`waiting`) gives up once no 64 KiB *of its blob* arrived for `timeout`, whichever task
+fetches them: a read queued behind a prefetch span or a whole-blob check of the same
+blob waits while those move, and not `timeout` more for each of them when they stall.
+
 Two shapes: `range`, exactly bytes [start, end) in one buffer; and `span`, one request
 for a run of chunks handed over chunk by chunk as they arrive (the registry spends far
 less CPU per byte on a few long ranges than on many chunk-sized ones).
@@ -12,14 +18,23 @@ less CPU per byte on a few long ranges than on many chunk-sized ones).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn
 
 import trio
 
-from ..errors import BlobMissing, NotFound, RegistryUnavailable
+from ..errors import (
+    AuthError,
+    BlobMissing,
+    GalleryError,
+    NotFound,
+    RegistryError,
+    RegistryUnavailable,
+)
+from ..registry.deadline import Watchdog
 from .blob import BlobRef, Chunk
 
 # (repo, digest, start, end) -> exactly bytes [start, end)
@@ -32,6 +47,12 @@ SpanFetcher = Callable[[str, str, int, int, int, Deliver], Awaitable[int]]
 # A span's piece for its taker: False when it was no longer wanted (not counted). The
 # next piece is received meanwhile only if it returns before checking the piece.
 Take = Callable[[int, bytearray], Awaitable[bool]]
+
+
+# Seconds after the registry failed a read in which the kernel's read of one page of it
+# fails at once (BlobFetch.waiting).
+FAILURE_MEMORY = 1.0
+PAGE = 4096
 
 
 @dataclass
@@ -48,21 +69,64 @@ class BlobFetch:
         self.span_fetch = span_fetch
         self.timeout = timeout
         self.stats = FetchStats()
+        # (digest, size) -> the progress of every fetch of that blob, while anyone waits.
+        self._blobs: weakref.WeakValueDictionary[tuple[str, int], Watchdog] = (
+            weakref.WeakValueDictionary())
+        # (digest, size) -> when the registry failed a read of it, where, and how.
+        self._failed: dict[tuple[str, int], tuple[float, int, int, GalleryError]] = {}
 
     @property
     def spans(self) -> bool:
         return self.span_fetch is not None
 
+    def _blob(self, blob: BlobRef) -> Watchdog:
+        key = (blob.digest, blob.size)
+        dog = self._blobs.get(key)
+        if dog is None:
+            dog = self._blobs[key] = Watchdog(self.timeout, f"{blob.repo}@{blob.digest}")
+        return dog
+
+    def _fetching(self, blob: BlobRef) -> Watchdog:
+        """The watchdog of one fetch, its bytes counted for the blob too."""
+        return Watchdog(self.timeout, f"{blob.repo}@{blob.digest}", parent=self._blob(blob))
+
+    @contextmanager
+    def waiting(self, blob: BlobRef, offset: int, size: int) -> Iterator[None]:
+        """A read's wait for bytes [offset, offset+size) of the blob: `RegistryUnavailable`
+        once none of the blob's bytes arrived for `timeout` (module docstring).
+
+        When the registry fails a read (a stall, an error after retries), the kernel
+        follows it with a read of one page of it (the failed read was its read-ahead),
+        which would double the time to EIO: that read, for a second, fails the same at
+        once. Any other read asks again."""
+        key = (blob.digest, blob.size)
+        failed = self._failed.pop(key, None)
+        if (failed is not None and size <= PAGE and failed[1] <= offset < failed[2]
+                and trio.current_time() - failed[0] < FAILURE_MEMORY):
+            raise failed[3].with_traceback(None)
+        dog = self._blob(blob)
+        try:
+            with dog.watch() as scope:
+                yield
+            if scope.cancelled_caught:
+                raise dog.stalled()
+        except (RegistryUnavailable, RegistryError) as exc:
+            if not isinstance(exc, AuthError):  # EACCES; a token renewal may cure it
+                self._failed[key] = (trio.current_time(), offset, offset + size, exc)
+                while len(self._failed) > 64:
+                    del self._failed[next(iter(self._failed))]
+            raise
+
     async def range(self, blob: BlobRef, start: int, end: int) -> Chunk:
         """Bytes [start, end) of the blob, straight from the registry."""
+        dog = self._fetching(blob)
         try:
-            with trio.move_on_after(self.timeout) as scope:
+            with dog.watch() as scope:
                 data = await self.fetch(blob.repo, blob.digest, start, end)
         except NotFound as exc:
             _missing(blob, exc)
         if scope.cancelled_caught:
-            raise RegistryUnavailable(
-                f"{blob.repo}@{blob.digest}: no data within {self.timeout:g}s")
+            raise dog.stalled()
         if len(data) != end - start:
             raise RegistryUnavailable(
                 f"{blob.repo}@{blob.digest}: got {len(data)} bytes for a {end - start} byte range")
@@ -72,8 +136,8 @@ class BlobFetch:
 
     async def span(self, blob: BlobRef, start: int, end: int, piece: int, take: Take) -> None:
         """Bytes [start, end) with one request, handed to `take` `piece` bytes at a time.
-        Returns early, without an error, on a timeout (a piece's time for every piece):
-        the caller gives up what was not taken."""
+        Returns early, without an error, once it stalls (`timeout` without 64 KiB): the
+        caller gives up what was not taken."""
         assert self.span_fetch is not None
         stats = self.stats
 
@@ -84,7 +148,7 @@ class BlobFetch:
 
         stats.spans += 1
         try:
-            with trio.move_on_after(self.timeout * math.ceil((end - start) / piece)):
+            with self._fetching(blob).watch():
                 await self.span_fetch(blob.repo, blob.digest, start, end, piece, deliver)
         except NotFound as exc:
             _missing(blob, exc)

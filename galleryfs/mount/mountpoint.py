@@ -11,12 +11,17 @@ import sys
 from ..errors import GalleryError, UsageError
 
 
-def fusermount(*args: str) -> subprocess.CompletedProcess[str]:
+def fusermount(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """fusermount3, killed after `timeout` (it may stat a mount whose daemon hangs):
+    then an answer with return code -1."""
+    command = ["fusermount3", *args]
     try:
-        return subprocess.run(["fusermount3", *args], capture_output=True, text=True,
-                              timeout=30)
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise GalleryError("fusermount3 not found: install fuse3") from None
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, -1, "",
+                                           f"fusermount3 did not finish within {timeout:g}s")
 
 
 def check_fuse(*, allow_other: bool = False, device: str = "/dev/fuse",

@@ -38,7 +38,7 @@ from .packed import Handle, MemberHandle, PackedLayers
 from .reader import BlobRef, ChunkReader, NoDiskCache, Warmed
 from .tree import ROOT_INODE, Kind, Node, Refused, Tree
 from .verify import ChunkMismatch
-from .writeback import PageCacheFill
+from .writeback import UNMOUNT_FLUSH, PageCacheFill
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ XATTR_STATS = xattrs.STATS
 XATTR_UNSUPPORTED = xattrs.UNSUPPORTED
 XATTR_FLUSH = xattrs.FLUSH
 XATTR_WARM = xattrs.WARM
-FLUSH_TIMEOUT = 120.0
+FLUSH_TIMEOUT = UNMOUNT_FLUSH
 # Seconds between two trims of an inode table over its bound: the kernel's forgets for
 # what it was asked to let go of come in batches. A trim walks the whole table (about
 # 10 us a node): the pause is also at least TRIM_PAUSE times what the last one took.
@@ -380,8 +380,9 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE and name == XATTR_FLUSH:
             done = self.fill is None or await self.fill.flush(FLUSH_TIMEOUT)
-            return json.dumps({"done": done, "owed": self.fill.owed if self.fill else 0}
-                              ).encode()
+            # owed: chunks the disk cache will not get (left, or given up by the flush)
+            owed = self.fill.owed + self.fill.flush_missed if self.fill else 0
+            return json.dumps({"done": done, "owed": owed}).encode()
         if name == XATTR_WARM and self.tree.get(inode).kind is Kind.FILE:
             node = self._file(inode)
             assert node.file is not None

@@ -408,6 +408,18 @@ class BlobHandle:
         self.closed = False
 
     async def read(self, offset: int, size: int) -> memoryview | bytes:
+        reader = self.reader
+        end = min(self.blob.size, offset + size)
+        if offset >= end or not reader.verify.pending(self.blob) and all(
+                reader.in_memory(self.blob, i) for i in range(
+                    offset // reader.chunk_size, (end - 1) // reader.chunk_size + 1)):
+            return await self._read(offset, size)  # nothing to wait for (most reads)
+        # One deadline for the whole read, however many fetches, checks and waits on
+        # other tasks' fetches it takes: --timeout without its blob's bytes moving.
+        with reader.fetcher.waiting(self.blob, offset, size):
+            return await self._read(offset, size)
+
+    async def _read(self, offset: int, size: int) -> memoryview | bytes:
         window = self.readahead.observe(offset, size)
         reader = self.reader
         end = min(self.blob.size, offset + size)

@@ -68,7 +68,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         ranges = DirectRanges(client)
         reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=config.chunk_size,
                              memory_bytes=memory, disk=disk,
-                             fetch_timeout=config.options.timeout * 2, verify=config.verify)
+                             fetch_timeout=config.options.timeout, verify=config.verify)
         # Compressed packed layers are unpacked beside the disk cache, within its size.
         packed = PackedLayers(reader, spill_dir=config.cache_dir if disk is not None else None,
                               spill_limit=config.cache_size)

@@ -76,7 +76,14 @@ from typing import Protocol
 import trio
 
 from .. import digest as digests
-from ..errors import GalleryError, NotFound, Unsigned, UnsupportedContent, first_error
+from ..errors import (
+    GalleryError,
+    NotFound,
+    RegistryUnavailable,
+    Unsigned,
+    UnsupportedContent,
+    first_error,
+)
 from ..modelpack import Revision, RevisionFile
 from ..names import valid_tag
 from ..trust.accessories import is_accessory_tag
@@ -84,6 +91,9 @@ from ..trust.chunks import with_tables, without_tables
 from ..trust.policy import Decision, Policy, Verdict
 
 log = logging.getLogger(__name__)
+
+# Seconds for which a listing that went unanswered spares the registry (Tree.__init__).
+UNANSWERED_HOLD = 10.0
 
 ROOT_INODE = 1
 # The time shown for a revision without a creation date, and its files: the same on every
@@ -248,6 +258,12 @@ class Tree:
         self._catalog: _Listing | None = None
         self._catalog_repos: list[str] = []
         self._catalog_lock = trio.Lock()
+        # When a catalog or tag list last went unanswered (the registry down or stalled):
+        # for the next UNANSWERED_HOLD seconds folders keep their old listings without
+        # asking, and the tags of a model never listed fail at once, so a path walk across
+        # several folders (the kernel's lookup, opendir, readdir of each) waits once.
+        self._unanswered: RegistryUnavailable | None = None
+        self._unanswered_at = -math.inf
         self._warned: set[tuple[str, str]] = set()
         self._open: dict[int, int] = {}  # inode -> open file handles
         self._tick = 0
@@ -589,6 +605,14 @@ class Tree:
             state.prefetching = True
             self.spawn.start_soon(self._prefetch_listing, node)
 
+    def _holding(self) -> bool:
+        return self.clock() - self._unanswered_at < UNANSWERED_HOLD
+
+    def _note_unanswered(self, exc: GalleryError) -> None:
+        if isinstance(exc, RegistryUnavailable):
+            self._unanswered = exc
+            self._unanswered_at = self.clock()
+
     def _listed(self, folder: Node) -> bool:
         state = self._namespaces.get(folder.inode)
         listing = state.listing if state is not None else None
@@ -666,15 +690,18 @@ class Tree:
 
     async def _catalog_list(self) -> list[str]:
         async with self._catalog_lock:
-            if self._catalog is None or self.clock() - self._catalog.fetched_at >= self.refresh:
+            if self._catalog is None or (self.clock() - self._catalog.fetched_at >= self.refresh
+                                         and not self._holding()):
                 try:
                     repos = await self.source.catalog()
                 except GalleryError as exc:
+                    self._note_unanswered(exc)
                     if self._catalog is None:
                         raise
                     log.warning("catalog refresh failed, keeping the old listing: %s", exc)
                     self._catalog.fetched_at = self.clock()
                 else:
+                    self._unanswered_at = -math.inf  # answered: ask again from now on
                     prefix = self.root_repo + "/" if self.root_repo else ""
                     self._catalog_repos = sorted(
                         r for r in repos if not prefix or r == self.root_repo
@@ -688,7 +715,8 @@ class Tree:
         async with state.lock:
             listing = state.listing
             if listing is not None and (
-                    not refresh or self.clock() - listing.fetched_at < self.refresh):
+                    not refresh or self.clock() - listing.fetched_at < self.refresh
+                    or self._holding()):
                 return listing.entries
             try:
                 entries = await self._build_namespace(folder)
@@ -723,10 +751,18 @@ class Tree:
                         repo=child_repo).inode
         if not is_repo:
             return entries
+        if self._holding() and self._unanswered is not None:
+            # A listing went unanswered a moment ago: the tags would wait as long again.
+            raise RegistryUnavailable(f"{self._unanswered} (a moment ago)")
         # Signatures, chunk tables, referrer indexes: kept beside revisions, not revisions.
+        try:
+            found = await self.source.tags(folder.repo)
+        except GalleryError as exc:
+            self._note_unanswered(exc)
+            raise
+        self._unanswered_at = -math.inf  # answered: ask again from now on
         # A tag off the OCI grammar (`a/b`, `sha256:<hex>`, a NUL) cannot be a name here.
-        tags = sorted(t for t in set(await self.source.tags(folder.repo))
-                      if valid_tag(t) and not is_accessory_tag(t))
+        tags = sorted(t for t in set(found) if valid_tag(t) and not is_accessory_tag(t))
         resolved: dict[str, str] = {}
 
         async def resolve(tag: str, limiter: trio.CapacityLimiter) -> None:

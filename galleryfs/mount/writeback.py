@@ -18,7 +18,8 @@ A chunk the kernel dropped before the fill (or never held: read-ahead the reader
 reach, gone from the memory cache) is fetched again from the registry. An unmount takes
 the page cache with it, so `flush` (run by `galleryfs unmount` and on SIGTERM) writes
 what is owed first, from the page cache only (an unmount never waits on the registry);
-what it cannot, or an unmount by other means, leaves owed is simply not cached.
+what it cannot within its time (`UNMOUNT_FLUSH`; a refetch under way is cancelled), or an
+unmount by other means, leaves owed is simply not cached.
 Bytes written go through `ChunkReader.store`, which checks every chunk against the
 digests it must have (bytes asked back from the page cache or fetched again are hashed
 anew; the disk cache takes nothing unverified) and the whole blob against its digest
@@ -49,7 +50,10 @@ QUIET = 0.5
 # dropped the oldest of a longer run anyway.
 MAX_OWED = 8192
 # A retrieve is answered at once by the kernel; this bounds a lost answer.
-PIECE_TIMEOUT = 5.0
+PIECE_TIMEOUT = 2.0
+# Seconds `galleryfs unmount` lets the daemon write what is owed: within the 15 s an
+# unmount takes at most (unmount.py), whatever the registry does.
+UNMOUNT_FLUSH = 6.0
 
 Retrieve = Callable[[int, int, int, int], None]  # (inode, size, offset, cookie)
 
@@ -111,6 +115,10 @@ class PageCacheFill:
         self._drained = trio.Event()
         self._drained.set()
         self._flushing = 0
+        # The fill that may be waiting on the registry (a refetch): a flush cancels it.
+        self._refetch: trio.CancelScope | None = None
+        # Chunks the last flush gave up (gone from the page cache, a refetch cancelled).
+        self.flush_missed = 0
 
     @property
     def owed(self) -> int:
@@ -165,7 +173,8 @@ class PageCacheFill:
                 continue
             (digest, _, index), blob = self._owed.popitem(last=False)
             try:
-                # An unmount waiting on a flush must not wait on the registry too.
+                # An unmount waiting on a flush must not wait on the registry too: a
+                # flush takes from the page cache only, and cancels a refetch under way.
                 await self._fill(blob, index, refetch=not self._flushing)
             except Exception:  # a fault here must not take the mount down with it
                 log.exception("write-behind of %s chunk %d failed", digest, index)
@@ -179,11 +188,15 @@ class PageCacheFill:
         """Write what is owed now, without waiting for quiet. True when nothing is left."""
         self._flushing += 1
         self._wake.set()
+        if self._refetch is not None:
+            self._refetch.cancel()
+        missed = self.stats.missed
         try:
             with trio.move_on_after(timeout):
                 await self.drained()
         finally:
             self._flushing -= 1
+            self.flush_missed = self.stats.missed - missed
         return not self._owed
 
     async def _fill(self, blob: BlobRef, index: int, *, refetch: bool) -> None:
@@ -204,9 +217,16 @@ class PageCacheFill:
                 self.stats.missed += 1
                 return
             try:
-                data = await self.source.fetch_range(blob, start, end)
+                # Only the fetch is cancelled by a flush (`flush`), never a disk write.
+                with trio.CancelScope() as self._refetch:
+                    data = await self.source.fetch_range(blob, start, end)
             except GalleryError as exc:
                 log.debug("write-behind of %s chunk %d: %s", blob.digest, index, exc)
+                self.stats.missed += 1
+                return
+            finally:
+                self._refetch = None
+            if data is None:  # cancelled by a flush
                 self.stats.missed += 1
                 return
             self.stats.fetched += 1

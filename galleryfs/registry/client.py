@@ -29,7 +29,7 @@ from ..errors import (
     TooLarge,
     Unsigned,
 )
-from . import listings
+from . import deadline, listings
 from .auth import RegistryAuth
 from .credentials import Credentials
 from .rangecheck import range_mismatch
@@ -116,11 +116,16 @@ class RegistryClient:
             auth=self.auth,
             verify=self.tls_verify(),
             follow_redirects=True,
-            timeout=httpx.Timeout(self.options.timeout, connect=min(10.0, self.options.timeout)),
+            # The stall deadline (deadline.py) ends a wait first; httpx's, per receive,
+            # only backs it up where no operation watches.
+            timeout=httpx.Timeout(2 * self.options.timeout,
+                                  connect=min(10.0, self.options.timeout)),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
             headers={"User-Agent": "galleryfs"},
             # The auth hook drops credentials from any request off the registry's origin.
-            event_hooks={"request": [self._count_request, self.auth.request_hook]},
+            event_hooks={"request": [self._count_request, self.auth.request_hook,
+                                     _watch_request],
+                         "response": [_watch_response]},
         )
 
     def tls_verify(self) -> ssl.SSLContext | bool:
@@ -198,8 +203,11 @@ class RegistryClient:
         return await self._retrying(what, once)
 
     async def _retrying(self, what: str, call):  # type: ignore[no-untyped-def]
+        """`call` with retries, under the stall deadline of the operation it serves (or
+        of its own): `--timeout` without 64 KiB moving fails it, retries included."""
         try:
-            return await with_retries(self.retry, what, call)
+            with deadline.deadline(self.options.timeout, what):
+                return await with_retries(self.retry, what, call)
         except RetryableStatus as exc:
             raise RegistryError(
                 f"{what}: registry answered HTTP {exc.response.status_code} (after retries)",
@@ -691,11 +699,13 @@ class RegistryClient:
                 raise
             return response
 
-        response = await self._retrying(what, once)
-        try:
-            yield response
-        finally:
-            await response.aclose()
+        # The body is read after `_retrying` returned: the stall deadline covers it too.
+        with deadline.deadline(self.options.timeout, what):
+            response = await self._retrying(what, once)
+            try:
+                yield response
+            finally:
+                await response.aclose()
 
     async def read_range(self, repo: str, digest: str, start: int, end: int) -> bytearray:
         """Bytes [start, end) of a blob, exactly, retried as a whole on transient errors."""
@@ -735,6 +745,44 @@ class _HarborRefused(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
+
+
+class _Watched(httpx.AsyncByteStream):
+    """A body that marks the current operation's watchdog (deadline.py) as its bytes
+    arrive, or as they go out (`sent`: marked once the transport asks for more; pieces
+    over `_WATCH_PIECE` are handed on in slices, so a large PUT is not one mark)."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, *, sent: bool = False) -> None:
+        self.stream = stream
+        self.sent = sent
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream:
+            if not self.sent:
+                deadline.mark(len(chunk))
+                yield chunk
+                continue
+            with memoryview(chunk) as view:
+                for i in range(0, len(chunk), _WATCH_PIECE):
+                    yield bytes(view[i:i + _WATCH_PIECE]) if len(chunk) > _WATCH_PIECE else chunk
+                    deadline.mark(min(_WATCH_PIECE, len(chunk) - i))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+_WATCH_PIECE = 1 << 20
+
+
+async def _watch_request(request: httpx.Request) -> None:
+    if isinstance(request.stream, httpx.AsyncByteStream) and not isinstance(
+            request.stream, _Watched):
+        request.stream = _Watched(request.stream, sent=True)
+
+
+async def _watch_response(response: httpx.Response) -> None:
+    if isinstance(response.stream, httpx.AsyncByteStream):
+        response.stream = _Watched(response.stream)
 
 
 def _causes(exc: BaseException) -> str:

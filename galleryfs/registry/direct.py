@@ -61,6 +61,8 @@ class DirectTransport:
         self.scheme = url.scheme
         self.host = url.hostname or ""
         self.port = url.port or (443 if self.scheme == "https" else 80)
+        # Per send or receive. Range reads are bounded by the stall deadline (deadline.py):
+        # a thread it gives up is stopped by shutting its socket (ranges.py).
         self.timeout = client.options.timeout
         verify = client.tls_verify()
         self.tls = verify if isinstance(verify, ssl.SSLContext) else None

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
+from . import deadline
 from .client import RegistryClient
+from .deadline import Watchdog
 from .direct import DirectTransport, Fallback, expect_range, failures
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,8 @@ class DirectRanges:
         self.stats = DirectStats()
         self.limiter = trio.CapacityLimiter(connections)
         self.transport = DirectTransport(client)
+        # Every byte received here: what a request queued for a connection waits on.
+        self.moving: Watchdog | None = None
 
     @property
     def enabled(self) -> bool:
@@ -51,12 +57,14 @@ class DirectRanges:
     async def __call__(self, repo: str, digest: str, start: int, end: int) -> bytearray:
         if self.enabled and end > start:
             target, headers = self._request(repo, digest, start, end)
+            abort = _Abort(self._watchdogs())
             try:
-                # Abandoned on cancel (a closed file's prefetch): the thread finishes
-                # within the socket timeout and the bytes are dropped.
-                data = await trio.to_thread.run_sync(
-                    self._get, target, headers, start, end,
-                    limiter=self.limiter, abandon_on_cancel=True)
+                # Abandoned on cancel (a closed file's prefetch, a stall deadline): its
+                # connection is shut, so the thread ends at once and the bytes are dropped.
+                async with self._connection():
+                    data = await trio.to_thread.run_sync(
+                        self._get, target, headers, start, end, abort,
+                        abandon_on_cancel=True)
             except Fallback as exc:
                 log.debug("direct range read of %s@%s: %s; via httpx", repo, digest, exc)
             else:
@@ -64,6 +72,8 @@ class DirectRanges:
                 self.client.requests_sent += 1
                 self.client.bytes_received += len(data)
                 return data
+            finally:
+                abort.fire()
         self.stats.fallbacks += 1
         return await self.client.read_range(repo, digest, start, end)
 
@@ -76,7 +86,7 @@ class DirectRanges:
         reached = start
         if self.enabled:
             target, headers = self._request(repo, digest, start, end)
-            stop = threading.Event()
+            abort = _Abort(self._watchdogs())
             progress = [start]
 
             def hand_over(offset: int, data: bytearray) -> None:  # in the worker thread
@@ -84,13 +94,14 @@ class DirectRanges:
                 progress[0] = offset + len(data)
 
             try:
-                await trio.to_thread.run_sync(
-                    self._span, target, headers, start, end, piece, hand_over, stop,
-                    limiter=self.limiter, abandon_on_cancel=True)
+                async with self._connection():
+                    await trio.to_thread.run_sync(
+                        self._span, target, headers, start, end, piece, hand_over, abort,
+                        abandon_on_cancel=True)
             except Fallback as exc:
                 log.debug("direct span of %s@%s at %d: %s", repo, digest, progress[0], exc)
             finally:
-                stop.set()  # an abandoned thread stops at its next piece
+                abort.fire()  # an abandoned thread stops now, not at its next piece
             reached = progress[0]
             if reached == end:
                 self.stats.direct += 1
@@ -103,6 +114,28 @@ class DirectRanges:
             await deliver(reached, await self.client.read_range(repo, digest, reached, reached + n))
             reached += n
         return end
+
+    def _watchdogs(self) -> tuple[Watchdog, ...]:
+        """What a receive thread marks: `moving`, and the current operation's watchdog."""
+        current = deadline.current()
+        return (self._moving(),) if current is None else (self._moving(), current)
+
+    def _moving(self) -> Watchdog:
+        if self.moving is None:
+            self.moving = Watchdog(self.client.options.timeout, "direct range reads")
+        return self.moving
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[None]:
+        """One of the `connections` threads. While queued for it, the transfers that
+        hold them count as the waiting operation's progress: healthy long transfers
+        (a whole blob verified, a long span) must not stall the requests behind them."""
+        with self._moving().lend(deadline.current()):
+            await self.limiter.acquire()
+        try:
+            yield
+        finally:
+            self.limiter.release()
 
     async def _delivered(self, deliver: Callable[[int, bytearray], Awaitable[None]],
                          offset: int, data: bytearray) -> None:
@@ -119,32 +152,74 @@ class DirectRanges:
     # ---- in a worker thread ------------------------------------------------------
 
     def _span(self, target: str, headers: dict[str, str], start: int, end: int, piece: int,
-              hand_over: Callable[[int, bytearray], None], stop: threading.Event) -> None:
+              hand_over: Callable[[int, bytearray], None], abort: _Abort) -> None:
         with self.transport.connection() as conn:
+            abort.watch(conn)
             with failures():
                 conn.request("GET", target, headers=headers)
                 response = conn.getresponse()
             expect_range(response, start, end)
             offset = start
             while offset < end:
-                if stop.is_set():
+                if abort.stop.is_set():
                     raise Fallback("given up")
-                buf = _receive(response, min(piece, end - offset))
+                buf = _receive(response, min(piece, end - offset), abort.watchdogs)
                 hand_over(offset, buf)
                 offset += len(buf)
+            abort.release()
 
-    def _get(self, target: str, headers: dict[str, str], start: int, end: int) -> bytearray:
+    def _get(self, target: str, headers: dict[str, str], start: int, end: int,
+             abort: _Abort) -> bytearray:
         """The whole range in one buffer: a span of one piece."""
         got: list[bytearray] = []
         self._span(target, headers, start, end, end - start,
-                   lambda _offset, data: got.append(data), threading.Event())
+                   lambda _offset, data: got.append(data), abort)
         return got[0]
 
     def close(self) -> None:
         self.transport.close()
 
 
-def _receive(response: http.client.HTTPResponse, n: int) -> bytearray:
+class _Abort:
+    """How the trio side stops a receive thread it no longer waits for: a flag checked
+    between pieces, and a shutdown of the connection for a thread blocked in a receive
+    (a socket timeout bounds each receive, not a body trickled a byte at a time). Also
+    the watchdogs the thread's bytes count for."""
+
+    def __init__(self, watchdogs: tuple[Watchdog, ...]) -> None:
+        self.watchdogs = watchdogs
+        self.stop = threading.Event()
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def watch(self, conn: http.client.HTTPConnection) -> None:  # in the worker thread
+        with self._lock:
+            self._conn = conn
+        if self.stop.is_set():
+            raise Fallback("given up")
+
+    def release(self) -> None:  # in the worker thread, its answer read to the end
+        """The connection may go back to the pool, unless `fire` shut it meanwhile."""
+        with self._lock:
+            self._conn = None
+            if self.stop.is_set():
+                raise Fallback("given up")
+
+    def fire(self) -> None:
+        """Stop the thread; a no-op once it released its connection."""
+        with self._lock:
+            self.stop.set()
+            conn, self._conn = self._conn, None
+            sock = conn.sock if conn is not None else None
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _receive(response: http.client.HTTPResponse, n: int,
+             watchdogs: tuple[Watchdog, ...] = ()) -> bytearray:
     """The next n bytes of the body, received into their own buffer."""
     buf = bytearray(n)
     got = 0
@@ -154,6 +229,8 @@ def _receive(response: http.client.HTTPResponse, n: int) -> bytearray:
             if not k:
                 break
             got += k
+            for dog in watchdogs:
+                dog.mark(k)
     if got != n:
         raise Fallback(f"short body: {got} of {n} bytes")
     return buf

@@ -32,7 +32,9 @@ class RetryPolicy:
     attempts: int = 5
     base: float = 0.2
     cap: float = 5.0
-    # Overall bound, so a dead registry turns into an error, not a hang.
+    # Overall bound, so a dead registry turns into an error, not a hang. The caller's
+    # stall deadline (deadline.py) bounds the whole loop too: no retry is started whose
+    # backoff would outlast it.
     deadline: float = 30.0
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
@@ -70,7 +72,10 @@ async def with_retries(policy: RetryPolicy, what: str, call: Callable[[], Awaita
                 retry_after_seconds(exc.response) if isinstance(exc, RetryableStatus) else None
             )
             delay = policy.delay(attempt, retry_after)
-            if attempt >= policy.attempts or trio.current_time() - start + delay > policy.deadline:
+            now = trio.current_time()
+            if (attempt >= policy.attempts or now - start + delay > policy.deadline
+                    or now + delay >= trio.current_effective_deadline()):
+                # Sleeping into the deadline would report a timeout; this error says more.
                 raise
             log.debug("%s failed (%s); retry %d in %.2fs", what, exc, attempt, delay)
             await trio.sleep(delay)

@@ -1,0 +1,373 @@
+"""Every wait on the registry is bounded by `--timeout` (README, "Failure behaviour"):
+a frozen (SIGSTOP) or trickling registry fails a CLI command or a read through the mount
+within `--timeout` and a little, retries included; a slow but steady one does not;
+`galleryfs unmount` returns within 15 s whatever the registry or the daemon does; a
+pull stopped by SIGTERM leaves no staging folder."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from galleryfs import gallery
+from galleryfs.reference import parse
+from galleryfs.registry.client import ClientOptions, RegistryClient
+from tests.mounting import fuse_available, isolated_env
+from tests.registry_harness import Registry
+from tests.test_mount import stats
+from tests.trickle import TrickleProxy, frozen
+
+# What "a little" is: the deadline's own slack (a tenth), a FUSE round trip, on a loaded
+# 2-core machine; a CLI command also starts a Python process (a second or two when the
+# machine is busy). Without the bounds, these waits took 2x to 100x the timeout.
+SLACK = 2.5
+CLI_SLACK = 5.0
+
+
+def _push(registry: Registry, tmp_path: Path, files: dict[str, bytes],
+          ref: str = "g/m:v1") -> None:
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+
+    async def go() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            await gallery.push(client, src, parse(f"{registry.host}/{ref}"))
+
+    trio.run(go)
+
+
+def _cli(tmp_path: Path, *args: str, within: float) -> tuple[subprocess.CompletedProcess[str],
+                                                             float]:
+    """`galleryfs ARGS` in a subprocess; its result and how long it took. Killed (and the
+    test failed) well after `within`, so a hang shows as a failure, not a stuck suite."""
+    start = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-m", "galleryfs", *args], capture_output=True,
+                                text=True, timeout=within + 20, env=isolated_env(tmp_path),
+                                stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"galleryfs {' '.join(args)} still running after {within + 20:g}s")
+    return result, time.monotonic() - start
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("galleryfs: error: "), result.stderr
+    return lines[0]
+
+
+def is_mounted(path: str) -> bool:
+    """From the kernel's mount table: a stat of a mount whose daemon is stopped blocks."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split(" ")[4] for line in f]
+    return path.replace(" ", "\\040") in points
+
+
+# ---- the CLI ------------------------------------------------------------------------
+
+
+def test_commands_on_a_trickling_registry_fail_within_timeout(registry: Registry,
+                                                              tmp_path: Path) -> None:
+    """Manifests, tag lists, blobs sent a byte a second: `inspect`, `ls`, `pull` and
+    `mount` each give up after --timeout with one line (they ran for minutes before:
+    httpx's read timeout is per receive, and a byte a second never trips it)."""
+    _push(registry, tmp_path, {"config.json": b'{"model_type": "bert"}'})
+    timeout = 2.0
+    opts = ["--plain-http", "--timeout", str(timeout)]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with TrickleProxy(registry.url) as proxy:
+        proxy.trickle(r"^GET /v2/.+", 1)
+        for args in (["inspect", f"{proxy.host}/g/m:v1"], ["ls", f"{proxy.host}/g/m"],
+                     ["pull", f"{proxy.host}/g/m:v1", str(tmp_path / "out")],
+                     ["mount", f"{proxy.host}/g/m", str(mnt), "--cache-dir",
+                      str(tmp_path / "cache")]):
+            result, took = _cli(tmp_path, *args, *opts, within=timeout)
+            line = _one_line_error(result)
+            assert "stalled" in line or "no answer" in line, line
+            assert took < timeout + CLI_SLACK, f"{args[0]} took {took:.1f}s"
+    assert not (tmp_path / "out").exists() and not is_mounted(str(mnt))
+    assert not list(tmp_path.glob(".out.galleryfs-*"))
+
+
+def test_pull_of_a_trickled_blob_fails_within_timeout(registry: Registry,
+                                                      tmp_path: Path) -> None:
+    """A 300-byte file sent a byte a second: pull took 300 s, now --timeout."""
+    _push(registry, tmp_path, {"weights.bin": os.urandom(300)})
+    timeout = 2.0
+    with TrickleProxy(registry.url) as proxy:
+        proxy.trickle(r"^GET /v2/.+/blobs/", 1)
+        result, took = _cli(tmp_path, "pull", f"{proxy.host}/g/m:v1", str(tmp_path / "out"),
+                            "--plain-http", "--quiet", "--timeout", str(timeout),
+                            within=timeout)
+        assert proxy.held  # the blob was being trickled when pull gave up
+    assert "stalled" in _one_line_error(result)
+    assert took < timeout + CLI_SLACK, f"pull took {took:.1f}s"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.galleryfs-*"))
+
+
+def test_pull_of_a_frozen_registry_fails_within_timeout(registry: Registry,
+                                                        tmp_path: Path) -> None:
+    _push(registry, tmp_path, {"config.json": b"{}"})
+    timeout = 2.0
+    with frozen(registry):
+        result, took = _cli(tmp_path, "pull", f"{registry.host}/g/m:v1",
+                            str(tmp_path / "out"), "--plain-http", "--timeout", str(timeout),
+                            within=timeout)
+    assert "no answer" in _one_line_error(result) or "did not answer" in result.stderr
+    assert took < timeout + CLI_SLACK, f"pull took {took:.1f}s"
+
+
+def test_a_slow_but_steady_pull_is_not_cut_short(registry: Registry, tmp_path: Path) -> None:
+    """The deadline is for a stall, not for the whole transfer: 2 MiB at 512 KiB/s takes
+    twice --timeout and succeeds."""
+    data = os.urandom(2 << 20)
+    _push(registry, tmp_path, {"weights.bin": data})
+    timeout = 2.0
+    with TrickleProxy(registry.url) as proxy:
+        proxy.trickle(r"^GET /v2/.+/blobs/", 512 << 10)
+        result, took = _cli(tmp_path, "pull", f"{proxy.host}/g/m:v1", str(tmp_path / "out"),
+                            "--plain-http", "--quiet", "--timeout", str(timeout),
+                            within=30)
+    assert result.returncode == 0, result.stderr
+    assert took > 2 * timeout  # it did take longer than the timeout, as a whole
+    assert (tmp_path / "out" / "weights.bin").read_bytes() == data
+
+
+def test_sigterm_during_pull_removes_the_staging_folder(registry: Registry,
+                                                        tmp_path: Path) -> None:
+    _push(registry, tmp_path, {"weights.bin": os.urandom(300)})
+    with TrickleProxy(registry.url) as proxy:
+        proxy.trickle(r"^GET /v2/.+/blobs/", 1)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "galleryfs", "pull", f"{proxy.host}/g/m:v1",
+             str(tmp_path / "out"), "--plain-http", "--quiet", "--timeout", "60"],
+            env=isolated_env(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not (list(tmp_path.glob(".out.galleryfs-*")) and proxy.held):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the pull never started downloading"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+    assert proc.returncode != 0
+    assert not list(tmp_path.glob(".out.galleryfs-*"))
+    assert proc.returncode == 128 + signal.SIGTERM  # as if killed by it, but cleaned up
+    assert not (tmp_path / "out").exists()
+    assert "SIGTERM" in err and "Traceback" not in err, err
+
+
+# ---- the mount ----------------------------------------------------------------------
+
+mount = pytest.mark.skipif(not fuse_available(), reason="/dev/fuse unavailable")
+
+
+def _mount(source: str, mnt: Path, tmp_path: Path, *options: str) -> None:
+    mnt.mkdir(exist_ok=True)
+    result, _ = _cli(tmp_path, "mount", source, str(mnt), "--plain-http", "--cache-dir",
+                     str(tmp_path / "cache"), *options, within=30)
+    assert result.returncode == 0, result.stderr
+
+
+def _daemon_pid(tmp_path: Path) -> int | None:
+    """The mount daemon started with this test's environment."""
+    marker = f"XDG_CACHE_HOME={tmp_path / 'cache'}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (b"galleryfs.mount.daemon" in (entry / "cmdline").read_bytes()
+                    and marker in (entry / "environ").read_bytes().split(b"\0")):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.fixture
+def cleanup(tmp_path: Path) -> Iterator[Path]:
+    """The mountpoint; afterwards unmounted (lazily if need be) and its daemon gone."""
+    mnt = tmp_path / "mnt"
+    yield mnt
+    pid = _daemon_pid(tmp_path)
+    if is_mounted(str(mnt)):
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, timeout=10)
+    if pid is not None:
+        os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while _daemon_pid(tmp_path) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _daemon_pid(tmp_path) is not None:
+            os.kill(pid, signal.SIGKILL)
+    assert not is_mounted(str(mnt))
+
+
+def _timed_read(path: Path, offset: int, size: int) -> tuple[OSError | bytes, float]:
+    start = time.monotonic()
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            out: OSError | bytes = f.read(size)
+    except OSError as exc:
+        out = exc
+    return out, time.monotonic() - start
+
+
+@mount
+def test_read_from_a_frozen_registry_fails_within_timeout(registry: Registry, tmp_path: Path,
+                                                          cleanup: Path) -> None:
+    """A read of bytes not yet fetched, registry SIGSTOPped: EIO after --timeout (a read
+    waited 2x to 6x --timeout before: a fetch bound of twice the timeout, a retry after
+    the direct path's own socket timeout, a span's timeout for every piece)."""
+    _push(registry, tmp_path, {"a.bin": os.urandom(3 << 20), "b.bin": os.urandom(3 << 20)})
+    timeout = 3.0
+    _mount(registry.host, cleanup, tmp_path, "--timeout", str(timeout), "--chunk-size", "1M")
+    revision = cleanup / "g" / "m" / "v1"
+    os.stat(revision / "b.bin")  # the listing is in hand before the registry freezes
+    with frozen(registry):
+        got, took = _timed_read(revision / "b.bin", 0, 4096)
+    assert isinstance(got, OSError) and got.errno == errno.EIO, got
+    assert took < timeout + SLACK, f"the read took {took:.1f}s"
+    # The registry back, the same read works (once the stall is forgotten: a second).
+    want = (tmp_path / "src" / "b.bin").read_bytes()[:4096]
+    deadline = time.monotonic() + 15
+    while (got := _timed_read(revision / "b.bin", 0, 4096)[0]) != want:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.2)
+    assert _cli(tmp_path, "unmount", str(cleanup), within=15)[0].returncode == 0
+
+
+@mount
+def test_listing_walk_with_a_frozen_registry_waits_once(registry: Registry, tmp_path: Path,
+                                                         cleanup: Path) -> None:
+    """Listings expired, registry frozen: `ls g/m` walks the catalog (root) and the
+    model's tags, and waited --timeout for each (and for each of the kernel's requests);
+    now the first unanswered listing keeps the others' old listings for a while, and a
+    model never listed fails at once."""
+    _push(registry, tmp_path, {"a.bin": b"a"})
+    _push(registry, tmp_path / "src", {"b.bin": b"b"}, ref="h/n:v1")
+    timeout = 3.0
+    _mount(registry.host, cleanup, tmp_path, "--timeout", str(timeout), "--refresh", "1")
+    assert "v1" in os.listdir(cleanup / "g" / "m")
+    with frozen(registry):
+        time.sleep(1.2)  # the --refresh period passes: every listing is due again
+        start = time.monotonic()
+        assert "v1" in os.listdir(cleanup / "g" / "m")  # the old listing
+        took = time.monotonic() - start
+        assert took < timeout + SLACK, f"ls took {took:.1f}s"
+        start = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            os.listdir(cleanup / "h" / "n")
+        assert exc.value.errno == errno.EIO
+        assert time.monotonic() - start < SLACK
+
+
+@mount
+def test_read_of_a_trickled_blob_fails_within_timeout(registry: Registry, tmp_path: Path,
+                                                      cleanup: Path) -> None:
+    """Blob bytes a byte a second: EIO after --timeout (4x --timeout before)."""
+    _push(registry, tmp_path, {"a.bin": os.urandom(3 << 20)})
+    timeout = 3.0
+    with TrickleProxy(registry.url) as proxy:
+        _mount(proxy.host, cleanup, tmp_path, "--timeout", str(timeout), "--chunk-size", "1M")
+        path = cleanup / "g" / "m" / "v1" / "a.bin"
+        os.stat(path)
+        proxy.trickle(r"^GET /v2/.+/blobs/", 1)
+        got, took = _timed_read(path, 0, 4096)
+        assert isinstance(got, OSError) and got.errno == errno.EIO, got
+        assert took < timeout + SLACK, f"the read took {took:.1f}s"
+        proxy.clear()
+        assert _cli(tmp_path, "unmount", str(cleanup), within=15)[0].returncode == 0
+
+
+@mount
+def test_a_slow_but_steady_blob_reads_through_the_mount(registry: Registry, tmp_path: Path,
+                                                        cleanup: Path) -> None:
+    """4 MiB at 1 MiB/s through a mount with --timeout 2: the first read waits for the
+    whole blob to be verified (--verify strict, the table's chunks do not fit 1M chunks),
+    twice the timeout, and succeeds: the deadline is for a stall."""
+    data = os.urandom(4 << 20)
+    _push(registry, tmp_path, {"a.bin": data})
+    with TrickleProxy(registry.url) as proxy:
+        _mount(proxy.host, cleanup, tmp_path, "--timeout", "2", "--chunk-size", "1M",
+               "--cache-size", "0")
+        path = cleanup / "g" / "m" / "v1" / "a.bin"
+        os.stat(path)
+        proxy.trickle(r"^GET /v2/.+/blobs/", 1 << 20)
+        start = time.monotonic()
+        assert path.read_bytes() == data
+        assert time.monotonic() - start > 3
+        assert _cli(tmp_path, "unmount", str(cleanup), within=15)[0].returncode == 0
+
+
+@mount
+def test_unmount_with_a_frozen_registry_and_owed_chunks(registry: Registry, tmp_path: Path,
+                                                        cleanup: Path) -> None:
+    """Chunks owed to the disk cache, gone from the page cache, the registry frozen while
+    the write-behind fetches them again: unmount abandons that fetch, says what was not
+    cached, and returns within 15 s (it waited for the fetch, twice --timeout, before)."""
+    data = os.urandom(6 << 20)
+    _push(registry, tmp_path, {"a.bin": data})
+    _mount(registry.host, cleanup, tmp_path, "--timeout", "30", "--chunk-size", "1M")
+    path = cleanup / "g" / "m" / "v1" / "a.bin"
+    with open(path, "rb") as f:
+        assert f.read() == data
+        # The kernel forgets the file's pages: the write-behind must fetch them again.
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with frozen(registry):
+        deadline = time.monotonic() + 20
+        while stats(cleanup)["fill_fetched"] == 0 and not _refetching(cleanup):
+            assert time.monotonic() < deadline, stats(cleanup)
+            time.sleep(0.05)
+        result, took = _cli(tmp_path, "unmount", str(cleanup), within=15)
+    assert result.returncode == 0, result.stderr
+    assert took < 15, f"unmount took {took:.1f}s"
+    assert "not written to the disk cache" in result.stderr, result.stderr
+    assert not is_mounted(str(cleanup))
+
+
+def _refetching(mnt: Path) -> bool:
+    """The write-behind took an owed chunk and is fetching it (nothing else moves it)."""
+    got = stats(mnt)
+    return got["fill_owed"] < 6 and got["fill_chunks"] == 0 and got["fill_missed"] == 0
+
+
+@mount
+def test_unmount_of_a_stopped_daemon_is_lazy_and_bounded(registry: Registry, tmp_path: Path,
+                                                         cleanup: Path) -> None:
+    _push(registry, tmp_path, {"a.bin": b"x" * 1000})
+    _mount(registry.host, cleanup, tmp_path, "--timeout", "5")
+    assert (cleanup / "g" / "m" / "v1" / "a.bin").read_bytes() == b"x" * 1000
+    pid = _daemon_pid(tmp_path)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    result, took = _cli(tmp_path, "unmount", str(cleanup), within=15)
+    assert result.returncode == 0, result.stderr
+    assert took < 15, f"unmount took {took:.1f}s"
+    assert "did not answer" in result.stderr and "lazily" in result.stderr, result.stderr
+    assert not is_mounted(str(cleanup))
+    # Continued, the daemon finds its mount gone and exits (the fixture checks).
+    os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 15
+    while _daemon_pid(tmp_path) is not None:
+        assert time.monotonic() < deadline, "the daemon outlived its lazy unmount"
+        time.sleep(0.05)
+

@@ -1,0 +1,163 @@
+"""A slow proxy in front of a real registry (never mocked), and a frozen registry.
+
+`TrickleProxy` forwards every request to the registry; for requests matching a pattern it
+can send the body at N bytes per second (`trickle`), send the headers and then nothing
+(`stall`), or send nothing at all (`freeze`). Closing it releases every held answer.
+
+`frozen(registry)` SIGSTOPs the registry process for the block and always SIGCONTs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+
+import httpx
+
+from tests.registry_harness import Registry
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+        "content-length", "host"}
+
+
+@contextlib.contextmanager
+def frozen(registry: Registry) -> Iterator[int]:
+    """The registry process stopped (SIGSTOP) while in the block; its pid."""
+    assert registry.process is not None and registry.process.poll() is None
+    pid = registry.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+class TrickleProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.lock = threading.Lock()
+        # (pattern on "METHOD PATH", mode, bytes per second)
+        self.rules: list[tuple[re.Pattern[str], str, float]] = []
+        self.closing = threading.Event()
+        self.held = 0  # answers being trickled, stalled or frozen right now
+        self.client = httpx.Client(timeout=60)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                try:
+                    proxy._serve(self)
+                except OSError:  # the client gave up on us
+                    self.close_connection = True
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.client.close()
+
+    # ---- faults ------------------------------------------------------------------
+
+    def trickle(self, pattern: str, rate: float) -> None:
+        """Bodies of matching answers at `rate` bytes per second."""
+        self._add(pattern, "trickle", rate)
+
+    def stall(self, pattern: str) -> None:
+        """Headers of matching answers, then nothing until closed."""
+        self._add(pattern, "stall", 0)
+
+    def freeze(self, pattern: str) -> None:
+        """Nothing at all for matching requests until closed."""
+        self._add(pattern, "freeze", 0)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.rules.clear()
+
+    def _add(self, pattern: str, mode: str, rate: float) -> None:
+        with self.lock:
+            self.rules.append((re.compile(pattern), mode, rate))
+
+    def _rule(self, method: str, path: str) -> tuple[str, float] | None:
+        with self.lock:
+            for pattern, mode, rate in self.rules:
+                if pattern.search(f"{method} {path}"):
+                    return mode, rate
+        return None
+
+    # ---- serving -----------------------------------------------------------------
+
+    def _serve(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("content-length") or 0)
+        body = h.rfile.read(length) if length else b""
+        rule = self._rule(h.command, h.path)
+        if rule is not None and rule[0] == "freeze":
+            self._hold(h, lambda: self.closing.wait())
+            return
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
+        r = self.client.request(h.command, self.upstream + h.path, headers=headers,
+                                content=body)
+        h.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() not in _HOP:
+                if k.lower() == "location" and v.startswith(self.upstream):
+                    v = v[len(self.upstream):]
+                h.send_header(k, v)
+        h.send_header("Content-Length", r.headers.get("content-length", "0")
+                      if h.command == "HEAD" else str(len(r.content)))
+        h.end_headers()
+        if h.command == "HEAD":
+            return
+        if rule is None:
+            h.wfile.write(r.content)
+            return
+        mode, rate = rule
+        if mode == "stall":
+            h.wfile.flush()
+            self._hold(h, lambda: self.closing.wait())
+            return
+        self._hold(h, lambda: self._trickle(h, r.content, rate))
+
+    def _hold(self, h: BaseHTTPRequestHandler, wait: object) -> None:
+        with self.lock:
+            self.held += 1
+        try:
+            wait()  # type: ignore[operator]
+        finally:
+            with self.lock:
+                self.held -= 1
+            h.close_connection = True
+
+    def _trickle(self, h: BaseHTTPRequestHandler, data: bytes, rate: float) -> None:
+        # Pieces of a tenth of a second's worth (at least a byte), on time.
+        piece = max(1, int(rate / 10))
+        start = time.monotonic()
+        for i in range(0, len(data), piece):
+            due = start + i / rate
+            if self.closing.wait(max(0.0, due - time.monotonic())):
+                return
+            h.wfile.write(data[i:i + piece])
+            h.wfile.flush()
