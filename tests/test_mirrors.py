@@ -5,6 +5,7 @@ access log and the proxy's record showing where each request went."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import threading
@@ -90,6 +91,30 @@ def test_pull_and_mount_read_through_the_mirror(origin: Registry, mirror: Regist
     assert len(mirror.access_lines("GET", f"/blobs/{blob}")) > 2
 
 
+def test_a_cold_mirror_is_filled_by_the_first_reads_and_serves_the_next(
+        origin: Registry, mirror: Registry, tmp_path: Path) -> None:
+    env = isolated_env(tmp_path)
+    weights = os.urandom(9 * MiB + 7)
+    push(origin, tmp_path, env, "g/m:v1", {"w.bin": weights})
+    cache = tmp_path / "cache"
+    options = ("--plain-http", "--mirror", mirror.url, "--cache-dir", str(cache),
+               "--cache-size", "0")
+    # The mirror has nothing: it answers ranges with the whole blob (and caches it
+    # meanwhile). A miss, not a failure: no warning, the mirror is asked again.
+    with mounted(origin.host, tmp_path / "mnt", env, *options) as mnt:
+        assert (mnt / "g" / "m" / "v1" / "w.bin").read_bytes() == weights
+    log = "".join(p.read_text() for p in (cache / "logs").glob("*.log"))
+    assert warnings(log) == [], log
+    cached = blob_file(mirror, weights)
+    deadline = time.monotonic() + 30
+    while not cached.exists():
+        assert time.monotonic() < deadline, "the mirror did not cache the blob"
+        time.sleep(0.05)
+    with mounted(origin.host, tmp_path / "mnt", env, *options) as mnt:
+        assert (mnt / "g" / "m" / "v1" / "w.bin").read_bytes() == weights
+        assert stats(mnt)["mirror_bytes"] >= len(weights)
+
+
 def test_tags_are_resolved_at_the_origin_only(origin: Registry, mirror: Registry,
                                               tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
@@ -173,6 +198,80 @@ class _Recorder(ThreadingHTTPServer):
 
         super().__init__(("127.0.0.1", 0), Handler)
         self.daemon_threads = True
+
+
+class _CutOff(ThreadingHTTPServer):
+    """In front of a mirror: the first answer longer than `cut` bytes stops there (the
+    connection closed), and from then on every request gets a 503: a mirror that dies in
+    the middle of a long range."""
+
+    def __init__(self, target: Registry, cut: int) -> None:
+        self.broken = False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                if outer.broken:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", target.port, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                    conn.request("GET", self.path, headers=headers)
+                    answer = conn.getresponse()
+                    body = answer.read()
+                finally:
+                    conn.close()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if len(body) > cut:
+                    outer.broken = True
+                    self.wfile.write(body[:cut])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def test_a_mirror_dying_midway_leaves_the_rest_to_the_origin(
+        origin: Registry, mirror: Registry, tmp_path: Path) -> None:
+    env = isolated_env(tmp_path)
+    weights = os.urandom(33 * MiB + 7)
+    push(origin, tmp_path, env, "g/m:v1", {"w.bin": weights})
+    pull(origin, "g/m:v1", tmp_path / "fill", env, "--mirror", mirror.url)  # mirror warm
+    cut = _CutOff(mirror, 6 * MiB)  # chunk-sized ranges pass, the first longer span dies
+    thread = threading.Thread(target=cut.serve_forever, daemon=True)
+    thread.start()
+    cache = tmp_path / "cache"
+    try:
+        with mounted(origin.host, tmp_path / "mnt", env, "--plain-http", "--mirror", cut.url,
+                     "--cache-dir", str(cache), "--cache-size", "0") as mnt:
+            assert (mnt / "g" / "m" / "v1" / "w.bin").read_bytes() == weights
+            counters = stats(mnt)
+    finally:
+        cut.shutdown()
+        cut.server_close()
+        thread.join(timeout=5)
+    assert cut.broken
+    assert counters["mirror_bytes"] >= 4 * MiB and counters["registry_bytes"] >= 4 * MiB
+    # The origin continued from where the mirror stopped: no byte fetched twice.
+    assert counters["mirror_bytes"] + counters["registry_bytes"] <= len(weights) + (256 << 10)
+    log = "".join(p.read_text() for p in (cache / "logs").glob("*.log"))
+    assert len(warnings(log)) == 1, log
 
 
 def test_a_mirror_gets_no_credentials(basic_registry: Registry, tmp_path: Path) -> None:

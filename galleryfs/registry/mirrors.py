@@ -14,6 +14,12 @@ A mirror is trusted with nothing:
 A mirror that fails (refused, timed out, an error status, wrong bytes) is skipped for
 `SKIP_SECONDS`, with one warning: a dead mirror costs one failure per window, not one
 timeout per request. Nothing is retried at a mirror: the next source is the retry.
+
+One answer is a miss, not a failure: the whole blob (200) for a range. A pull-through
+cache (distribution's proxy mode) answers so while it has not cached the blob yet, and
+caches it meanwhile; that range comes from the next source and the mirror is asked again
+for the next one, so a fleet starting together against a cold mirror fills it and then
+reads from it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ..errors import GalleryError, UsageError
+from ..errors import GalleryError, RegistryError, UsageError
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -88,7 +94,11 @@ class Mirrors:
         return [m for m in self.mirrors if m.skip_until <= now]
 
     def failed(self, mirror: Mirror, what: str, reason: object) -> None:
-        """Leave the mirror out for SKIP_SECONDS; one warning says why."""
+        """Leave the mirror out for SKIP_SECONDS; one warning says why. A miss (see
+        above) leaves it in."""
+        if isinstance(reason, RegistryError) and reason.status == 200:
+            log.debug("mirror %s: %s not cached yet (%s)", mirror.url, what, reason)
+            return
         now = time.monotonic()
         if mirror.skip_until > now:
             # A request that was already under way when the mirror was left out.
