@@ -22,6 +22,7 @@ from .reference import Reference, parse, parse_model
 from .registry import credentials
 from .registry.client import ClientOptions, RegistryClient
 from .registry.credentials import Credentials
+from .registry.mirrors import check_url
 
 log = logging.getLogger("galleryfs")
 T = TypeVar("T")
@@ -40,6 +41,13 @@ def _connection_parent() -> argparse.ArgumentParser:
                         "needed (rotate it without a remount)")
     g.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="give up on an unresponsive registry after this long (default 30)")
+    g.add_argument("--mirror", action="append", default=[], metavar="URL",
+                   help="read manifests by digest and blobs from this pull-through cache or "
+                        "mirror first, e.g. http://10.0.0.5:5000 (repeatable, tried in order; "
+                        "tags always come from the registry; no credentials are sent to it)")
+    g.add_argument("--proxy", metavar="URL",
+                   help="send all registry traffic through this HTTP proxy "
+                        "(e.g. Dragonfly's dfdaemon), e.g. http://127.0.0.1:4001")
     return p
 
 
@@ -335,9 +343,11 @@ def options_for(args: argparse.Namespace, host: str, creds: Credentials | None =
         raise UsageError(f"--ca-file {args.ca_file}: no such file")
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
+    mirrors = tuple(check_url(url, "--mirror") for url in args.mirror)
+    proxy = check_url(args.proxy, "--proxy") if args.proxy is not None else None
     return ClientOptions(plain_http=args.plain_http, ca_file=args.ca_file,
                          credentials=creds if creds is not None else _credentials(args, host),
-                         timeout=args.timeout)
+                         timeout=args.timeout, mirrors=mirrors, proxy=proxy)
 
 
 def _progress(args: argparse.Namespace) -> gallery.ProgressFactory:

@@ -487,10 +487,17 @@ class Registry:
         binary: str | None = None,
         startup_timeout: float = 20.0,
         bind_host: str = "127.0.0.1",
+        proxy_remote: str | None = None,
+        access_log: bool | None = None,
     ) -> None:
+        """``proxy_remote`` (e.g. ``http://127.0.0.1:5000``): a pull-through cache of that
+        registry (distribution's proxy mode). ``access_log``: every request logged in
+        ``log_path`` (:meth:`access_lines`); on by default for a pull-through cache."""
         if mode not in MODES:
             raise ValueError(f"unknown registry mode {mode!r}; expected one of {MODES}")
         self.mode = mode
+        self.proxy_remote = proxy_remote
+        self.access_log = proxy_remote is not None if access_log is None else access_log
         self.binary = binary or find_registry_binary()
         self.startup_timeout = startup_timeout
         self.bind_host = bind_host
@@ -608,6 +615,10 @@ class Registry:
             "http": http_cfg,
             "health": {"storagedriver": {"enabled": False}},
         }
+        if self.proxy_remote is not None:
+            cfg["proxy"] = {"remoteurl": self.proxy_remote}
+        if self.access_log:
+            cfg["log"] = {"level": "error", "accesslog": {"disabled": False}}
         if self.mode == "basic":
             cfg["auth"] = {
                 "htpasswd": {"realm": "galleryfs-basic-realm", "path": str(self._htpasswd)}
@@ -714,6 +725,15 @@ class Registry:
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.2)
+
+    def access_lines(self, method: str, fragment: str) -> list[str]:
+        """Access-log lines of requests ``METHOD <path containing fragment>``."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines()
+                if f'"{method} ' in line and fragment in line.split(f'"{method} ', 1)[1]]
 
     def log_tail(self, lines: int = 40) -> str:
         try:

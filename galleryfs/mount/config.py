@@ -103,7 +103,8 @@ class MountConfig:
         o = data.pop("options")
         options = ClientOptions(
             **{**o, "credentials": Credentials(**o["credentials"]) if o["credentials"] else None,
-               "retry": RetryPolicy(**o["retry"]) if o["retry"] else None})
+               "retry": RetryPolicy(**o["retry"]) if o["retry"] else None,
+               "mirrors": tuple(o.get("mirrors") or ())})
         return cls(options=options, **data)
 
 

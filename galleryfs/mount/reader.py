@@ -110,6 +110,10 @@ class ChunkReader:
         # from the registry for a blob the disk cache takes. None: such chunks are not
         # cached on disk.
         self.defer: Callable[[BlobRef, int], None] | None = None
+        # Mirrors (registry.mirrorranges.MirroredRanges.distrust): told of a blob whose
+        # bytes failed their check; True when a mirror served them, so fetching again
+        # asks the next source. None: no mirrors, wrong bytes fail the read at once.
+        self.distrust: Callable[[str, str], bool] | None = None
 
     def nchunks(self, blob: BlobRef) -> int:
         return math.ceil(blob.size / self.chunk_size)
@@ -191,8 +195,12 @@ class ChunkReader:
         registry. Under `--verify strict`, the first chunk of a blob without a table
         waits for the whole blob to be verified."""
         verify = self.verify
-        if verify.pending(blob):
-            await verify.prepare(blob)
+        while verify.pending(blob):
+            try:
+                await verify.prepare(blob)
+            except DigestMismatch:
+                if self.distrust is None or not self.distrust(blob.digest, "wrong blob digest"):
+                    raise
         expect = verify.expect(blob, index)
         key = (blob.digest, blob.size, index, expect)
         memory = self.memory
@@ -220,7 +228,7 @@ class ChunkReader:
                 data = await self.fetcher.range(
                     blob, start, min(blob.size, start + self.chunk_size))
                 if expect is not None:
-                    await verify.check(blob, index, data, expect)
+                    data = await self._checked(blob, index, data, expect)
                 fetched = True
         except trio.Cancelled:
             memory.fail(key, flight, Abandoned())
@@ -236,6 +244,19 @@ class ChunkReader:
             # write-behind could not get it back. Kept on disk now (it was verified), or
             # each later read near it fetches the whole chunk again.
             await self.store(blob, index, data, checked=True)
+        return data
+
+    async def _checked(self, blob: BlobRef, index: int, data: Chunk, expect: Expect) -> Chunk:
+        """The fetched chunk if it matches; fetched again while a mirror that served the
+        blob can be blamed (it is skipped from now on). The origin's wrong bytes fail."""
+        verify = self.verify
+        while not await verify.matches(data, expect):
+            if self.distrust is None or not self.distrust(
+                    blob.digest, f"chunk {index} does not match its digest"):
+                raise verify.mismatch(blob, index)
+            start = index * self.chunk_size
+            data = await self.fetcher.range(blob, start, min(blob.size, start + self.chunk_size))
+        verify.stats.verified_chunks += 1
         return data
 
     def _owe(self, blob: BlobRef, index: int) -> None:

@@ -17,6 +17,7 @@ import trio
 
 from ..errors import GalleryError
 from ..registry.client import RegistryClient
+from ..registry.mirrorranges import MirroredRanges
 from ..registry.ranges import DirectRanges
 from .config import MountConfig
 from .diskcache import DiskCache
@@ -65,10 +66,14 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         # The memory budget holds the read-ahead window and a chunk, whatever the
         # chunk size (with less, prefetched chunks would be evicted before use).
         memory = max(DEFAULT_MEMORY, WINDOW_CAP + config.chunk_size)
-        ranges = DirectRanges(client)
+        ranges: DirectRanges | MirroredRanges = DirectRanges(client)
+        if client.mirrors is not None:
+            ranges = MirroredRanges(ranges, client.mirrors)
         reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=config.chunk_size,
                              memory_bytes=memory, disk=disk,
                              fetch_timeout=config.options.timeout, verify=config.verify)
+        if isinstance(ranges, MirroredRanges):
+            reader.distrust = ranges.distrust
         # Compressed packed layers are unpacked beside the disk cache, within its size.
         packed = PackedLayers(reader, spill_dir=config.cache_dir if disk is not None else None,
                               spill_limit=config.cache_size)
@@ -79,7 +84,9 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
                     "registry_requests": client.requests_sent,
                     "direct_ranges": ranges.stats.direct,
                     "direct_fallbacks": ranges.stats.fallbacks,
-                    "listings_prefetched": tree.prefetched_listings}
+                    "listings_prefetched": tree.prefetched_listings,
+                    "mirror_bytes": client.mirrors.bytes_received if client.mirrors else 0,
+                    "mirror_requests": client.mirrors.requests_sent if client.mirrors else 0}
 
         # The disk cache is written behind the reads, from the kernel's page cache.
         fill = PageCacheFill(reader, pyfuse3.notify_retrieve) if disk is not None else None

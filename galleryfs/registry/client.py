@@ -32,6 +32,7 @@ from ..errors import (
 from . import deadline, listings
 from .auth import RegistryAuth
 from .credentials import Credentials
+from .mirrors import Mirrors
 from .rangecheck import range_mismatch
 from .retry import RETRY_STATUS, RetryableStatus, RetryPolicy, with_retries
 
@@ -74,6 +75,10 @@ class ClientOptions:
     credentials: Credentials | None = None
     timeout: float = 30.0
     retry: RetryPolicy | None = None
+    # Pull-through caches or regional mirrors, asked first for manifests by digest and
+    # blobs (mirrors.py); an HTTP proxy for all registry traffic.
+    mirrors: tuple[str, ...] = ()
+    proxy: str | None = None
 
 
 # httpcore reads a response 64 KiB per socket receive, and every piece then goes through
@@ -98,7 +103,9 @@ def _tune_http_reads() -> None:
 class RegistryClient:
     """One registry host. Use as `async with RegistryClient(host, options) as c:`."""
 
-    def __init__(self, host: str, options: ClientOptions | None = None) -> None:
+    def __init__(self, host: str, options: ClientOptions | None = None, *,
+                 anonymous: bool = False) -> None:
+        """`anonymous`: a mirror's client, which answers no challenge (a 401 is an error)."""
         self.host = host
         self.options = options or ClientOptions()
         scheme = "http" if self.options.plain_http else "https"
@@ -111,9 +118,11 @@ class RegistryClient:
         self._harbor_basic = False  # Harbor's API took our Basic credentials: no more probe
         self._warned_names: set[str] = set()  # names off the grammar, warned about once
         _tune_http_reads()
+        self.mirrors = Mirrors(self) if self.options.mirrors else None
         self._http = httpx.AsyncClient(
             base_url=self.base,
-            auth=self.auth,
+            auth=None if anonymous else self.auth,
+            proxy=self.options.proxy,
             verify=self.tls_verify(),
             follow_redirects=True,
             # The stall deadline (deadline.py) ends a wait first; httpx's, per receive,
@@ -150,6 +159,8 @@ class RegistryClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self.mirrors is not None:
+            await self.mirrors.aclose()
         await self._http.aclose()
 
     # ---- plumbing -------------------------------------------------------------------
@@ -226,6 +237,10 @@ class RegistryClient:
 
     async def get_manifest(self, repo: str, reference: str) -> Manifest:
         what = f"{self.host}/{repo}{'@' if digests.is_digest(reference) else ':'}{reference}"
+        if self.mirrors and digests.is_digest(reference):  # never a tag: see mirrors.py
+            got = await self.mirrors.first(what, lambda m: m.get_manifest(repo, reference))
+            if got is not None:
+                return got
 
         async def once() -> Manifest:
             async with self._http.stream(
@@ -603,6 +618,10 @@ class RegistryClient:
         """A small blob (a config), whole and verified."""
         verifier = digests.Verifier(digest, size)
         what = f"{self.host}/{repo}@{digest}"
+        if self.mirrors:
+            got = await self.mirrors.first(what, lambda m: m.read_blob(repo, digest, size))
+            if got is not None:
+                return got
 
         async def once() -> bytes:
             async with self.open_blob(repo, digest) as response:
@@ -623,6 +642,13 @@ class RegistryClient:
                             progress: ProgressFn | None = None) -> None:
         """Stream a blob into `target`, verifying size and digest; the file is removed on error."""
         what = f"{self.host}/{repo}@{digest}"
+        if self.mirrors:
+            async def mirrored(m: RegistryClient) -> bool:
+                await m.download_blob(repo, digest, size, target, progress)
+                return True
+
+            if await self.mirrors.first(what, mirrored):
+                return
 
         async def once() -> None:
             verifier = digests.Verifier(digest, size)
@@ -710,6 +736,10 @@ class RegistryClient:
     async def read_range(self, repo: str, digest: str, start: int, end: int) -> bytearray:
         """Bytes [start, end) of a blob, exactly, retried as a whole on transient errors."""
         what = f"{self.host}/{repo}@{digest}[{start}:{end}]"
+        if self.mirrors:
+            got = await self.mirrors.first(what, lambda m: m.read_range(repo, digest, start, end))
+            if got is not None:
+                return got
 
         async def once() -> bytearray:
             # Pieces go straight into one buffer of the final size: no list of pieces

@@ -11,8 +11,8 @@ When a direct request gives up
 ------------------------------
 It raises `Fallback`, and its caller hands the whole request to `RegistryClient`, when
 
-- the environment routes the registry through a proxy (`enabled` is False: httpx
-  honours the proxy variables, these connections would go around the proxy);
+- the registry is reached through a proxy, `--proxy` or the environment's (`enabled`
+  is False: httpx goes through it, these connections would go around it);
 - the URL is on another host than the registry (an upload location elsewhere);
 - the connection fails or the answer is cut short (`OSError`, `HTTPException`);
 - the status is not the one the request expects (`expect`): a 401 (no credentials
@@ -56,7 +56,8 @@ class DirectTransport:
 
     def __init__(self, client: RegistryClient) -> None:
         self.client = client
-        self.enabled = no_proxy_for(client.base)
+        # --proxy, or the environment's proxy variables: these connections would go around it.
+        self.enabled = not client.options.proxy and no_proxy_for(client.base)
         url = urlsplit(client.base)
         self.scheme = url.scheme
         self.host = url.hostname or ""
