@@ -178,25 +178,26 @@ class Verifier:
         parts: list[bytes] = []
         reached = 0
 
-        def hash_piece(data: Chunk) -> bytes:  # in a worker thread
+        def hash_piece(data: Chunk, sums: bytes | None) -> bytes:  # in a worker thread
             whole.update(data)
-            return hashlib.sha256(data).digest()
+            # The chunk's digest: hashed by the thread that received it, or here.
+            return sums if sums is not None else hashlib.sha256(data).digest()
 
-        send, receive = trio.open_memory_channel[tuple[int, Chunk]](1)
+        send, receive = trio.open_memory_channel[tuple[int, Chunk, bytes | None]](1)
 
         async def consume() -> None:
             nonlocal reached
             async with receive:
-                async for offset, data in receive:
+                async for offset, data, sums in receive:
                     if offset != reached or len(data) != min(cs, blob.size - offset):
                         raise RegistryUnavailable(
                             f"{blob}: got {len(data)} bytes at {offset} streaming {blob.digest}")
-                    parts.append(await trio.to_thread.run_sync(hash_piece, data,
+                    parts.append(await trio.to_thread.run_sync(hash_piece, data, sums,
                                                                limiter=self.limiter))
                     reached += len(data)
 
-        async def take(offset: int, data: bytearray) -> bool:
-            await send.send((offset, data))
+        async def take(offset: int, data: bytearray, sums: bytes | None) -> bool:
+            await send.send((offset, data, sums))
             return True
 
         log.info("%s: no chunk table; verifying all %d bytes of %s before serving it "
@@ -206,11 +207,11 @@ class Verifier:
                 nursery.start_soon(consume)
                 async with send:
                     if self.fetch.spans:
-                        await self.fetch.span(blob, 0, blob.size, cs, take)
+                        await self.fetch.span(blob, 0, blob.size, cs, take, cs)
                     else:
                         for start in range(0, blob.size, cs):
                             await take(start, await self.fetch.range(
-                                blob, start, min(blob.size, start + cs)))
+                                blob, start, min(blob.size, start + cs)), None)
         except BaseExceptionGroup as group:
             # Callers map single galleryfs errors to errno; a group would hide them.
             raise first_error(group) from None
