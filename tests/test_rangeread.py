@@ -388,7 +388,8 @@ def test_a_span_digests_what_it_receives_in_the_receiving_thread(registry: Regis
 
             assert await ranges.span(REPO, digest, 10, SIZE, piece, deliver, unit) == SIZE
             assert b"".join(buf for _, buf, _ in got) == data[10:]
-            for offset, buf, sums in got:
+            assert [offset for offset, _, _ in got] == [10, 10 + piece]
+            for _, buf, sums in got:
                 if not direct:
                     assert sums is None
                     continue

@@ -73,6 +73,34 @@ class BlobFetch:
         self.stats.fetched_bytes += len(data)
         return data
 
+    async def hashed(self, blob: BlobRef, start: int, end: int, unit: int
+                     ) -> tuple[Chunk, bytes | None]:
+        """As `range`, and the sha256 of each `unit` bytes where the thread that received
+        them hashed them (a span of one piece), else None: the caller hashes them."""
+        if self.span_fetch is None or not unit:
+            return await self.range(blob, start, end), None
+        got: list[tuple[bytearray, bytes | None]] = []
+
+        async def deliver(offset: int, data: bytearray, sums: bytes | None) -> None:
+            got.append((data, sums))
+
+        try:
+            with trio.move_on_after(self.timeout) as scope:
+                await self.span_fetch(blob.repo, blob.digest, start, end, end - start, deliver,
+                                      unit)
+        except NotFound as exc:
+            _missing(blob, exc)
+        if scope.cancelled_caught:
+            raise RegistryUnavailable(
+                f"{blob.repo}@{blob.digest}: no data within {self.timeout:g}s")
+        if len(got) != 1 or len(got[0][0]) != end - start:
+            raise RegistryUnavailable(
+                f"{blob.repo}@{blob.digest}: got {sum(len(d) for d, _ in got)} bytes in "
+                f"{len(got)} pieces for a {end - start} byte range")
+        self.stats.fetches += 1
+        self.stats.fetched_bytes += end - start
+        return got[0]
+
     async def span(self, blob: BlobRef, start: int, end: int, piece: int, take: Take,
                    unit: int = 0) -> None:
         """Bytes [start, end) with one request, handed to `take` `piece` bytes at a time

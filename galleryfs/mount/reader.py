@@ -204,10 +204,12 @@ class ChunkReader:
                     else None)
             if data is None:
                 start = index * self.chunk_size
-                data = await self.fetcher.range(
-                    blob, start, min(blob.size, start + self.chunk_size))
+                # Hashed by the thread that receives it where it can be (a direct read).
+                data, sums = await self.fetcher.hashed(
+                    blob, start, min(blob.size, start + self.chunk_size),
+                    expect.piece if expect is not None else 0)
                 if expect is not None:
-                    await verify.check(blob, index, data, expect)
+                    await verify.check(blob, index, data, expect, sums)
                 fetched = True
         except trio.Cancelled:
             memory.fail(key, flight, Abandoned())
