@@ -321,6 +321,13 @@ def test_expected_digests_per_chunk() -> None:
     assert not verifier(8 * CHUNK).pending(one)
     end = Verifier(CHUNK, "end", fetch=None)  # type: ignore[arg-type]
     assert not end.pending(one) and end.trusts_unverified(one)
+    # A table too short for the blob: chunks past its end match nothing (never unchecked).
+    past = verifier(CHUNK).expect(BlobRef("r", digest, 9 * CHUNK, table), 7)
+    assert past is not None and not past.matches(data[:CHUNK])
+    # The same expectation object for every ask (the memory cache compares keys often).
+    v = verifier(CHUNK)
+    assert v.expect(BlobRef("r", digest, len(data), table), 2) is \
+        v.expect(BlobRef("r", digest, len(data), table), 2)
 
 
 
