@@ -321,6 +321,13 @@ def test_expected_digests_per_chunk() -> None:
     assert not verifier(8 * CHUNK).pending(one)
     end = Verifier(CHUNK, "end", fetch=None)  # type: ignore[arg-type]
     assert not end.pending(one) and end.trusts_unverified(one)
+    # A table too short for the blob: chunks past its end match nothing (never unchecked).
+    past = verifier(CHUNK).expect(BlobRef("r", digest, 9 * CHUNK, table), 7)
+    assert past is not None and not past.matches(data[:CHUNK])
+    # The same expectation object for every ask (the memory cache compares keys often).
+    v = verifier(CHUNK)
+    assert v.expect(BlobRef("r", digest, len(data), table), 2) is \
+        v.expect(BlobRef("r", digest, len(data), table), 2)
 
 
 
@@ -468,3 +475,50 @@ async def test_a_random_reads_chunk_is_kept_on_disk(registry, tmp_path) -> None:
             handle.close()
         assert sorted(fetch.calls) == [(CHUNK, 2 * CHUNK), (3 * CHUNK, 4 * CHUNK)]
         assert reader.snapshot()["disk_hits"] == 2
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("direct", [True, False])
+async def test_span_pieces_are_hashed_where_received_or_else_by_the_reader(
+        registry, caplog, direct) -> None:
+    """A span's pieces received directly come with their digests (hashed in the thread
+    that received them): the reader compares them and sends no piece to a hashing
+    thread. Pieces received through httpx come without digests and are hashed by the
+    reader: either way a piece that does not match its table is never served."""
+    data = os.urandom(12 * CHUNK)
+    ref = tabled("span/prehash", push_blob(registry.url, "span/prehash", data), data)
+    bad = bytearray(ref.table.digests)
+    bad[6 * 32] ^= 1
+    ref = BlobRef(ref.repo, ref.digest, ref.size, ChunkTable(CHUNK, bytes(bad)))
+    async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+        ranges = DirectRanges(client)
+        ranges.transport.enabled = direct
+        reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=CHUNK,
+                             window_cap=8 * CHUNK)
+        hashed: list[int] = []
+        matches = reader.verify.matches
+
+        async def counting(chunk, expect):  # noqa: ANN001, ANN202 - a spy
+            hashed.append(len(chunk))
+            return await matches(chunk, expect)
+
+        reader.verify.matches = counting  # type: ignore[method-assign]
+        out = bytearray()
+        async with trio.open_nursery() as nursery:
+            handle = reader.open(ref, nursery)
+            with pytest.raises(ChunkMismatch, match="chunk 6 of"):
+                while len(out) < len(data):
+                    out += await handle.read(len(out), 16384)
+            handle.close()
+        assert bytes(out) == data[:6 * CHUNK]
+        snap = reader.snapshot()
+        assert snap["spans"] > 0 and snap["verified_chunks"] >= 6
+        # Foreground fetches (chunk 0, which starts the stream, and chunk 6, fetched again
+        # by its reader) are direct reads too: nothing is sent to a hashing thread unless
+        # it came without digests.
+        if direct:
+            assert hashed == [], hashed
+        else:
+            assert len(hashed) >= 6, hashed
+        assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+        ranges.close()

@@ -72,3 +72,20 @@ def test_a_child_that_dies_before_ready_is_reported_with_its_log(tmp_path: Path)
     assert "cannot reach registry 127.0.0.1:9" in message and "(log: " in message
     assert "\n" not in message and "Traceback" not in message
     assert not any((tmp_path / "mnt").iterdir())
+
+
+def test_a_mount_loads_no_crypto_library_unless_it_checks_signatures() -> None:
+    """The daemon imports the trust layer, but `cryptography` (about 9 MiB of resident
+    memory, scripts/bench G9) only with a key to check: a key loaded imports it."""
+    code = ("import sys, galleryfs.mount.daemon, galleryfs.mount.serve, galleryfs.cli\n"
+            "assert 'cryptography' not in sys.modules, 'imported without a key'\n"
+            "from galleryfs.trust.keys import parse_public\n"
+            "try:\n"
+            "    parse_public(b'not a key', 'k')\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__)\n"
+            "assert 'cryptography' in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "UsageError"

@@ -363,3 +363,40 @@ def test_the_direct_path_talks_only_to_the_registry_with_what_httpx_negotiated()
             assert headers["Range"] == "bytes=0-1"
 
     trio.run(run)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_span_digests_what_it_receives_in_the_receiving_thread(registry: Registry,
+                                                                 direct: bool) -> None:
+    """With `unit`, each piece of a span comes with the sha256 of every `unit` bytes of it
+    (the last one shorter), hashed by the thread that received it; pieces received
+    through httpx (the fallback) come without digests, for their taker to hash."""
+    import hashlib
+
+    data = os.urandom(SIZE)
+    digest = _push(registry, data)
+    piece, unit = 2 * 65536, 65536
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges = DirectRanges(client)
+            ranges.transport.enabled = direct
+            got: list[tuple[int, bytes, bytes | None]] = []
+
+            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+                got.append((offset, bytes(buf), sums))
+
+            assert await ranges.span(REPO, digest, 10, SIZE, piece, deliver, unit) == SIZE
+            assert b"".join(buf for _, buf, _ in got) == data[10:]
+            assert [offset for offset, _, _ in got] == [10, 10 + piece]
+            for _, buf, sums in got:
+                if not direct:
+                    assert sums is None
+                    continue
+                assert sums == b"".join(hashlib.sha256(buf[i:i + unit]).digest()
+                                        for i in range(0, len(buf), unit))
+            assert [len(b) for _, b, _ in got] == [piece, SIZE - 10 - piece]
+            assert (ranges.stats.direct, ranges.stats.fallbacks) == ((1, 0) if direct else (0, 1))
+            ranges.close()
+
+    trio.run(run)

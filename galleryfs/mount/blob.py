@@ -56,6 +56,13 @@ class Expect:
             view.release()
         return True
 
+    def agrees(self, length: int, unit: int, sums: bytes) -> bool:
+        """Whether `length` bytes whose sha256 per `unit` bytes are `sums` (hashed where
+        they were received, from the very buffer handed over) are these: a compare."""
+        return (unit == self.piece and length > 0
+                and -(-length // unit) * CHUNK_DIGEST == len(self.digests)
+                and sums == self.digests)
+
     @property
     def whole(self) -> bytes | None:
         """The chunk's own sha256, when this is one digest for the whole chunk."""

@@ -39,14 +39,17 @@ from .blob import BlobRef, Chunk
 
 # (repo, digest, start, end) -> exactly bytes [start, end)
 Fetcher = Callable[[str, str, int, int], Awaitable[Chunk]]
-# (offset, bytes) of one piece of a span, handed over as it arrives
-Deliver = Callable[[int, bytearray], Awaitable[None]]
-# (repo, digest, start, end, piece size, deliver): bytes [start, end) with one request,
-# delivered piece by piece in order; returns the offset reached (end unless it failed)
-SpanFetcher = Callable[[str, str, int, int, int, Deliver], Awaitable[int]]
+# (offset, bytes, sums) of one piece of a span, handed over as it arrives; sums: the raw
+# sha256 of each `unit` bytes of the piece, hashed by the thread that received it, or
+# None (not hashed: the taker hashes it)
+Deliver = Callable[[int, bytearray, bytes | None], Awaitable[None]]
+# (repo, digest, start, end, piece size, deliver, unit): bytes [start, end) with one
+# request, delivered piece by piece in order, digested per `unit` bytes (0: not);
+# returns the offset reached (end unless it failed)
+SpanFetcher = Callable[[str, str, int, int, int, Deliver, int], Awaitable[int]]
 # A span's piece for its taker: False when it was no longer wanted (not counted). The
 # next piece is received meanwhile only if it returns before checking the piece.
-Take = Callable[[int, bytearray], Awaitable[bool]]
+Take = Callable[[int, bytearray, bytes | None], Awaitable[bool]]
 
 
 # Seconds after the registry failed a read in which the kernel's read of one page of it
@@ -134,22 +137,52 @@ class BlobFetch:
         self.stats.fetched_bytes += len(data)
         return data
 
-    async def span(self, blob: BlobRef, start: int, end: int, piece: int, take: Take) -> None:
-        """Bytes [start, end) with one request, handed to `take` `piece` bytes at a time.
+    async def hashed(self, blob: BlobRef, start: int, end: int, unit: int
+                     ) -> tuple[Chunk, bytes | None]:
+        """As `range`, and the sha256 of each `unit` bytes where the thread that received
+        them hashed them (a span of one piece), else None: the caller hashes them."""
+        if self.span_fetch is None or not unit:
+            return await self.range(blob, start, end), None
+        got: list[tuple[bytearray, bytes | None]] = []
+
+        async def deliver(offset: int, data: bytearray, sums: bytes | None) -> None:
+            got.append((data, sums))
+
+        dog = self._fetching(blob)
+        try:
+            with dog.watch() as scope:
+                await self.span_fetch(blob.repo, blob.digest, start, end, end - start, deliver,
+                                      unit)
+        except NotFound as exc:
+            _missing(blob, exc)
+        if scope.cancelled_caught:
+            raise dog.stalled()
+        if len(got) != 1 or len(got[0][0]) != end - start:
+            raise RegistryUnavailable(
+                f"{blob.repo}@{blob.digest}: got {sum(len(d) for d, _ in got)} bytes in "
+                f"{len(got)} pieces for a {end - start} byte range")
+        self.stats.fetches += 1
+        self.stats.fetched_bytes += end - start
+        return got[0]
+
+    async def span(self, blob: BlobRef, start: int, end: int, piece: int, take: Take,
+                   unit: int = 0) -> None:
+        """Bytes [start, end) with one request, handed to `take` `piece` bytes at a time
+        (with their sha256 per `unit` bytes where the receiving thread hashed them).
         Returns early, without an error, once it stalls (`timeout` without 64 KiB): the
         caller gives up what was not taken."""
         assert self.span_fetch is not None
         stats = self.stats
 
-        async def deliver(offset: int, data: bytearray) -> None:
-            if await take(offset, data):
+        async def deliver(offset: int, data: bytearray, sums: bytes | None) -> None:
+            if await take(offset, data, sums):
                 stats.fetches += 1
                 stats.fetched_bytes += len(data)
 
         stats.spans += 1
         try:
             with self._fetching(blob).watch():
-                await self.span_fetch(blob.repo, blob.digest, start, end, piece, deliver)
+                await self.span_fetch(blob.repo, blob.digest, start, end, piece, deliver, unit)
         except NotFound as exc:
             _missing(blob, exc)
 

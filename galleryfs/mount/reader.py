@@ -225,10 +225,12 @@ class ChunkReader:
                     else None)
             if data is None:
                 start = index * self.chunk_size
-                data = await self.fetcher.range(
-                    blob, start, min(blob.size, start + self.chunk_size))
+                # Hashed by the thread that receives it where it can be (a direct read).
+                data, sums = await self.fetcher.hashed(
+                    blob, start, min(blob.size, start + self.chunk_size),
+                    expect.piece if expect is not None else 0)
                 if expect is not None:
-                    data = await self._checked(blob, index, data, expect)
+                    data = await self._checked(blob, index, data, expect, sums)
                 fetched = True
         except trio.Cancelled:
             memory.fail(key, flight, Abandoned())
@@ -246,16 +248,21 @@ class ChunkReader:
             await self.store(blob, index, data, checked=True)
         return data
 
-    async def _checked(self, blob: BlobRef, index: int, data: Chunk, expect: Expect) -> Chunk:
-        """The fetched chunk if it matches; fetched again while a mirror that served the
-        blob can be blamed (it is skipped from now on). The origin's wrong bytes fail."""
+    async def _checked(self, blob: BlobRef, index: int, data: Chunk, expect: Expect,
+                       sums: bytes | None = None) -> Chunk:
+        """The fetched chunk if it matches (`sums`: its sha256 per `expect.piece` bytes,
+        hashed by the thread that received it, else hashed now); fetched again while a
+        mirror that served the blob can be blamed (it is skipped from now on). The
+        origin's wrong bytes fail."""
         verify = self.verify
-        while not await verify.matches(data, expect):
+        while not (expect.agrees(len(data), expect.piece, sums) if sums is not None
+                   else await verify.matches(data, expect)):
             if self.distrust is None or not self.distrust(
                     blob.digest, f"chunk {index} does not match its digest"):
                 raise verify.mismatch(blob, index)
             start = index * self.chunk_size
-            data = await self.fetcher.range(blob, start, min(blob.size, start + self.chunk_size))
+            data, sums = await self.fetcher.hashed(
+                blob, start, min(blob.size, start + self.chunk_size), expect.piece)
         verify.stats.verified_chunks += 1
         return data
 
@@ -325,8 +332,14 @@ class ChunkReader:
         first = next(iter(flights))
         end = min(blob.size, (first + len(flights)) * cs)
         verify = self.verify
-        # Pieces received and not yet checked: the next one is received while one is
-        # hashed, and no more (memory stays within the read-ahead window's).
+        # The receiving thread hashes each piece as it arrives, per the table's piece
+        # size: here its digests are only compared (scripts/bench G1: a trip to a hashing
+        # thread per chunk, and the receiving thread waiting for it, cost more).
+        expected = flights[first][0][3]
+        unit = expected.piece if expected is not None else 0
+        # Pieces received without digests (through httpx) and not yet checked: the next
+        # one is received while one is hashed, and no more (memory stays within the
+        # read-ahead window's).
         unchecked = trio.Semaphore(CHECKS_AHEAD)
 
         async def check(index: int, data: bytearray, expect: Expect) -> None:
@@ -334,6 +347,9 @@ class ChunkReader:
                 ok = await verify.matches(data, expect)
             finally:
                 unchecked.release()
+            settle(index, data, ok)
+
+        def settle(index: int, data: bytearray, ok: bool) -> None:
             if ok:
                 verify.stats.verified_chunks += 1
                 if memory.deliver(span, index, data):
@@ -344,7 +360,7 @@ class ChunkReader:
                 log.debug("%s: prefetched chunk %d failed its check", blob, index)
                 memory.abandon(span, index)
 
-        async def take(offset: int, data: bytearray) -> bool:
+        async def take(offset: int, data: bytearray, sums: bytes | None) -> bool:
             index = offset // cs
             claimed = flights.get(index)
             if claimed is None:
@@ -356,6 +372,8 @@ class ChunkReader:
             if expect is None:  # --verify end, no table
                 if memory.deliver(span, index, data):
                     self._owe(blob, index)
+            elif sums is not None:
+                settle(index, data, expect.agrees(len(data), unit, sums))
             else:
                 # Checked beside the stream: the next piece is received meanwhile.
                 await unchecked.acquire()
@@ -364,7 +382,7 @@ class ChunkReader:
 
         try:
             async with trio.open_nursery() as checks:
-                await self.fetcher.span(blob, first * cs, end, cs, take)
+                await self.fetcher.span(blob, first * cs, end, cs, take, unit)
         finally:
             memory.release(span)
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 
 from .mirrors import FAILURES, Mirror, Mirrors
-from .ranges import DirectRanges, DirectStats
+from .ranges import Deliver, DirectRanges, DirectStats
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +49,28 @@ class MirroredRanges:
         return await self.origin(repo, digest, start, end)
 
     async def span(self, repo: str, digest: str, start: int, end: int, piece: int,
-                   deliver: Callable[[int, bytearray], Awaitable[None]]) -> int:
+                   deliver: Deliver, unit: int = 0) -> int:
         """As `DirectRanges.span`; a mirror failing midway leaves the rest, from the
         offset it reached, to the next source."""
         reached = start
 
-        async def tracked(offset: int, data: bytearray) -> None:
+        async def tracked(offset: int, data: bytearray, sums: bytes | None) -> None:
             nonlocal reached
-            await deliver(offset, data)
+            await deliver(offset, data, sums)
             reached = offset + len(data)
 
         for mirror in self.mirrors.available():
             try:
                 if reached < end:
                     self._remember(digest, mirror)
-                    await self.ranges[mirror].span(repo, digest, reached, end, piece, tracked)
+                    await self.ranges[mirror].span(repo, digest, reached, end, piece, tracked,
+                                                   unit)
             except FAILURES as exc:
                 self.mirrors.failed(mirror, f"{repo}@{digest}[{reached}:{end}]", exc)
                 continue
             return end
         if reached < end:
-            await self.origin.span(repo, digest, reached, end, piece, tracked)
+            await self.origin.span(repo, digest, reached, end, piece, tracked, unit)
         return end
 
     def distrust(self, digest: str, reason: str) -> bool:

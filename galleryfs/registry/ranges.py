@@ -7,6 +7,11 @@ mount's chunk fetches therefore go through `DirectRanges`: worker threads on the
 keep-alive connections of a `DirectTransport`, whose `readinto` receives into the chunk
 itself (`recv_into`, GIL released).
 
+A span can also digest what it receives (`unit`): the receiving thread hashes each
+`unit` bytes of a piece as they arrive and hands the raw sha256s over with the piece, so
+the trio thread compares digests instead of sending every piece to another thread to be
+hashed. What the digests are for is the caller's business.
+
 Only the plain answer is taken here: a 206 from the registry itself for exactly the
 range asked. Whatever else `direct` names as a fallback is handed to
 `RegistryClient.read_range`, which does auth, redirects and retries; the next chunk
@@ -15,6 +20,7 @@ tries the direct path again.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import logging
 import socket
@@ -31,6 +37,9 @@ from .deadline import Watchdog
 from .direct import DirectTransport, Fallback, expect_range, failures
 
 log = logging.getLogger(__name__)
+
+# (offset, bytes, their sha256 per unit or None) of one piece of a span
+Deliver = Callable[[int, bytearray, bytes | None], Awaitable[None]]
 
 
 @dataclass
@@ -78,25 +87,28 @@ class DirectRanges:
         return await self.client.read_range(repo, digest, start, end)
 
     async def span(self, repo: str, digest: str, start: int, end: int, piece: int,
-                   deliver: Callable[[int, bytearray], Awaitable[None]]) -> int:
+                   deliver: Deliver, unit: int = 0) -> int:
         """Bytes [start, end) with one request, handed to `deliver` `piece` bytes at a
-        time as they arrive (each delivery waits for the previous one). Returns the
-        offset reached: `end`, or less when the registry failed midway (the caller
-        fetches the rest on its own)."""
+        time as they arrive (each delivery waits for the previous one). With `unit`, a
+        piece comes with the raw sha256 of each `unit` bytes of it (the last may be
+        shorter), computed in the thread that received it; a piece received through
+        httpx comes without (None). Returns the offset reached: `end`, or less when the
+        registry failed midway (the caller fetches the rest on its own)."""
         reached = start
         if self.enabled:
             target, headers = self._request(repo, digest, start, end)
             abort = _Abort(self._watchdogs())
             progress = [start]
 
-            def hand_over(offset: int, data: bytearray) -> None:  # in the worker thread
-                trio.from_thread.run(self._delivered, deliver, offset, data)
+            def hand_over(offset: int, data: bytearray, sums: bytes | None
+                          ) -> None:  # in the worker thread
+                trio.from_thread.run(self._delivered, deliver, offset, data, sums)
                 progress[0] = offset + len(data)
 
             try:
                 async with self._connection():
                     await trio.to_thread.run_sync(
-                        self._span, target, headers, start, end, piece, hand_over, abort,
+                        self._span, target, headers, start, end, piece, hand_over, abort, unit,
                         abandon_on_cancel=True)
             except Fallback as exc:
                 log.debug("direct span of %s@%s at %d: %s", repo, digest, progress[0], exc)
@@ -111,7 +123,8 @@ class DirectRanges:
         self.stats.fallbacks += 1
         while reached < end:
             n = min(piece, end - reached)
-            await deliver(reached, await self.client.read_range(repo, digest, reached, reached + n))
+            await deliver(reached, await self.client.read_range(repo, digest, reached, reached + n),
+                          None)
             reached += n
         return end
 
@@ -137,10 +150,10 @@ class DirectRanges:
         finally:
             self.limiter.release()
 
-    async def _delivered(self, deliver: Callable[[int, bytearray], Awaitable[None]],
-                         offset: int, data: bytearray) -> None:
+    async def _delivered(self, deliver: Deliver, offset: int, data: bytearray,
+                         sums: bytes | None) -> None:
         self.client.bytes_received += len(data)
-        await deliver(offset, data)
+        await deliver(offset, data, sums)
 
     def _request(self, repo: str, digest: str, start: int, end: int
                  ) -> tuple[str, dict[str, str]]:
@@ -152,7 +165,8 @@ class DirectRanges:
     # ---- in a worker thread ------------------------------------------------------
 
     def _span(self, target: str, headers: dict[str, str], start: int, end: int, piece: int,
-              hand_over: Callable[[int, bytearray], None], abort: _Abort) -> None:
+              hand_over: Callable[[int, bytearray, bytes | None], None], abort: _Abort,
+              unit: int = 0) -> None:
         with self.transport.connection() as conn:
             abort.watch(conn)
             with failures():
@@ -163,8 +177,8 @@ class DirectRanges:
             while offset < end:
                 if abort.stop.is_set():
                     raise Fallback("given up")
-                buf = _receive(response, min(piece, end - offset), abort.watchdogs)
-                hand_over(offset, buf)
+                buf, sums = _receive(response, min(piece, end - offset), abort.watchdogs, unit)
+                hand_over(offset, buf, sums)
                 offset += len(buf)
             abort.release()
 
@@ -173,7 +187,7 @@ class DirectRanges:
         """The whole range in one buffer: a span of one piece."""
         got: list[bytearray] = []
         self._span(target, headers, start, end, end - start,
-                   lambda _offset, data: got.append(data), abort)
+                   lambda _offset, data, _sums: got.append(data), abort)
         return got[0]
 
     def close(self) -> None:
@@ -219,10 +233,16 @@ class _Abort:
 
 
 def _receive(response: http.client.HTTPResponse, n: int,
-             watchdogs: tuple[Watchdog, ...] = ()) -> bytearray:
-    """The next n bytes of the body, received into their own buffer."""
+             watchdogs: tuple[Watchdog, ...] = (), unit: int = 0
+             ) -> tuple[bytearray, bytes | None]:
+    """The next n bytes of the body, received into their own buffer, and with `unit` the
+    raw sha256 of each `unit` bytes of it: hashed as they arrive (hashlib releases the
+    GIL), while they are still in the CPU's cache, from the buffer handed over."""
     buf = bytearray(n)
     got = 0
+    sums: list[bytes] = []
+    hashed = 0  # bytes fed to `hasher`, which covers [len(sums) * unit, hashed)
+    hasher = hashlib.sha256()
     with failures(), memoryview(buf) as view:
         while got < n:
             k = response.readinto(view[got:])
@@ -231,6 +251,13 @@ def _receive(response: http.client.HTTPResponse, n: int,
             got += k
             for dog in watchdogs:
                 dog.mark(k)
+            while unit and hashed < got:
+                upto = min(got, (len(sums) + 1) * unit)
+                hasher.update(view[hashed:upto])
+                hashed = upto
+                if hashed == (len(sums) + 1) * unit or hashed == n:
+                    sums.append(hasher.digest())
+                    hasher = hashlib.sha256()
     if got != n:
         raise Fallback(f"short body: {got} of {n} bytes")
-    return buf
+    return buf, b"".join(sums) if unit else None

@@ -4,6 +4,10 @@ A private key is what `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:
 writes (PKCS#8 or SEC1 PEM, unencrypted); a public key is a SubjectPublicKeyInfo PEM, as
 `openssl pkey -pubout` or `cosign generate-key-pair` writes. cosign's own encrypted private
 keys are refused with a hint: galleryfs never asks for a key password.
+
+`cryptography` is imported when a key is first loaded, not with this module: every mount
+imports the trust layer, and the library costs a mount that checks no signature about
+9 MiB of resident memory (scripts/bench G9).
 """
 
 from __future__ import annotations
@@ -11,16 +15,23 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
 MAX_KEY_FILE = 64 << 10
 # cosign signs with P-256 only; model-signing also uses P-384 and P-521, each with its hash.
-_HASH = {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384, "secp521r1": hashes.SHA512}
+_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
+def _hash(curve: str):  # noqa: ANN202 - a cryptography hash class
+    from cryptography.hazmat.primitives import hashes
+
+    return {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384,
+            "secp521r1": hashes.SHA512}[curve]
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,8 @@ class PublicKey:
     @property
     def fingerprint(self) -> str:
         """sha256 of the DER SubjectPublicKeyInfo, in hex (first 16 digits are plenty)."""
+        from cryptography.hazmat.primitives import serialization
+
         der = self.key.public_bytes(serialization.Encoding.DER,
                                     serialization.PublicFormat.SubjectPublicKeyInfo)
         return hashlib.sha256(der).hexdigest()
@@ -43,13 +56,18 @@ class PublicKey:
 
     def verifies(self, signature: bytes, message: bytes) -> bool:
         """True iff `signature` (ASN.1 DER ECDSA) is this key's over `message`."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         try:
-            self.key.verify(signature, message, ec.ECDSA(_HASH[self.key.curve.name]()))
+            self.key.verify(signature, message, ec.ECDSA(_hash(self.key.curve.name)()))
         except (InvalidSignature, ValueError, TypeError):
             return False
         return True
 
     def pem(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+
         return self.key.public_bytes(serialization.Encoding.PEM,
                                      serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
@@ -64,6 +82,9 @@ class PrivateKey:
         return PublicKey(self.key.public_key(), self.name)
 
     def sign(self, message: bytes) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         return self.key.sign(message, ec.ECDSA(hashes.SHA256()))
 
 
@@ -83,6 +104,10 @@ def _read(path: str | Path, what: str) -> bytes:
 
 def load_private(path: str | Path) -> PrivateKey:
     """An unencrypted EC P-256 private key PEM; UsageError (one line) for anything else."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     data = _read(path, "key")
     if b"ENCRYPTED" in data:
         raise UsageError(f"key {path}: an encrypted private key; galleryfs takes an unencrypted "
@@ -105,6 +130,10 @@ def load_public(path: str | Path) -> PublicKey:
 
 
 def parse_public(data: bytes, name: str) -> PublicKey:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -112,13 +141,15 @@ def parse_public(data: bytes, name: str) -> PublicKey:
             raise UsageError(f"key {name}: a private key; verifying takes the public key "
                              "(`openssl pkey -in KEY -pubout`)") from None
         raise UsageError(f"key {name}: not a PEM public key") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _HASH:
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _CURVES:
         raise UsageError(f"key {name}: {_describe(key)}; expected an EC P-256 "
                          "(or P-384/P-521) public key")
     return PublicKey(key, name)
 
 
 def _describe(key: object) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
         return f"an EC key on curve {key.curve.name}"
     kind = type(key).__name__.lstrip("_").replace("PrivateKey", "").replace("PublicKey", "")
