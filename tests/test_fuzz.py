@@ -188,8 +188,10 @@ def test_parse_time_grows_linearly(monkeypatch: pytest.MonkeyPatch) -> None:
     # timed, or a busy machine's noise reads as superlinear.
     gc.disable()
     try:
-        small, large = _timed_parse(2_000), _timed_parse(20_000)
+        small, large = _timed_parse(5_000), _timed_parse(20_000)
     finally:
         gc.enable()
-    # 10x the layers: linear is ~10x; the quadratic parse was ~136x.
-    assert large / small < 30, (small, large)
+    # 4x the layers: linear is 4-6x here (bigger tables fall out of the CPU's caches, so
+    # 2,000 vs 20,000 measured up to 30x); the quadratic parse was 16x (2,000 vs 20,000:
+    # 136x).
+    assert large / small < 10, (small, large)
