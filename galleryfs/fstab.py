@@ -9,6 +9,7 @@ along for every file system are dropped. scripts/setup installs the helper (as r
 
 from __future__ import annotations
 
+import re
 import sys
 
 from . import cli
@@ -24,6 +25,7 @@ GENERIC = frozenset({
     "silent", "loud", "default_permissions",
 })
 GENERIC_PREFIXES = ("x-", "comment=", "helper=")
+_KEY = re.compile(r"[a-z][a-z0-9_-]*")
 USAGE = "usage: mount.fuse.galleryfs SOURCE MOUNTPOINT [-o OPTION[=VALUE],...]"
 
 
@@ -36,8 +38,12 @@ def to_arguments(options: list[str]) -> list[str]:
             if not option or option in GENERIC or option.startswith(GENERIC_PREFIXES):
                 continue
             key, sep, value = option.partition("=")
-            flag = "--" + key.strip().replace("_", "-")
-            out += [flag, value] if sep else [flag]
+            key = key.strip()
+            if not _KEY.fullmatch(key):
+                raise UsageError(f"-o {option!r}: not an option name")
+            flag = "--" + key.replace("_", "-")
+            # `--key=value`: a value that starts with "-" stays a value, never an option.
+            out.append(f"{flag}={value}" if sep else flag)
     return out
 
 
@@ -70,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"mount.fuse.galleryfs: {exc}", file=sys.stderr)
         return 2
+    try:
+        arguments = to_arguments(options)
+    except UsageError as exc:
+        print(f"mount.fuse.galleryfs: {exc}", file=sys.stderr)
+        return 2
     if fake:  # mount -f: do everything but mount
         return 0
-    return cli.main(["mount", source, mountpoint, *to_arguments(options)])
+    return cli.main(["mount", source, mountpoint, *arguments])
 
 
 if __name__ == "__main__":

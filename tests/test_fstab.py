@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from galleryfs import fstab
-from galleryfs.errors import GalleryError
+from galleryfs.errors import GalleryError, UsageError
 from galleryfs.mount import daemon
 from galleryfs.mount.mountpoint import check_fuse
 from galleryfs.mount.tree import UNDATED_NS
@@ -61,8 +61,12 @@ def test_options_map_to_long_options_and_generic_ones_are_dropped() -> None:
         "rw,nosuid,nodev,_netdev,noauto,user,x-systemd.automount,comment=x,default_permissions",
         "plain_http,cache-dir=/var/cache/g,cache_size=20G,require_signed_by=/k.pem",
         "allow_other,uid=1000,umask=027"]) == [
-        "--plain-http", "--cache-dir", "/var/cache/g", "--cache-size", "20G",
-        "--require-signed-by", "/k.pem", "--allow-other", "--uid", "1000", "--umask", "027"]
+        "--plain-http", "--cache-dir=/var/cache/g", "--cache-size=20G",
+        "--require-signed-by=/k.pem", "--allow-other", "--uid=1000", "--umask=027"]
+    # A value that looks like an option stays a value; a name that is not one is refused.
+    assert fstab.to_arguments(["cache_dir=-f"]) == ["--cache-dir=-f"]
+    with pytest.raises(UsageError):
+        fstab.to_arguments(["--foreground"])
     assert fstab.parse(["reg:5000/team", "/mnt/m", "-n", "-s", "-o", "ro,plain_http",
                         "-t", "fuse.galleryfs"]) == ("reg:5000/team", "/mnt/m", ["ro,plain_http"],
                                                      False)
