@@ -37,7 +37,9 @@ def to_arguments(options: list[str]) -> list[str]:
                 continue
             key, sep, value = option.partition("=")
             flag = "--" + key.strip().replace("_", "-")
-            out += [flag, value] if sep else [flag]
+            # One argument, `--key=value`: a value starting with `-` (a path, a user) is
+            # still this option's value, never an option of its own.
+            out.append(f"{flag}={value}" if sep else flag)
     return out
 
 
