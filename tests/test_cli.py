@@ -325,6 +325,25 @@ def test_pull_refuses_non_empty_target_and_leaves_nothing(registry: Registry, tm
     assert not [p for p in tmp_path.iterdir() if "galleryfs-" in p.name]
 
 
+def test_pull_into_a_link_or_dot_is_refused_before_the_download(
+        registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a" * 10)
+    assert cli(capsys, "push", str(src), f"{registry.host}/g/m:v1", *conn(registry))[0] == 0
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, _, err = cli(capsys, "pull", f"{registry.host}/g/m:v1", str(tmp_path / "link"),
+                       *conn(registry))
+    assert code == 2 and "symbolic link" in err, err
+    monkeypatch.chdir(tmp_path / "real")
+    code, _, err = cli(capsys, "pull", f"{registry.host}/g/m:v1", ".", *conn(registry))
+    assert code == 2 and "by its own name" in err, err
+    assert not list((tmp_path / "real").iterdir()) and (tmp_path / "link").is_symlink()
+    assert not [p for p in tmp_path.iterdir() if "galleryfs-" in p.name]
+
+
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "galleryfs", *args], capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
