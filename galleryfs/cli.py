@@ -631,11 +631,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
-    from .mount.warm import files_under, warm
+    from .mount.warm import check_room, files_under, warm
 
     if not 1 <= args.jobs <= 64:
         raise UsageError("--jobs must be between 1 and 64")
     files = files_under(args.paths)
+    check_room(files)
     progress = Progress(sum(size for _, size in files), "warm",
                         quiet=args.quiet or args.json)
     try:
