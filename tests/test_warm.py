@@ -103,3 +103,15 @@ def test_warm_refuses_more_than_the_disk_cache_holds(registry: Registry, tmp_pat
         assert stats(mnt)["registry_bytes"] - before < 64 << 10  # nothing fetched for it
         r = galleryfs("warm", str(mnt / "g" / "m" / "v1" / "x.bin"), env=env)
         assert r.returncode == 0, r.stderr  # what fits is warmed
+
+
+def test_warm_finds_a_mount_whose_path_has_a_backslash_or_tab(registry: Registry,
+                                                              tmp_path: Path) -> None:
+    # /proc/self/mounts writes them as \\134 and \\011, not only the space as \\040.
+    env = isolated_env(tmp_path)
+    push_model(registry, tmp_path, env, "g/m:v1", {"w.bin": b"x" * 1000})
+    with mounted(registry.host, tmp_path / "m\\ount\tpoint x", env, "--plain-http",
+                 "--cache-dir", str(tmp_path / "cache")) as mnt:
+        r = galleryfs("warm", str(mnt / "g" / "m" / "v1"), env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("warmed 1 files")

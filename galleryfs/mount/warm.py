@@ -96,7 +96,10 @@ def _in_galleryfs(path: str) -> bool:
             types = {line.split()[1]: line.split()[2] for line in f if len(line.split()) > 2}
     except OSError:
         return False
-    return types.get(mount.replace(" ", "\\040")) == "fuse.galleryfs"
+    # The kernel writes these four as octal escapes in /proc/self/mounts (backslash first).
+    for char in "\\ \t\n":
+        mount = mount.replace(char, f"\\{ord(char):03o}")
+    return types.get(mount) == "fuse.galleryfs"
 
 
 def warm_one(path: str) -> dict[str, int]:
