@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -736,6 +737,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("galleryfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `galleryfs inspect REF | head`: the reader has what it wanted. Quiet, as a tool
+        # killed by SIGPIPE is; stdout pointed away so the exit's flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         # A local file problem (disk full, permission denied) is the user's to fix, not a crash.
         where = f"{exc.filename}: " if exc.filename else ""
