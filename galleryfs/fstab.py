@@ -72,9 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"mount.fuse.galleryfs: {exc}", file=sys.stderr)
         return 2
+    argv = ["mount", source, mountpoint, *to_arguments(options)]
+    # Parsed as the mount will parse it (abbreviations too: `-o fore` is --foreground).
+    args = cli.build_parser().parse_args(argv)
+    if args.foreground or args.password_stdin:
+        # mount(8) and systemd wait for the helper to return, with no terminal to read.
+        print(f"mount.fuse.galleryfs: -o {'foreground' if args.foreground else 'password_stdin'}"
+              " cannot be used from mount(8): it waits for the helper (use password_file)",
+              file=sys.stderr)
+        return 2
     if fake:  # mount -f: do everything but mount
         return 0
-    return cli.main(["mount", source, mountpoint, *to_arguments(options)])
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

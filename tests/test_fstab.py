@@ -78,6 +78,16 @@ def test_an_option_value_starting_with_a_dash_stays_its_value() -> None:
     assert (args.cache_dir, args.username, args.refresh) == ("-x", "-svc", 5)
 
 
+@pytest.mark.parametrize("option", ["foreground", "fore", "password_stdin"])
+def test_options_that_would_hang_mount8_are_refused(option: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # mount(8) (and systemd, at boot) waits for the helper: a foreground mount never returns.
+    assert fstab.main(["reg/team", "/nonexistent", "-o", f"ro,{option}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mount.fuse.galleryfs: -o ") and "cannot be used" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_helper_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert fstab.main(["only-one"]) == 2
     err = capsys.readouterr().err.strip()
