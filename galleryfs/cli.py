@@ -442,7 +442,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             _table(args, rows + [{"gallery": None, "model": m} for m in root], [])
         else:
             _table(args, rows, ["gallery", "models"])
-            if root:
+            if root and not args.quiet:  # --quiet: galleries' names only, for scripts
                 print(f"models outside any gallery: {', '.join(root)}")
     elif kind == "models":
         rows = [{"model": m.split("/", 1)[1]} for m in data]
