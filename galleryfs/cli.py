@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -453,7 +454,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             _table(args, rows + [{"gallery": None, "model": m} for m in root], [])
         else:
             _table(args, rows, ["gallery", "models"])
-            if root:
+            if root and not args.quiet:  # --quiet: galleries' names only, for scripts
                 print(f"models outside any gallery: {', '.join(root)}")
     elif kind == "models":
         rows = [{"model": m.split("/", 1)[1]} for m in data]
@@ -643,11 +644,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
-    from .mount.warm import files_under, warm
+    from .mount.warm import check_room, files_under, warm
 
     if not 1 <= args.jobs <= 64:
         raise UsageError("--jobs must be between 1 and 64")
     files = files_under(args.paths)
+    check_room(files)
     progress = Progress(sum(size for _, size in files), "warm",
                         quiet=args.quiet or args.json)
     try:
@@ -747,6 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("galleryfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `galleryfs inspect REF | head`: the reader has what it wanted. Quiet, as a tool
+        # killed by SIGPIPE is; stdout pointed away so the exit's flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         # A local file problem (disk full, permission denied) is the user's to fix, not a crash.
         where = f"{exc.filename}: " if exc.filename else ""

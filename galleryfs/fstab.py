@@ -9,7 +9,6 @@ along for every file system are dropped. scripts/setup installs the helper (as r
 
 from __future__ import annotations
 
-import re
 import sys
 
 from . import cli
@@ -25,7 +24,6 @@ GENERIC = frozenset({
     "silent", "loud", "default_permissions",
 })
 GENERIC_PREFIXES = ("x-", "comment=", "helper=")
-_KEY = re.compile(r"[a-z][a-z0-9_-]*")
 USAGE = "usage: mount.fuse.galleryfs SOURCE MOUNTPOINT [-o OPTION[=VALUE],...]"
 
 
@@ -38,11 +36,9 @@ def to_arguments(options: list[str]) -> list[str]:
             if not option or option in GENERIC or option.startswith(GENERIC_PREFIXES):
                 continue
             key, sep, value = option.partition("=")
-            key = key.strip()
-            if not _KEY.fullmatch(key):
-                raise UsageError(f"-o {option!r}: not an option name")
-            flag = "--" + key.replace("_", "-")
-            # `--key=value`: a value that starts with "-" stays a value, never an option.
+            flag = "--" + key.strip().replace("_", "-")
+            # One argument, `--key=value`: a value starting with `-` (a path, a user) is
+            # still this option's value, never an option of its own.
             out.append(f"{flag}={value}" if sep else flag)
     return out
 
@@ -76,14 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"mount.fuse.galleryfs: {exc}", file=sys.stderr)
         return 2
-    try:
-        arguments = to_arguments(options)
-    except UsageError as exc:
-        print(f"mount.fuse.galleryfs: {exc}", file=sys.stderr)
+    argv = ["mount", source, mountpoint, *to_arguments(options)]
+    # Parsed as the mount will parse it (abbreviations too: `-o fore` is --foreground).
+    args = cli.build_parser().parse_args(argv)
+    if args.foreground or args.password_stdin:
+        # mount(8) and systemd wait for the helper to return, with no terminal to read.
+        print(f"mount.fuse.galleryfs: -o {'foreground' if args.foreground else 'password_stdin'}"
+              " cannot be used from mount(8): it waits for the helper (use password_file)",
+              file=sys.stderr)
         return 2
     if fake:  # mount -f: do everything but mount
         return 0
-    return cli.main(["mount", source, mountpoint, *arguments])
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import trio
 
 from galleryfs.cli import main
 from galleryfs.registry.client import ClientOptions, RegistryClient
+from tests.mounting import isolated_env
 from tests.registry_harness import Registry
 from tests.schema import pushed, validate_every_config
 
@@ -323,6 +324,47 @@ def test_pull_refuses_non_empty_target_and_leaves_nothing(registry: Registry, tm
     assert code == 1 and "digest" in err
     assert not dest.exists()
     assert not [p for p in tmp_path.iterdir() if "galleryfs-" in p.name]
+
+
+def test_pull_into_a_link_or_dot_is_refused_before_the_download(
+        registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a" * 10)
+    assert cli(capsys, "push", str(src), f"{registry.host}/g/m:v1", *conn(registry))[0] == 0
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, _, err = cli(capsys, "pull", f"{registry.host}/g/m:v1", str(tmp_path / "link"),
+                       *conn(registry))
+    assert code == 2 and "symbolic link" in err, err
+    monkeypatch.chdir(tmp_path / "real")
+    code, _, err = cli(capsys, "pull", f"{registry.host}/g/m:v1", ".", *conn(registry))
+    assert code == 2 and "by its own name" in err, err
+    assert not list((tmp_path / "real").iterdir()) and (tmp_path / "link").is_symlink()
+    assert not [p for p in tmp_path.iterdir() if "galleryfs-" in p.name]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(registry: Registry, tmp_path: Path) -> None:
+    # `galleryfs inspect REF | head -1`: no "error: Broken pipe" once head has its line.
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a" * 10)
+    env = isolated_env(tmp_path)
+    pushed = subprocess.run([sys.executable, "-m", "galleryfs", "push", str(src),
+                             f"{registry.host}/g/m:v1", "--plain-http"], capture_output=True,
+                            text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert pushed.returncode == 0, pushed.stderr
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        done = subprocess.run([sys.executable, "-m", "galleryfs", "inspect", "--plain-http",
+                               f"{registry.host}/g/m:v1"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=60, env=env,
+                              stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

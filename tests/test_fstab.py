@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from galleryfs import fstab
-from galleryfs.errors import GalleryError, UsageError
+from galleryfs import cli, fstab
+from galleryfs.errors import GalleryError
 from galleryfs.mount import daemon
 from galleryfs.mount.mountpoint import check_fuse
 from galleryfs.mount.tree import UNDATED_NS
@@ -63,15 +63,29 @@ def test_options_map_to_long_options_and_generic_ones_are_dropped() -> None:
         "allow_other,uid=1000,umask=027"]) == [
         "--plain-http", "--cache-dir=/var/cache/g", "--cache-size=20G",
         "--require-signed-by=/k.pem", "--allow-other", "--uid=1000", "--umask=027"]
-    # A value that looks like an option stays a value; a name that is not one is refused.
-    assert fstab.to_arguments(["cache_dir=-f"]) == ["--cache-dir=-f"]
-    with pytest.raises(UsageError):
-        fstab.to_arguments(["--foreground"])
     assert fstab.parse(["reg:5000/team", "/mnt/m", "-n", "-s", "-o", "ro,plain_http",
                         "-t", "fuse.galleryfs"]) == ("reg:5000/team", "/mnt/m", ["ro,plain_http"],
                                                      False)
     assert fstab.parse(["-oplain_http", "-fv", "a", "b"]) == ("a", "b", ["plain_http"], True)
     assert fstab.main(["-f", "reg/team", "/nonexistent"]) == 0  # mount -f: a fake mount
+
+
+def test_an_option_value_starting_with_a_dash_stays_its_value() -> None:
+    # `cache_dir=-x` is a cache folder named "-x", not a flag the mount would parse.
+    argv = ["mount", "reg/team", "/mnt/m", *fstab.to_arguments(
+        ["cache_dir=-x,username=-svc,refresh=5"])]
+    args = cli.build_parser().parse_args(argv)
+    assert (args.cache_dir, args.username, args.refresh) == ("-x", "-svc", 5)
+
+
+@pytest.mark.parametrize("option", ["foreground", "fore", "password_stdin"])
+def test_options_that_would_hang_mount8_are_refused(option: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # mount(8) (and systemd, at boot) waits for the helper: a foreground mount never returns.
+    assert fstab.main(["reg/team", "/nonexistent", "-o", f"ro,{option}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mount.fuse.galleryfs: -o ") and "cannot be used" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_helper_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:

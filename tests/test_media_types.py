@@ -123,6 +123,9 @@ def test_root_level_repositories_list_inspect_and_pull(registry: Registry, tmp_p
     assert (tmp_path / "out" / "w.bin").read_bytes() == data
     assert main(["cp", f"{host}/rootmodel:v1", f"{host}/g/promoted:v1", "--plain-http"]) == 0
     capsys.readouterr()
+    # --quiet: the first column only, one name a line for scripts (no sentence among them).
+    assert main(["ls", host, "--plain-http", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["g"]
     # Writing stays inside galleries: a push names GALLERY/MODEL.
     assert main(["push", str(tmp_path / "out"), f"{host}/rootmodel:v2", "--plain-http"]) == 2
     assert "expected HOST/GALLERY/MODEL" in capsys.readouterr().err

@@ -394,6 +394,32 @@ def test_a_compressed_layer_larger_than_the_cache_is_not_unpacked(registry: Regi
                                                      UNSUPPORTED).decode()
 
 
+def test_compressed_layers_together_unpack_to_at_most_the_cache_size(registry: Registry,
+                                                                      tmp_path: Path) -> None:
+    # Each layer alone fits --cache-size; together they would not. Unnamed files live as
+    # long as the mount: without a bound for all, a revision of many layers (or `ls -R`)
+    # fills the disk.
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "a.bin").write_bytes(bytes(3 << 20))
+    (root / "b.bin").write_bytes(b"\x01" * (3 << 20))
+    layers = [("application/vnd.cncf.model.weight.v1.tar+zstd",
+               packed.compress(packed.tar_of(root, [name]), "zstd"), {packed.FILEPATH: name})
+              for name in ("a.bin", "b.bin")]
+    packed.push_raw(registry.host, "g/two", "v1",
+                    (packed.MODELPACK_CONFIG,
+                     packed.modelpack_config([packed.digest(b) for _, b, _ in layers])),
+                    layers, artifact_type=packed.MODELPACK_ARTIFACT)
+    env = isolated_env(tmp_path)
+    with mounted(f"{registry.host}/g/two", tmp_path / "mnt", env, "--plain-http",
+                 "--cache-dir", str(tmp_path / "cache"), "--cache-size", "4M",
+                 "--chunk-size", "1M") as mnt:
+        assert (mnt / "v1" / "a.bin").read_bytes() == bytes(3 << 20)
+        assert "more than --cache-size" in os.getxattr(mnt / "v1" / "b.bin",
+                                                       UNSUPPORTED).decode()
+        assert json.loads(os.getxattr(mnt, STATS))["unpacked_bytes"] <= 4 << 20
+
+
 # ---- the tree, with members in a packed layer's place -----------------------------------
 
 

@@ -85,3 +85,33 @@ def test_warm_refuses_what_it_cannot_do(registry: Registry, tmp_path: Path) -> N
         r = galleryfs("warm", str(mnt / "g"), env=env)
         assert r.returncode == 1 and "nothing on disk (--cache-size 0)" in r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_warm_refuses_more_than_the_disk_cache_holds(registry: Registry, tmp_path: Path
+                                                     ) -> None:
+    # 14 MiB into a 6 MiB cache: the last chunks would evict the first, yet "warmed".
+    env = isolated_env(tmp_path)
+    push_model(registry, tmp_path, env, "g/m:v1",
+               {"w.bin": os.urandom(9 * MiB + 5), "x.bin": os.urandom(5 * MiB)})
+    with mounted(registry.host, tmp_path / "mnt", env, "--plain-http", "--cache-dir",
+                 str(tmp_path / "cache"), "--cache-size", "6M") as mnt:
+        before = stats(mnt)["registry_bytes"]
+        r = galleryfs("warm", str(mnt / "g" / "m" / "v1"), env=env)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "disk cache" in r.stderr and "--cache-size" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert stats(mnt)["registry_bytes"] - before < 64 << 10  # nothing fetched for it
+        r = galleryfs("warm", str(mnt / "g" / "m" / "v1" / "x.bin"), env=env)
+        assert r.returncode == 0, r.stderr  # what fits is warmed
+
+
+def test_warm_finds_a_mount_whose_path_has_a_backslash_or_tab(registry: Registry,
+                                                              tmp_path: Path) -> None:
+    # /proc/self/mounts writes them as \\134 and \\011, not only the space as \\040.
+    env = isolated_env(tmp_path)
+    push_model(registry, tmp_path, env, "g/m:v1", {"w.bin": b"x" * 1000})
+    with mounted(registry.host, tmp_path / "m\\ount\tpoint x", env, "--plain-http",
+                 "--cache-dir", str(tmp_path / "cache")) as mnt:
+        r = galleryfs("warm", str(mnt / "g" / "m" / "v1"), env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("warmed 1 files")

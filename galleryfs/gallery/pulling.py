@@ -172,6 +172,12 @@ async def inspect(client: RegistryClient, ref: Reference) -> dict:
 async def pull(client: RegistryClient, ref: Reference, dest: Path, *,
                progress: ProgressFactory | None = None) -> Revision:
     """Download a revision into dest, verified; dest appears complete or not at all."""
+    # dest is replaced by renaming the staging folder onto it: a link, "." or ".." cannot
+    # be, and would fail only after the whole download.
+    if dest.is_symlink():
+        raise UsageError(f"{dest}: is a symbolic link: name the folder itself")
+    if dest.name in ("", ".."):
+        raise UsageError(f"{dest}: name the folder to create by its own name")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"{dest}: already exists and is not an empty directory")
     revision = await resolve(client, ref)

@@ -14,7 +14,8 @@ of the decompressed tar is kept in memory as it is written, and every chunk read
 checked against it. Without a disk cache (`--cache-size 0`) there is nowhere to put it:
 such a layer stays listed as one file that cannot be opened (EOPNOTSUPP, with the reason
 in `user.galleryfs.unsupported`); so does one that would unpack to more than the cache
-size.
+size, or to more than is left of it after the layers unpacked before (all unpacked
+layers of a mount together take at most `--cache-size`, beside the disk cache's own).
 """
 
 from __future__ import annotations
@@ -196,17 +197,44 @@ class _Compressed:
             pass
 
 
+class SpillBudget:
+    """What all unpacked layers of a mount may take on disk together (`--cache-size`):
+    each layer alone within it is not enough, a revision of many layers (or `ls -R` over
+    a gallery) would fill the disk with unnamed files that live as long as the mount."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()  # spills write from worker threads
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            if self.used + n > self.limit:
+                raise ValueError(f"the compressed layers unpacked in this mount would take "
+                                 f"more than --cache-size ({self.limit} bytes)")
+            self.used += n
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
 class _Spill:
     """The decompressed tar as it is written: into the unnamed file, hashed by chunk."""
 
-    def __init__(self, fd: int, chunk_size: int) -> None:
+    def __init__(self, fd: int, chunk_size: int, budget: SpillBudget) -> None:
         self.fd = fd
         self.chunk_size = chunk_size
+        self.budget = budget
+        self.budget_taken = 0
         self.size = 0
         self.digests: list[bytes] = []
         self._hash = hashlib.sha256()
 
     def write(self, data: bytes) -> None:
+        # ValueError beyond the budget: the layer is refused with the reason, as a bomb.
+        self.budget.take(len(data))
+        self.budget_taken += len(data)
         view = memoryview(data)
         while view:
             room = self.chunk_size - self.size % self.chunk_size
@@ -233,6 +261,7 @@ class PackedLayers:
         self.spill_dir = spill_dir
         self.spill_limit = spill_limit
         self.stats = PackedStats()
+        self.budget = SpillBudget(spill_limit)
         self._layers: dict[tuple[str, int], _Layer] = {}
 
     async def expand(self, repo: str, revision: Revision) -> Revision:
@@ -281,7 +310,7 @@ class PackedLayers:
     async def _unpack(self, blob: BlobRef, packing: str, layer: _Layer) -> None:
         assert self.spill_dir is not None
         fd = os.open(self.spill_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
-        spill = _Spill(fd, self.reader.chunk_size)
+        spill = _Spill(fd, self.reader.chunk_size, self.budget)
         send, receive = trio.open_memory_channel[bytes](1)
         source = _Compressed(blob.digest.partition(":")[0], receive)
         fetcher, piece = self.reader.fetcher, self.reader.chunk_size
@@ -315,11 +344,13 @@ class PackedLayers:
                                      "not unpacked")
         except BaseException as exc:
             os.close(fd)
+            self.budget.give_back(spill.budget_taken)
             if isinstance(exc, BaseExceptionGroup):
                 raise first_error(exc) from None
             raise
         if damage:
             os.close(fd)
+            self.budget.give_back(spill.budget_taken)
             layer.refused = f"packed layer {blob.digest}: {damage}"
             log.warning("%s", layer.refused)
             return

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from .xattrs import WARM
+from .xattrs import STATS, WARM
 
 
 @dataclass
@@ -61,18 +61,45 @@ def _walk(path: str) -> Iterator[str]:
                 yield file
 
 
-def _in_galleryfs(path: str) -> bool:
-    """True below a galleryfs mount: its files and revision folders carry a digest, and
-    its mount's fsname says galleryfs."""
+def _mount_of(path: str) -> str:
     mount = path
     while not os.path.ismount(mount):
         mount = os.path.dirname(mount)
+    return mount
+
+
+def check_room(files: list[tuple[str, int]]) -> None:
+    """UsageError when the files outgrow their mount's disk cache: the last would evict
+    the first, every byte fetched for a cache that keeps only the tail, and the summary
+    would still say warmed. (--cache-size 0 is said per file by the daemon.)"""
+    need: dict[str, int] = {}
+    for path, size in files:
+        mount = _mount_of(path)
+        need[mount] = need.get(mount, 0) + size
+    for mount, total in need.items():
+        try:
+            limit = json.loads(os.getxattr(mount, STATS)).get("disk_limit")
+        except (OSError, ValueError, AttributeError):
+            continue  # the daemon says what it can when asked per file
+        if isinstance(limit, int) and 0 < limit < total:
+            raise UsageError(f"{total} bytes to warm, but the disk cache of {mount} holds "
+                             f"{limit} (--cache-size): warm fewer files or mount with a "
+                             "larger cache")
+
+
+def _in_galleryfs(path: str) -> bool:
+    """True below a galleryfs mount: its files and revision folders carry a digest, and
+    its mount's fsname says galleryfs."""
+    mount = _mount_of(path)
     try:
         with open("/proc/self/mounts") as f:
             types = {line.split()[1]: line.split()[2] for line in f if len(line.split()) > 2}
     except OSError:
         return False
-    return types.get(mount.replace(" ", "\\040")) == "fuse.galleryfs"
+    # The kernel writes these four as octal escapes in /proc/self/mounts (backslash first).
+    for char in "\\ \t\n":
+        mount = mount.replace(char, f"\\{ord(char):03o}")
+    return types.get(mount) == "fuse.galleryfs"
 
 
 def warm_one(path: str) -> dict[str, int]:
