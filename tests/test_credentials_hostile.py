@@ -392,11 +392,11 @@ def test_a_password_file_caught_empty_keeps_the_password_and_a_lost_one_fails(
     pw.write_text("first\n")
     auth = RegistryAuth(Credentials("ann", "first", password_file=str(pw)), "http://127.0.0.1:9")
     pw.write_text("second\r\n")
-    assert auth._reread() and auth.credentials is not None
+    assert trio.run(auth._reread) and auth.credentials is not None
     assert auth.credentials.password == "second"
     pw.write_text("")  # between a truncate and a write
-    assert not auth._reread() and auth.credentials.password == "second"
+    assert not trio.run(auth._reread) and auth.credentials.password == "second"
     pw.unlink()
     with pytest.raises(AuthError, match="cannot read the password file"):
-        auth._reread()
+        trio.run(auth._reread)
     assert "second" not in repr(auth.credentials)

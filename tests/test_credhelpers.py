@@ -106,3 +106,25 @@ def test_helper_without_credentials_missing_or_odd(basic_registry: Registry, tmp
     with caplog.at_level(logging.WARNING):
         assert ls(reg, capsys)[0] == 1
     assert "identity token" in caplog.text and "refresh-token" not in caplog.text
+
+
+def test_a_helper_is_asked_again_when_a_credential_is_needed(basic_registry: Registry,
+                                                             tmp_path: Path) -> None:
+    # Short-lived helper tokens (ECR, GCR) renew as docker renews them: a long-lived mount
+    # asks the helper again rather than keep what it said at start.
+    import trio
+
+    from galleryfs.registry import credentials
+    from galleryfs.registry.auth import RegistryAuth
+
+    reg = basic_registry
+    helper(tmp_path, "rotating", {reg.host: (reg.username, "first")})
+    docker_config(tmp_path, {"credHelpers": {reg.host: "rotating"}})
+    creds = credentials.lookup(reg.host)
+    assert creds is not None and creds.password == "first" and creds.helper == "rotating"
+    auth = RegistryAuth(creds, reg.url)
+    helper(tmp_path, "rotating", {reg.host: (reg.username, "second")})
+    assert trio.run(auth._reread) and auth.credentials is not None
+    assert auth.credentials.password == "second"
+    assert (tmp_path / "rotating.asked").read_text().count("get") == 2
+    assert "second" not in repr(auth.credentials)

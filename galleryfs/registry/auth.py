@@ -133,12 +133,13 @@ class RegistryAuth(httpx.Auth):
             return None
         return basic_authorization(self.credentials)
 
-    def _reread(self) -> bool:
-        """Read the password file again (if there is one); True if the password changed."""
-        if self.credentials is None or not self.credentials.password_file:
+    async def _reread(self) -> bool:
+        """Read the password file again, or ask the credential helper again (if there is
+        one); True if the password changed."""
+        if self.credentials is None or not self.credentials.renewable:
             return False
         try:
-            fresh = self.credentials.fresh()
+            fresh = await trio.to_thread.run_sync(self.credentials.fresh)
         except (OSError, ValueError) as exc:
             raise AuthError(f"cannot read the password file {self.credentials.password_file}: "
                             f"{getattr(exc, 'strerror', None) or exc}") from None
@@ -147,9 +148,11 @@ class RegistryAuth(httpx.Auth):
             log.warning("password file %s is empty: keeping the password read before",
                         fresh.password_file)
             return False
-        changed = fresh.password != self.credentials.password
+        changed = (fresh.password, fresh.username) != (self.credentials.password,
+                                                        self.credentials.username)
         if changed:
-            log.info("password file %s changed: using the new password", fresh.password_file)
+            log.info("%s changed: using the new password", f"password file {fresh.password_file}"
+                     if fresh.password_file else f"credential helper {fresh.helper}")
         self.credentials = fresh
         return changed
 
@@ -189,7 +192,7 @@ class RegistryAuth(httpx.Auth):
             basic = self._basic()
             if basic is not None and request.headers.get("authorization") == basic:
                 # Refused: a rotated password, if a password file says so.
-                basic = self._basic() if self._reread() else None
+                basic = self._basic() if await self._reread() else None
             if basic is None:
                 return  # nothing (new) to offer: let the caller see the 401
             request.headers["Authorization"] = basic
@@ -205,7 +208,7 @@ class RegistryAuth(httpx.Auth):
             async with self._locks.setdefault(scope, trio.Lock()):
                 token = self.tokens.get(scope)
                 if token is None or request.headers.get("authorization") == f"Bearer {token}":
-                    self._reread()
+                    await self._reread()
                     token_response = yield self._token_request(params, want)
                     await token_response.aread()
                     token = _token_from(token_response)
@@ -247,10 +250,10 @@ class RegistryAuth(httpx.Auth):
         self._attach(request, scope_for(request))
         return request.headers.get("authorization")
 
-    def basic_for_harbor(self) -> httpx.Auth | None:
+    async def basic_for_harbor(self) -> httpx.Auth | None:
         """Basic credentials for Harbor's REST API, once the registry is known to be a
         Harbor (its API answered like one): the API takes Basic, never a challenge."""
-        self._reread()
+        await self._reread()
         if not self.credentials:
             return None
         return httpx.BasicAuth(self.credentials.username, self.credentials.password)

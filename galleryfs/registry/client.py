@@ -335,7 +335,7 @@ class RegistryClient:
             if not self._harbor_basic:
                 await self._harbor_page(self._harbor_url("/api/v2.0/projects", 1), None)
             # Known to be Harbor: Basic, or anonymously (no credentials) if we have none.
-            basic = self.auth.basic_for_harbor()
+            basic = await self.auth.basic_for_harbor()
             if basic is not None and not self._harbor_basic:
                 await self._harbor_check_credentials(basic)
             if gallery is not None:

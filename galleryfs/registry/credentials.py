@@ -28,15 +28,27 @@ class Credentials:
     # --password-file: read again whenever a new credential is needed, so a rotated
     # password is used without a remount. An absolute path (the mount daemon's cwd is /).
     password_file: str | None = None
+    # From a Docker credential helper (credhelpers.py): asked again whenever a new
+    # credential is needed, as docker does, so its short-lived tokens (ECR, GCR) renew.
+    helper: str | None = None
+    host: str | None = None
 
     def __repr__(self) -> str:  # keep the password out of logs and tracebacks
         return f"Credentials(username={self.username!r}, password=***)"
 
     def fresh(self) -> Credentials:
-        """These credentials with the password the file holds now (OSError if unreadable)."""
+        """These credentials with the password the file holds now (OSError if unreadable),
+        or as their credential helper gives them now (blocking: run it in a thread)."""
+        if self.helper and self.host:
+            got = credhelpers.get(self.helper, self.host)
+            return replace(self, username=got[0], password=got[1]) if got else self
         if not self.password_file:
             return self
         return replace(self, password=read_password_file(self.password_file))
+
+    @property
+    def renewable(self) -> bool:
+        return bool(self.password_file or self.helper and self.host)
 
 
 def read_password_file(path: str) -> str:
@@ -97,7 +109,7 @@ def lookup(host: str) -> Credentials | None:
             helper = credhelpers.helper_for(data, host)
             if helper is not None:
                 got = credhelpers.get(helper, host)
-                return Credentials(*got) if got else None
+                return Credentials(*got, helper=helper, host=host) if got else None
         auths = data.get("auths", {})
         if not isinstance(auths, dict):
             continue
