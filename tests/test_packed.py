@@ -520,3 +520,34 @@ def test_an_unpacked_chunk_changed_on_disk_is_not_served(tmp_path: Path) -> None
     with pytest.raises(DigestMismatch):
         tar.read(2048, 10)
     tar.close()
+
+
+def test_a_damaged_tar_layer_fails_alone_not_its_revision(registry: Registry,
+                                                          tmp_path: Path) -> None:
+    from tests.test_integrity import blob_file, flip
+
+    root = tmp_path / "src"
+    (root / "weights").mkdir(parents=True)
+    (root / "weights" / "w.bin").write_bytes(os.urandom(300_000))
+    (root / "README.md").write_text("read me\n")
+    tar = packed.tar_of(root, ["weights/w.bin"])
+    plain = (root / "README.md").read_bytes()
+    packed.push_raw(registry.host, "g/m", "v1",
+                    (packed.MODELPACK_CONFIG, packed.modelpack_config([packed.digest(tar)])),
+                    [("application/vnd.cncf.model.weight.v1.tar", tar,
+                      {packed.FILEPATH: "weights/w.bin"}),
+                     ("application/vnd.cncf.model.doc.v1.raw", plain,
+                      {packed.FILEPATH: "README.md"})],
+                    artifact_type=packed.MODELPACK_ARTIFACT)
+    flip(blob_file(registry, tar), (len(tar) // 2,))  # inside the member's data
+    env = isolated_env(tmp_path)
+    with mounted(f"{registry.host}/g/m", tmp_path / "mnt", env, "--plain-http",
+                 "--cache-dir", str(tmp_path / "cache")) as mnt:
+        rev = mnt / "v1"
+        assert sorted(p.name for p in rev.iterdir()) == ["README.md", "weights"]
+        assert (rev / "README.md").read_bytes() == plain  # the rest of the revision reads
+        layer = rev / "weights" / "w.bin"
+        assert "failed its check" in os.getxattr(layer, UNSUPPORTED).decode()
+        with pytest.raises(OSError) as raised:
+            layer.read_bytes()
+        assert raised.value.errno == errno.EOPNOTSUPP

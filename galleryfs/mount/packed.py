@@ -272,7 +272,14 @@ class PackedLayers:
         listings: dict[str, tarindex.Listing | None] = {}
         refused: dict[str, str] = {}
         for f in packed:
-            layer = await self._layer(repo, f)
+            try:
+                layer = await self._layer(repo, f)
+            except DigestMismatch as exc:
+                # Damaged bytes in one layer: that layer stays one file that cannot be
+                # opened (the reason in its xattr), the revision's other files still show.
+                listings[f.digest] = None
+                refused[f.digest] = f"packed layer ({f.media_type}) failed its check: {exc}"
+                continue
             listings[f.digest] = layer.listing
             if layer.refused:
                 refused[f.digest] = layer.refused
