@@ -371,3 +371,22 @@ def test_unmount_of_a_stopped_daemon_is_lazy_and_bounded(registry: Registry, tmp
         assert time.monotonic() < deadline, "the daemon outlived its lazy unmount"
         time.sleep(0.05)
 
+
+
+# ---- answers that never end -----------------------------------------------------------
+
+
+def test_a_redirect_loop_is_one_line(registry: Registry, tmp_path: Path) -> None:
+    """A manifest or blob redirected for ever: one line naming the loop (it was a
+    traceback: httpx's TooManyRedirects is not a transport error)."""
+    _push(registry, tmp_path, {"config.json": b"{}"})
+    with TrickleProxy(registry.url) as proxy:
+        for pattern, args in ((r"^GET /v2/.+/manifests/", ["inspect", f"{proxy.host}/g/m:v1"]),
+                              (r"^GET /v2/.+/blobs/", ["pull", f"{proxy.host}/g/m:v1",
+                                                       str(tmp_path / "out"), "--quiet"])):
+            proxy.clear()
+            proxy.redirect_loop(pattern)
+            result, _ = _cli(tmp_path, *args, "--plain-http", "--timeout", "3", within=3)
+            assert "redirected in a loop" in _one_line_error(result)
+    assert proxy.redirects >= 20
+

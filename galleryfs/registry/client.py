@@ -215,6 +215,10 @@ class RegistryClient:
             ) from None
         except httpx.TransportError as exc:
             raise _unavailable(self.host, exc) from None
+        except httpx.TooManyRedirects:
+            # Not a TransportError: without this, a redirect loop was a traceback.
+            raise RegistryError(f"{what}: the registry redirected in a loop "
+                                f"(more than {self._http.max_redirects} redirects)") from None
 
     # ---- API --------------------------------------------------------------------------
 
