@@ -390,3 +390,16 @@ def test_a_redirect_loop_is_one_line(registry: Registry, tmp_path: Path) -> None
             assert "redirected in a loop" in _one_line_error(result)
     assert proxy.redirects >= 20
 
+
+def test_an_endless_listing_is_refused(registry: Registry, tmp_path: Path) -> None:
+    """A tag list whose body never ends, sent fast: `ls` read it for ever (a minute and
+    more, memory growing: it moves, so no stall deadline ends it); now refused once it
+    passes the size bound of an answer read whole."""
+    _push(registry, tmp_path, {"config.json": b"{}"})
+    with TrickleProxy(registry.url) as proxy:
+        proxy.endless(r"^GET /v2/.+/tags/list")
+        result, took = _cli(tmp_path, "ls", f"{proxy.host}/g/m", "--plain-http",
+                            "--timeout", "3", within=10)
+    assert proxy.endless_sent > 16 << 20  # it did read on, to the bound
+    assert "exceeds" in _one_line_error(result)
+    assert took < 10, f"ls took {took:.1f}s"
