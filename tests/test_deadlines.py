@@ -403,3 +403,12 @@ def test_an_endless_listing_is_refused(registry: Registry, tmp_path: Path) -> No
     assert proxy.endless_sent > 16 << 20  # it did read on, to the bound
     assert "exceeds" in _one_line_error(result)
     assert took < 10, f"ls took {took:.1f}s"
+
+
+def test_timeouts_that_are_no_number_of_seconds_are_refused(tmp_path: Path) -> None:
+    """`--timeout nan` was a traceback (a NaN deadline); `inf` or 1e300 overflow the
+    socket timeout of the mount's direct reads. Each is one usage line, at once."""
+    for value in ("nan", "inf", "1e300", "0", "-1"):
+        result, _ = _cli(tmp_path, "ls", "127.0.0.1:1/g/m", "--plain-http",
+                         "--timeout", value, within=5)
+        assert "--timeout" in _one_line_error(result), value
