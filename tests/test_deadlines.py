@@ -318,6 +318,27 @@ def test_a_slow_but_steady_blob_reads_through_the_mount(registry: Registry, tmp_
         assert _cli(tmp_path, "unmount", str(cleanup), within=15)[0].returncode == 0
 
 
+
+@mount
+def test_a_steady_blob_slower_than_a_chunk_per_timeout_reads(registry: Registry,
+                                                             tmp_path: Path,
+                                                             cleanup: Path) -> None:
+    """512 KiB at 96 KiB/s (some 290 KiB per --timeout 3, four times the 64 KiB rule),
+    read through the mount in one chunk: it failed with `no answer from the registry
+    within 3s` (the direct path's buffered `readinto` returned only once the whole chunk
+    had arrived, so no byte was counted as progress until then)."""
+    data = os.urandom(512 << 10)
+    _push(registry, tmp_path, {"a.bin": data})
+    with TrickleProxy(registry.url) as proxy:
+        _mount(proxy.host, cleanup, tmp_path, "--timeout", "3", "--cache-size", "0")
+        path = cleanup / "g" / "m" / "v1" / "a.bin"
+        os.stat(path)
+        proxy.trickle(r"^GET /v2/.+/blobs/", 96 << 10)
+        start = time.monotonic()
+        assert path.read_bytes() == data
+        assert time.monotonic() - start > 3  # longer than --timeout as a whole
+        assert _cli(tmp_path, "unmount", str(cleanup), within=15)[0].returncode == 0
+
 @mount
 def test_unmount_with_a_frozen_registry_and_owed_chunks(registry: Registry, tmp_path: Path,
                                                         cleanup: Path) -> None:
