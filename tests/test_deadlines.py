@@ -433,3 +433,21 @@ def test_timeouts_that_are_no_number_of_seconds_are_refused(tmp_path: Path) -> N
         result, _ = _cli(tmp_path, "ls", "127.0.0.1:1/g/m", "--plain-http",
                          "--timeout", value, within=5)
         assert "--timeout" in _one_line_error(result), value
+
+
+
+@mount
+def test_unmount_of_a_path_inside_a_hung_mount_is_bounded(registry: Registry, tmp_path: Path,
+                                                          cleanup: Path) -> None:
+    """`galleryfs unmount MNT/typo` with the daemon stopped hung for good (the stat of a
+    path inside the mount waits on the daemon); now a usage line naming the mount, at
+    once, nothing inside it touched."""
+    _push(registry, tmp_path, {"a.bin": b"x"})
+    _mount(registry.host, cleanup, tmp_path, "--timeout", "3")
+    pid = _daemon_pid(tmp_path)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    result, took = _cli(tmp_path, "unmount", str(cleanup / "typo"), within=15)
+    assert f"unmount {cleanup}" in _one_line_error(result)
+    assert took < 15, f"unmount took {took:.1f}s"
+    assert is_mounted(str(cleanup))
