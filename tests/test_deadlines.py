@@ -451,3 +451,51 @@ def test_unmount_of_a_path_inside_a_hung_mount_is_bounded(registry: Registry, tm
     assert f"unmount {cleanup}" in _one_line_error(result)
     assert took < 15, f"unmount took {took:.1f}s"
     assert is_mounted(str(cleanup))
+
+
+
+@mount
+def test_sigterm_to_the_daemon_does_not_wait_for_a_stalled_read(registry: Registry,
+                                                                tmp_path: Path,
+                                                                cleanup: Path) -> None:
+    """SIGTERM (systemctl stop, a pod evicted) while a read waits on a frozen registry
+    with --timeout 30: the daemon waited for that read's deadline (32 s measured) before
+    it unmounted, past a pod's 30 s grace; now it ends the read after a short grace."""
+    _push(registry, tmp_path, {"a.bin": os.urandom(3 << 20)})
+    _mount(registry.host, cleanup, tmp_path, "--timeout", "30", "--chunk-size", "1M")
+    path = cleanup / "g" / "m" / "v1" / "a.bin"
+    real = Path(os.path.realpath(path))  # v1 is a link to the revision's folder
+    pid = _daemon_pid(tmp_path)
+    assert pid is not None
+    with frozen(registry):
+        reader = subprocess.Popen([sys.executable, "-c",
+                                   f"open({str(path)!r}, 'rb').read(4096)"],
+                                  stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while not _waiting(reader.pid, real):
+                assert time.monotonic() < deadline, "the read never reached the daemon"
+                time.sleep(0.05)
+            start = time.monotonic()
+            os.kill(pid, signal.SIGTERM)
+            while _daemon_pid(tmp_path) is not None:
+                assert time.monotonic() - start < 15, "the daemon outlived SIGTERM by 15 s"
+                time.sleep(0.05)
+            assert reader.wait(timeout=10) != 0  # its read failed, it did not hang
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait(timeout=10)
+    assert not is_mounted(str(cleanup))
+
+
+
+
+def _waiting(pid: int, path: Path) -> bool:
+    """The process is inside a read(2) of `path` (blocked on the daemon's answer)."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+        return (fields[0] == "0"  # read, on x86-64
+                and os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}") == str(path))
+    except (OSError, IndexError, ValueError):
+        return False
