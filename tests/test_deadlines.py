@@ -454,6 +454,20 @@ def test_unmount_of_a_path_inside_a_hung_mount_is_bounded(registry: Registry, tm
 
 
 
+
+def test_the_mount_a_path_lies_inside_is_the_innermost_fuse_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mountpoint in a home folder on sshfs is not "inside" sshfs's mount; a path in
+    it is inside it, not inside sshfs's."""
+    from galleryfs.mount import unmount
+    table = [("/", "ext4"), ("/home/u", "fuse.sshfs"), ("/home/u/models", "fuse.galleryfs"),
+             ("/srv", "ext4")]
+    monkeypatch.setattr(unmount, "_mounts", lambda: table)
+    assert unmount._fuse_mount_above("/home/u/models/g/m") == "/home/u/models"
+    assert unmount._fuse_mount_above("/home/u/other") == "/home/u"
+    assert unmount._fuse_mount_above("/srv/x") is None
+    assert unmount.is_mounted("/home/u/models")  # so never refused as inside /home/u
+
 @mount
 def test_sigterm_to_the_daemon_does_not_wait_for_a_stalled_read(registry: Registry,
                                                                 tmp_path: Path,

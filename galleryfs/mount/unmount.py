@@ -37,7 +37,9 @@ _OK, _DEAD, _HUNG = "ok", "dead", "hung"
 
 def unmount_main(mountpoint: str, *, lazy: bool = False) -> int:
     # Before any stat: a path inside a FUSE mount whose daemon hangs blocks for good.
-    outer = _fuse_mount_above(os.path.abspath(mountpoint))
+    # (A mountpoint itself may lie in another FUSE mount, a home folder on sshfs.)
+    path = os.path.abspath(mountpoint)
+    outer = None if is_mounted(path) else _fuse_mount_above(path)
     if outer is not None:
         raise UsageError(f"{mountpoint} is inside the mount {outer}: unmount {outer}")
     mountpoint = _mountpoint_path(mountpoint)
@@ -87,12 +89,11 @@ def is_mounted(mountpoint: str) -> bool:
 
 
 def _fuse_mount_above(path: str) -> str | None:
-    """The FUSE mount `path` lies strictly inside, if any (from the kernel's table)."""
-    for point, fstype in _mounts() or []:
-        if (fstype.startswith("fuse") and path != point
-                and path.startswith(point.rstrip("/") + "/")):
-            return point
-    return None
+    """The innermost FUSE mount `path` lies strictly inside, if any (from the
+    kernel's table)."""
+    above = [point for point, fstype in _mounts() or []
+             if fstype.startswith("fuse") and path.startswith(point.rstrip("/") + "/")]
+    return max(above, key=len, default=None)
 
 
 def _mounts() -> list[tuple[str, str]] | None:
