@@ -339,11 +339,16 @@ def _credentials(args: argparse.Namespace, host: str) -> Credentials | None:
     return credentials.lookup(host)
 
 
+MAX_TIMEOUT = 1e6
+
+
 def options_for(args: argparse.Namespace, host: str, creds: Credentials | None = None) -> ClientOptions:
     if args.ca_file and not Path(args.ca_file).is_file():
         raise UsageError(f"--ca-file {args.ca_file}: no such file")
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+    # `not ... <= MAX_TIMEOUT` also refuses NaN (a trio deadline cannot be NaN), and a
+    # bound keeps the direct reads' socket timeout within what the platform takes.
+    if not 0 < args.timeout <= MAX_TIMEOUT:
+        raise UsageError(f"--timeout must be positive, at most {MAX_TIMEOUT:g} seconds")
     mirrors = tuple(check_url(url, "--mirror") for url in args.mirror)
     proxy = check_url(args.proxy, "--proxy") if args.proxy is not None else None
     return ClientOptions(plain_http=args.plain_http, ca_file=args.ca_file,

@@ -318,6 +318,27 @@ def test_a_slow_but_steady_blob_reads_through_the_mount(registry: Registry, tmp_
         assert _cli(tmp_path, "unmount", str(cleanup), within=15)[0].returncode == 0
 
 
+
+@mount
+def test_a_steady_blob_slower_than_a_chunk_per_timeout_reads(registry: Registry,
+                                                             tmp_path: Path,
+                                                             cleanup: Path) -> None:
+    """512 KiB at 96 KiB/s (some 290 KiB per --timeout 3, four times the 64 KiB rule),
+    read through the mount in one chunk: it failed with `no answer from the registry
+    within 3s` (the direct path's buffered `readinto` returned only once the whole chunk
+    had arrived, so no byte was counted as progress until then)."""
+    data = os.urandom(512 << 10)
+    _push(registry, tmp_path, {"a.bin": data})
+    with TrickleProxy(registry.url) as proxy:
+        _mount(proxy.host, cleanup, tmp_path, "--timeout", "3", "--cache-size", "0")
+        path = cleanup / "g" / "m" / "v1" / "a.bin"
+        os.stat(path)
+        proxy.trickle(r"^GET /v2/.+/blobs/", 96 << 10)
+        start = time.monotonic()
+        assert path.read_bytes() == data
+        assert time.monotonic() - start > 3  # longer than --timeout as a whole
+        assert _cli(tmp_path, "unmount", str(cleanup), within=15)[0].returncode == 0
+
 @mount
 def test_unmount_with_a_frozen_registry_and_owed_chunks(registry: Registry, tmp_path: Path,
                                                         cleanup: Path) -> None:
@@ -371,3 +392,124 @@ def test_unmount_of_a_stopped_daemon_is_lazy_and_bounded(registry: Registry, tmp
         assert time.monotonic() < deadline, "the daemon outlived its lazy unmount"
         time.sleep(0.05)
 
+
+
+# ---- answers that never end -----------------------------------------------------------
+
+
+def test_a_redirect_loop_is_one_line(registry: Registry, tmp_path: Path) -> None:
+    """A manifest or blob redirected for ever: one line naming the loop (it was a
+    traceback: httpx's TooManyRedirects is not a transport error)."""
+    _push(registry, tmp_path, {"config.json": b"{}"})
+    with TrickleProxy(registry.url) as proxy:
+        for pattern, args in ((r"^GET /v2/.+/manifests/", ["inspect", f"{proxy.host}/g/m:v1"]),
+                              (r"^GET /v2/.+/blobs/", ["pull", f"{proxy.host}/g/m:v1",
+                                                       str(tmp_path / "out"), "--quiet"])):
+            proxy.clear()
+            proxy.redirect_loop(pattern)
+            result, _ = _cli(tmp_path, *args, "--plain-http", "--timeout", "3", within=3)
+            assert "redirected in a loop" in _one_line_error(result)
+    assert proxy.redirects >= 20
+
+
+def test_an_endless_listing_is_refused(registry: Registry, tmp_path: Path) -> None:
+    """A tag list whose body never ends, sent fast: `ls` read it for ever (a minute and
+    more, memory growing: it moves, so no stall deadline ends it); now refused once it
+    passes the size bound of an answer read whole."""
+    _push(registry, tmp_path, {"config.json": b"{}"})
+    with TrickleProxy(registry.url) as proxy:
+        proxy.endless(r"^GET /v2/.+/tags/list")
+        result, took = _cli(tmp_path, "ls", f"{proxy.host}/g/m", "--plain-http",
+                            "--timeout", "3", within=10)
+    assert proxy.endless_sent > 16 << 20  # it did read on, to the bound
+    assert "exceeds" in _one_line_error(result)
+    assert took < 10, f"ls took {took:.1f}s"
+
+
+def test_timeouts_that_are_no_number_of_seconds_are_refused(tmp_path: Path) -> None:
+    """`--timeout nan` was a traceback (a NaN deadline); `inf` or 1e300 overflow the
+    socket timeout of the mount's direct reads. Each is one usage line, at once."""
+    for value in ("nan", "inf", "1e300", "0", "-1"):
+        result, _ = _cli(tmp_path, "ls", "127.0.0.1:1/g/m", "--plain-http",
+                         "--timeout", value, within=5)
+        assert "--timeout" in _one_line_error(result), value
+
+
+
+@mount
+def test_unmount_of_a_path_inside_a_hung_mount_is_bounded(registry: Registry, tmp_path: Path,
+                                                          cleanup: Path) -> None:
+    """`galleryfs unmount MNT/typo` with the daemon stopped hung for good (the stat of a
+    path inside the mount waits on the daemon); now a usage line naming the mount, at
+    once, nothing inside it touched."""
+    _push(registry, tmp_path, {"a.bin": b"x"})
+    _mount(registry.host, cleanup, tmp_path, "--timeout", "3")
+    pid = _daemon_pid(tmp_path)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    result, took = _cli(tmp_path, "unmount", str(cleanup / "typo"), within=15)
+    assert f"unmount {cleanup}" in _one_line_error(result)
+    assert took < 15, f"unmount took {took:.1f}s"
+    assert is_mounted(str(cleanup))
+
+
+
+
+def test_the_mount_a_path_lies_inside_is_the_innermost_fuse_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mountpoint in a home folder on sshfs is not "inside" sshfs's mount; a path in
+    it is inside it, not inside sshfs's."""
+    from galleryfs.mount import unmount
+    table = [("/", "ext4"), ("/home/u", "fuse.sshfs"), ("/home/u/models", "fuse.galleryfs"),
+             ("/srv", "ext4")]
+    monkeypatch.setattr(unmount, "_mounts", lambda: table)
+    assert unmount._fuse_mount_above("/home/u/models/g/m") == "/home/u/models"
+    assert unmount._fuse_mount_above("/home/u/other") == "/home/u"
+    assert unmount._fuse_mount_above("/srv/x") is None
+    assert unmount.is_mounted("/home/u/models")  # so never refused as inside /home/u
+
+@mount
+def test_sigterm_to_the_daemon_does_not_wait_for_a_stalled_read(registry: Registry,
+                                                                tmp_path: Path,
+                                                                cleanup: Path) -> None:
+    """SIGTERM (systemctl stop, a pod evicted) while a read waits on a frozen registry
+    with --timeout 30: the daemon waited for that read's deadline (32 s measured) before
+    it unmounted, past a pod's 30 s grace; now it ends the read after a short grace."""
+    _push(registry, tmp_path, {"a.bin": os.urandom(3 << 20)})
+    _mount(registry.host, cleanup, tmp_path, "--timeout", "30", "--chunk-size", "1M")
+    path = cleanup / "g" / "m" / "v1" / "a.bin"
+    real = Path(os.path.realpath(path))  # v1 is a link to the revision's folder
+    pid = _daemon_pid(tmp_path)
+    assert pid is not None
+    with frozen(registry):
+        reader = subprocess.Popen([sys.executable, "-c",
+                                   f"open({str(path)!r}, 'rb').read(4096)"],
+                                  stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while not _waiting(reader.pid, real):
+                assert time.monotonic() < deadline, "the read never reached the daemon"
+                time.sleep(0.05)
+            start = time.monotonic()
+            os.kill(pid, signal.SIGTERM)
+            while _daemon_pid(tmp_path) is not None:
+                assert time.monotonic() - start < 15, "the daemon outlived SIGTERM by 15 s"
+                time.sleep(0.05)
+            assert reader.wait(timeout=10) != 0  # its read failed, it did not hang
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait(timeout=10)
+    assert not is_mounted(str(cleanup))
+
+
+
+
+def _waiting(pid: int, path: Path) -> bool:
+    """The process is inside a read(2) of `path` (blocked on the daemon's answer)."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+        return (fields[0] == "0"  # read, on x86-64
+                and os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}") == str(path))
+    except (OSError, IndexError, ValueError):
+        return False

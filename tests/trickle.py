@@ -2,7 +2,9 @@
 
 `TrickleProxy` forwards every request to the registry; for requests matching a pattern it
 can send the body at N bytes per second (`trickle`), send the headers and then nothing
-(`stall`), or send nothing at all (`freeze`). Closing it releases every held answer.
+(`stall`), send nothing at all (`freeze`), redirect to itself for ever (`redirect_loop`)
+or answer with a body that never ends, sent as fast as it is taken (`endless`). Closing it
+releases every held answer.
 
 `frozen(registry)` SIGSTOPs the registry process for the block and always SIGCONTs it.
 """
@@ -47,6 +49,8 @@ class TrickleProxy:
         self.rules: list[tuple[re.Pattern[str], str, float]] = []
         self.closing = threading.Event()
         self.held = 0  # answers being trickled, stalled or frozen right now
+        self.redirects = 0  # redirects sent by `redirect_loop`
+        self.endless_sent = 0  # body bytes sent by `endless`
         self.client = httpx.Client(timeout=60)
         proxy = self
 
@@ -93,6 +97,14 @@ class TrickleProxy:
         """Nothing at all for matching requests until closed."""
         self._add(pattern, "freeze", 0)
 
+    def redirect_loop(self, pattern: str) -> None:
+        """Matching requests redirected to a new URL of the same path, for ever."""
+        self._add(pattern, "redirect_loop", 0)
+
+    def endless(self, pattern: str) -> None:
+        """Matching requests answered 200 with a chunked body that never ends."""
+        self._add(pattern, "endless", 0)
+
     def clear(self) -> None:
         with self.lock:
             self.rules.clear()
@@ -116,6 +128,20 @@ class TrickleProxy:
         rule = self._rule(h.command, h.path)
         if rule is not None and rule[0] == "freeze":
             self._hold(h, lambda: self.closing.wait())
+            return
+        if rule is not None and rule[0] == "redirect_loop":
+            self.redirects += 1
+            h.send_response(302)
+            h.send_header("Location", f"{h.path.split('?')[0]}?hop={self.redirects}")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if rule is not None and rule[0] == "endless":
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            self._hold(h, lambda: self._endless(h))
             return
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
         r = self.client.request(h.command, self.upstream + h.path, headers=headers,
@@ -150,6 +176,13 @@ class TrickleProxy:
             with self.lock:
                 self.held -= 1
             h.close_connection = True
+
+    def _endless(self, h: BaseHTTPRequestHandler) -> None:
+        block = b" " * (64 << 10)  # JSON whitespace: a parser never sees an end
+        frame = b"%x\r\n" % len(block) + block + b"\r\n"
+        while not self.closing.is_set():
+            h.wfile.write(frame)
+            self.endless_sent += len(block)
 
     def _trickle(self, h: BaseHTTPRequestHandler, data: bytes, rate: float) -> None:
         # Pieces of a tenth of a second's worth (at least a byte), on time.

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Seconds SIGTERM waits for the disk cache's write-behind before unmounting.
 SIGNAL_FLUSH_TIMEOUT = 10.0
+# Seconds the requests under way then have to end, before they are cancelled: a read
+# waiting on a stalled registry would hold the exit for up to --timeout.
+SIGNAL_GRACE = 2.0
 
 
 async def check_registry(config: MountConfig) -> None:
@@ -111,7 +114,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
                 tree.spawn = nursery
                 if fill is not None:
                     await nursery.start(fill.run)
-                nursery.start_soon(_watch_signals, fill)
+                nursery.start_soon(_watch_signals, fill, nursery.cancel_scope)
                 nursery.start_soon(_announce, config, ready_fd)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -124,7 +127,7 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
     log.info("%s unmounted", config.mountpoint)
 
 
-async def _watch_signals(fill: PageCacheFill | None) -> None:
+async def _watch_signals(fill: PageCacheFill | None, serving: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
@@ -134,6 +137,10 @@ async def _watch_signals(fill: PageCacheFill | None) -> None:
                 log.warning("unmounting with %d chunks not written to the disk cache",
                             fill.owed)
             pyfuse3.terminate()
+            # pyfuse3.main returns once its request handlers have; end those still
+            # waiting (their readers get ENOTCONN from the unmount).
+            await trio.sleep(SIGNAL_GRACE)
+            serving.cancel()
             return
 
 

@@ -36,6 +36,12 @@ _OK, _DEAD, _HUNG = "ok", "dead", "hung"
 
 
 def unmount_main(mountpoint: str, *, lazy: bool = False) -> int:
+    # Before any stat: a path inside a FUSE mount whose daemon hangs blocks for good.
+    # (A mountpoint itself may lie in another FUSE mount, a home folder on sshfs.)
+    path = os.path.abspath(mountpoint)
+    outer = None if is_mounted(path) else _fuse_mount_above(path)
+    if outer is not None:
+        raise UsageError(f"{mountpoint} is inside the mount {outer}: unmount {outer}")
     mountpoint = _mountpoint_path(mountpoint)
     if not is_mounted(mountpoint):
         try:
@@ -76,16 +82,35 @@ def _mountpoint_path(mountpoint: str) -> str:
 
 def is_mounted(mountpoint: str) -> bool:
     """Whether a filesystem is mounted there, from the kernel's table (no stat)."""
+    mounts = _mounts()
+    if mounts is None:  # pragma: no cover - no /proc: ask the mount itself
+        return os.path.ismount(mountpoint)
+    return any(point == mountpoint for point, _ in mounts)
+
+
+def _fuse_mount_above(path: str) -> str | None:
+    """The innermost FUSE mount `path` lies strictly inside, if any (from the
+    kernel's table)."""
+    above = [point for point, fstype in _mounts() or []
+             if fstype.startswith("fuse") and path.startswith(point.rstrip("/") + "/")]
+    return max(above, key=len, default=None)
+
+
+def _mounts() -> list[tuple[str, str]] | None:
+    """(mountpoint, filesystem type) of each mount in /proc/self/mountinfo."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
-    except OSError:  # pragma: no cover - no /proc: ask the mount itself
-        return os.path.ismount(mountpoint)
+    except OSError:  # pragma: no cover
+        return None
+    mounts = []
     for line in lines:
         fields = line.split(" ")
-        if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
-            return True
-    return False
+        if len(fields) > 4:
+            # The filesystem type follows the " - " that ends the optional fields.
+            rest = fields[fields.index("-", 6) + 1:] if "-" in fields[6:] else []
+            mounts.append((_unescape(fields[4]), rest[0] if rest else ""))
+    return mounts
 
 
 def _unescape(field: str) -> str:

@@ -46,6 +46,9 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
 UPLOAD_CHUNK = 64 << 20
 MONOLITHIC_LIMIT = 16 << 20
+# Bytes of an answer read whole (a tag list or catalog page, an error body): far more
+# than a page of 1,000 names, or of every tag of a registry that ignores `n`.
+ANSWER_LIMIT = 16 << 20
 # Seconds a failed or cancelled upload spends dropping its session before giving up.
 DROP_TIMEOUT = 5.0
 _PIECE = 1 << 20
@@ -203,8 +206,10 @@ class RegistryClient:
 
     async def _request(self, method: str, url: str, what: str, **kwargs: object) -> httpx.Response:
         async def once() -> httpx.Response:
-            response = await self._http.request(method, url, **kwargs)  # type: ignore[arg-type]
+            request = self._http.build_request(method, url, **kwargs)  # type: ignore[arg-type]
+            response = await self._http.send(request, stream=True)
             try:
+                await _read_bounded(response, what)
                 self._check(response, what)
             except Exception:
                 await response.aclose()
@@ -226,6 +231,10 @@ class RegistryClient:
             ) from None
         except httpx.TransportError as exc:
             raise _unavailable(self.host, exc) from None
+        except httpx.TooManyRedirects:
+            # Not a TransportError: without this, a redirect loop was a traceback.
+            raise RegistryError(f"{what}: the registry redirected in a loop "
+                                f"(more than {self._http.max_redirects} redirects)") from None
 
     # ---- API --------------------------------------------------------------------------
 
@@ -763,6 +772,23 @@ class RegistryClient:
 
 
 # ---- helpers ---------------------------------------------------------------------------
+
+
+async def _read_bounded(response: httpx.Response, what: str) -> None:
+    """Read the body of an answer read whole (a listing page, an error) into
+    `response.content`, refusing one over ANSWER_LIMIT: a body that never ends keeps
+    moving, so the stall deadline alone would read it for ever, into memory."""
+    length = response.headers.get("content-length", "")
+    # A HEAD's Content-Length is the size of what a GET would send (a blob's): no body.
+    if response.request.method != "HEAD" and length.isdigit() and int(length) > ANSWER_LIMIT:
+        raise TooLarge(f"{what}: answer of {length} bytes exceeds the "
+                       f"{ANSWER_LIMIT >> 20} MiB limit")
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > ANSWER_LIMIT:
+            raise TooLarge(f"{what}: answer exceeds the {ANSWER_LIMIT >> 20} MiB limit")
+    response._content = bytes(body)  # what httpx's own `aread` sets
 
 
 class _NotHarbor(Exception):

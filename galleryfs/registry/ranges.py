@@ -33,7 +33,7 @@ import trio
 
 from . import deadline
 from .client import RegistryClient
-from .deadline import Watchdog
+from .deadline import MIN_PROGRESS, Watchdog
 from .direct import DirectTransport, Fallback, expect_range, failures
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,10 @@ def _receive(response: http.client.HTTPResponse, n: int,
     hasher = hashlib.sha256()
     with failures(), memoryview(buf) as view:
         while got < n:
-            k = response.readinto(view[got:])
+            # At most MIN_PROGRESS at a time: a buffered readinto returns only once its
+            # buffer is full, and a whole chunk received slowly but steadily (less than
+            # a chunk per timeout) would count as a stall.
+            k = response.readinto(view[got:got + MIN_PROGRESS])
             if not k:
                 break
             got += k
