@@ -426,6 +426,19 @@ def test_an_endless_listing_is_refused(registry: Registry, tmp_path: Path) -> No
     assert took < 10, f"ls took {took:.1f}s"
 
 
+def test_an_endless_harbor_api_page_is_refused(registry: Registry, tmp_path: Path) -> None:
+    """The same for a page of Harbor's API (looked for by `ls HOST`): read whole, so
+    bounded as any answer read whole."""
+    _push(registry, tmp_path, {"config.json": b"{}"})
+    with TrickleProxy(registry.url) as proxy:
+        proxy.endless(r"^GET /api/v2.0/projects")
+        result, took = _cli(tmp_path, "ls", proxy.host, "--plain-http", "--timeout", "3",
+                            within=10)
+    assert proxy.endless_sent > 16 << 20
+    assert "exceeds" in _one_line_error(result)
+    assert took < 10, f"ls took {took:.1f}s"
+
+
 def test_timeouts_that_are_no_number_of_seconds_are_refused(tmp_path: Path) -> None:
     """`--timeout nan` was a traceback (a NaN deadline); `inf` or 1e300 overflow the
     socket timeout of the mount's direct reads. Each is one usage line, at once."""

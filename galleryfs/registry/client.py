@@ -204,6 +204,17 @@ class RegistryClient:
                            f"project's admin{detail}")
         raise RegistryError(f"{what}: registry answered HTTP {status}{detail}", status)
 
+    async def _bounded_get(self, url: str, what: str, auth: httpx.Auth | None) -> httpx.Response:
+        """A GET whose answer is read whole, at most ANSWER_LIMIT (Harbor's API pages)."""
+        request = self._http.build_request("GET", url)
+        response = await self._http.send(request, auth=auth or httpx.USE_CLIENT_DEFAULT,
+                                         stream=True)
+        try:
+            await _read_bounded(response, what)
+        finally:
+            await response.aclose()
+        return response
+
     async def _request(self, method: str, url: str, what: str, **kwargs: object) -> httpx.Response:
         async def once() -> httpx.Response:
             request = self._http.build_request(method, url, **kwargs)  # type: ignore[arg-type]
@@ -406,7 +417,7 @@ class RegistryClient:
         what = f"Harbor API of {self.host} (/api/v2.0/users/current)"
 
         async def once() -> httpx.Response:
-            return await self._http.get(url, auth=basic)
+            return await self._bounded_get(url, what, basic)
 
         response = await self._retrying(what, once)
         if response.status_code == 401:
@@ -422,7 +433,7 @@ class RegistryClient:
         what = f"Harbor API of {self.host} ({urlsplit(url).path})"
 
         async def once() -> httpx.Response:
-            return await self._http.get(url, auth=auth or httpx.USE_CLIENT_DEFAULT)
+            return await self._bounded_get(url, what, auth)
 
         response = await self._retrying(what, once)
         if response.status_code in (401, 403):
