@@ -14,6 +14,7 @@ import errno
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,16 +235,22 @@ def test_a_byte_flipped_in_the_disk_cache_is_never_served(
     data = os.urandom(SIZE)
     push_revision(registry, "cached/m", "v1", data, table=ChunkTable.of_bytes(data, 4 * MiB))
     hexpart = hashlib.sha256(data).hexdigest()
+    cache = tmp_path / "cache"
+    target = (cache / "blobs" / "sha256" / hexpart if whole else
+              cache / "partial" / "sha256" / f"{hexpart}-{SIZE}.data")
     with mount(registry, tmp_path, "fill") as mnt:
         path = mnt / "cached" / "m" / "v1" / "weights.bin"
         if whole:
             assert path.read_bytes() == data
         else:
             assert path.open("rb").read(6 * MiB) == data[:6 * MiB]
+        # The write-behind fills the cache once reads pause, fetching again what the
+        # kernel dropped meanwhile (these VMs page out fresh page cache within seconds);
+        # an unmount's flush does not wait on the registry for that, so wait here.
+        deadline = time.monotonic() + 30
+        while not target.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         flush(mnt)
-    cache = tmp_path / "cache"
-    target = (cache / "blobs" / "sha256" / hexpart if whole else
-              cache / "partial" / "sha256" / f"{hexpart}-{SIZE}.data")
     assert target.exists()
     flip(target, (1000, 4 * MiB + 3))
     with mount(registry, tmp_path, "again") as mnt:
