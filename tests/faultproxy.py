@@ -8,37 +8,17 @@ from __future__ import annotations
 
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from http.server import BaseHTTPRequestHandler
 
 import httpx
+
+from tests.loopback import LoopbackServer
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
         "proxy-authorization", "proxy-authenticate", "content-length", "host"}
 
 
-class _ThreadedServer:
-    """A loopback HTTP server on a free port, served from a daemon thread while in `with`."""
-
-    client: httpx.Client
-
-    def _listen(self, handler: type[BaseHTTPRequestHandler]) -> int:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        return self.server.server_address[1]
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.client.close()
-
-
-class FaultProxy(_ThreadedServer):
+class FaultProxy(LoopbackServer):
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.lock = threading.Lock()
@@ -51,20 +31,10 @@ class FaultProxy(_ThreadedServer):
         self.harbor_requests = 0
         self.seen: list[tuple[str, str, int]] = []
         self.client = httpx.Client(timeout=30)
-        proxy = self
+        self.host = f"127.0.0.1:{self._listen(self._serve)}"
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                proxy._serve(self)
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
-
-        self.host = f"127.0.0.1:{self._listen(Handler)}"
+    def close(self) -> None:
+        self.client.close()
 
     def fail(self, pattern: str, times: int, status: int = 503, retry_after: str | None = None) -> None:
         headers = {"Retry-After": retry_after} if retry_after is not None else {}
@@ -141,33 +111,28 @@ class FaultProxy(_ThreadedServer):
             h.wfile.write(body)
 
 
-class HeaderRecorder(_ThreadedServer):
+class HeaderRecorder(LoopbackServer):
     """Another origin that serves blobs (by fetching them from the registry itself) and
     records the Authorization headers it was sent: a stand-in for blob storage behind a 307."""
 
     def __init__(self, upstream: str, auth: tuple[str, str] | None) -> None:
         self.authorizations: list[str | None] = []
-        client = httpx.Client(timeout=30, auth=auth)
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                recorder.authorizations.append(self.headers.get("authorization"))
-                headers = {"Range": self.headers["range"]} if self.headers.get("range") else {}
-                r = client.get(upstream + self.path, headers=headers)
-                self.send_response(r.status_code)
-                for k in ("content-type", "content-range"):
-                    if k in r.headers:
-                        self.send_header(k, r.headers[k])
-                self.send_header("Content-Length", str(len(r.content)))
-                self.end_headers()
-                self.wfile.write(r.content)
-
-        self.client = client
+        self.upstream = upstream
+        self.client = httpx.Client(timeout=30, auth=auth)
         # "localhost" rather than 127.0.0.1: a different origin from the registry's.
-        self.url = f"http://localhost:{self._listen(Handler)}"
+        self.url = f"http://localhost:{self._listen(self._serve)}"
+
+    def _serve(self, h: BaseHTTPRequestHandler) -> None:
+        self.authorizations.append(h.headers.get("authorization"))
+        headers = {"Range": h.headers["range"]} if h.headers.get("range") else {}
+        r = self.client.get(self.upstream + h.path, headers=headers)
+        h.send_response(r.status_code)
+        for k in ("content-type", "content-range"):
+            if k in r.headers:
+                h.send_header(k, r.headers[k])
+        h.send_header("Content-Length", str(len(r.content)))
+        h.end_headers()
+        h.wfile.write(r.content)
+
+    def close(self) -> None:
+        self.client.close()

@@ -34,11 +34,13 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
+
+from tests.loopback import LoopbackServer
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
         "proxy-authorization", "proxy-authenticate", "content-length", "host"}
@@ -70,7 +72,7 @@ class Seen:
     authorization: str | None
 
 
-class HarborAPIStandIn:
+class HarborAPIStandIn(LoopbackServer):
     """Use as `with HarborAPIStandIn(registry.url, projects={...}, accounts={...}) as harbor:`;
     clients talk to `harbor.host`. `upstream_auth` reads the real registry's catalog (to
     know each project's repositories); `projects` maps a project name to public (True) or
@@ -86,32 +88,10 @@ class HarborAPIStandIn:
         self.seen: list[Seen] = []
         self.client = httpx.Client(timeout=30)
         self.upstream_auth = upstream_auth
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                stand_in._serve(self)
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.host = f"127.0.0.1:{self._listen(self._serve)}"
         self.url = f"http://{self.host}"
 
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def close(self) -> None:
         self.client.close()
 
     def requests(self, pattern: str) -> list[Seen]:

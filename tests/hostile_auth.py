@@ -17,17 +17,17 @@ import base64
 import json
 import re
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from tests.loopback import LoopbackServer
 from tests.registry_harness import TokenServer
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
@@ -41,40 +41,15 @@ class Seen:
     authorization: str | None
 
 
-class _Quiet(ThreadingHTTPServer):
-    daemon_threads = True
-    errors: list[str]
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        # A client that drops a keep-alive connection resets it under the handler: kept
-        # here, not printed into the stderr the tests read galleryfs's messages from.
-        self.errors.append(repr(sys.exc_info()[1]))
-
-
-class _Server:
-    """A loopback HTTP(S) server on a free port, served from a daemon thread in `with`."""
+class _Server(LoopbackServer):
+    """A loopback server that records who sent what Authorization."""
 
     def _listen(self, handle: Callable[[BaseHTTPRequestHandler], None],
                 tls: ssl.SSLContext | None = None) -> int:
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                handle(self)
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
-
-        self.server = _Quiet(("127.0.0.1", 0), Handler)
-        self.server.errors = []
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        port = super()._listen(handle, tls)
         self.lock = threading.Lock()
         self.seen: list[Seen] = []
-        return int(self.server.server_address[1])
+        return port
 
     def _record(self, h: BaseHTTPRequestHandler) -> None:
         with self.lock:
@@ -84,17 +59,6 @@ class _Server:
         with self.lock:
             return [s.authorization for s in self.seen if re.search(pattern, s.path)]
 
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.close()
-
-    def close(self) -> None:
-        pass
 
 
 def _reply(h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes,

@@ -18,11 +18,11 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 
+from tests.loopback import LoopbackServer
 from tests.registry_harness import Registry
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
@@ -41,7 +41,7 @@ def frozen(registry: Registry) -> Iterator[int]:
         os.kill(pid, signal.SIGCONT)
 
 
-class TrickleProxy:
+class TrickleProxy(LoopbackServer):
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.lock = threading.Lock()
@@ -52,35 +52,19 @@ class TrickleProxy:
         self.redirects = 0  # redirects sent by `redirect_loop`
         self.endless_sent = 0  # body bytes sent by `endless`
         self.client = httpx.Client(timeout=60)
-        proxy = self
+        self.host = f"127.0.0.1:{self._listen(self._handle)}"
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                try:
-                    proxy._serve(self)
-                except OSError:  # the client gave up on us
-                    self.close_connection = True
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        try:
+            self._serve(h)
+        except OSError:  # the client gave up on us
+            h.close_connection = True
 
     def __exit__(self, *exc: object) -> None:
-        self.closing.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.closing.set()  # let go of the answers held
+        super().__exit__(*exc)
+
+    def close(self) -> None:
         self.client.close()
 
     # ---- faults ------------------------------------------------------------------
