@@ -255,8 +255,7 @@ class ChunkReader:
         mirror that served the blob can be blamed (it is skipped from now on). The
         origin's wrong bytes fail."""
         verify = self.verify
-        while not (expect.agrees(len(data), expect.piece, sums) if sums is not None
-                   else await verify.matches(data, expect)):
+        while not await verify.holds(data, expect, sums):
             if self.distrust is None or not self.distrust(
                     blob.digest, f"chunk {index} does not match its digest"):
                 raise verify.mismatch(blob, index)

@@ -127,15 +127,22 @@ class Verifier:
     # ---- checks --------------------------------------------------------------------
 
     async def matches(self, data: Chunk, expect: Expect) -> bool:
+        """Whether `data` hashes to `expect`, hashed now, in a worker thread."""
         return await trio.to_thread.run_sync(expect.matches, data, limiter=self.limiter)
+
+    async def holds(self, data: Chunk, expect: Expect, sums: bytes | None) -> bool:
+        """Whether `data` hashes to `expect`: by the sha256 per `expect.piece` bytes the
+        receiving thread computed (`sums`), else by `matches`."""
+        if sums is not None:
+            return expect.agrees(len(data), expect.piece, sums)
+        return await self.matches(data, expect)
 
     async def check(self, blob: BlobRef, index: int, data: Chunk, expect: Expect,
                     sums: bytes | None = None) -> None:
         """Raise ChunkMismatch (logged, counted) unless `data` hashes to `expect`. `sums`:
         its sha256 per `expect.piece` bytes, hashed by the thread that received it
         (compared here), or None (hashed now, in a worker thread)."""
-        if (expect.agrees(len(data), expect.piece, sums) if sums is not None
-                else await self.matches(data, expect)):
+        if await self.holds(data, expect, sums):
             self.stats.verified_chunks += 1
             return
         raise self.mismatch(blob, index)
