@@ -36,6 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Goals G1..G11 are measured here; the scale goals of issue 15 (P1..P7) each live in a
+# module of scripts/scale/ that adds its set-up, steps and rows (scripts/scale/__init__.py).
+from scripts.scale import EXTENSIONS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PY = sys.executable
@@ -45,7 +49,7 @@ MB = 1e6
 STATS_XATTR = "user.galleryfs.stats"
 FLUSH_XATTR = "user.galleryfs.flush"
 DEFAULT_READAHEAD_CAP = 64 * MiB
-GOALS = [f"G{i}" for i in range(1, 12)]
+GOALS = [f"G{i}" for i in range(1, 12)] + [g for ext in EXTENSIONS for g in ext.GOALS]
 # Warm passes per side and repeat for G3 (alternating galleryfs and the local file).
 G3_PASSES = 3
 RAND_RUNTIME = 10  # s: a cap on the random-read job (bytes are compared, not time)
@@ -577,6 +581,17 @@ class Bench:
         log(f"registry {self.registry.url} ({self.registry_dir}): pushed bench/big, bench/big2, "
             f"bench/multi and {self.sizes.zoo_models} zoo models ({time.monotonic() - t0:.1f}s)")
 
+    def setup_extensions(self) -> None:
+        """Each scale module's own set-up (extra models, tools); a failure marks its goals
+        n/a and the others still run."""
+        for ext in EXTENSIONS:
+            try:
+                ext.setup(self)
+            except BenchError as exc:
+                log(f"{'/'.join(ext.GOALS)}: {exc}")
+                for g in ext.GOALS:
+                    self.failed.setdefault(g, str(exc))
+
     def close(self) -> None:
         for m in list(self.mounts):
             with contextlib.suppress(Exception):
@@ -924,6 +939,8 @@ class Bench:
             (["G7", "G8"], self.g7_g8),
             (["G11"], self.g11),
         ]
+        for ext in EXTENSIONS:
+            steps.extend(ext.steps(self))
         only = set(self.args.only or GOALS)
         for goals, fn in steps:
             t0 = time.monotonic()
@@ -1047,6 +1064,8 @@ class Bench:
             "g11p.gfs", base="g11p.base", ratio=div, check=lambda r: r.ratio >= 1.5)
         row("G11.again", "the same push again (vs the first push)", "s", "≤ 0.05×", "g11r.gfs",
             base="g11r.base", ratio=div, check=lambda r: r.ratio <= 0.05)
+        for ext in EXTENSIONS:
+            ext.rows(self, row)
         return rows
 
     def store_note(self, key: str, seconds: list[float]) -> str:
@@ -1121,7 +1140,7 @@ def goal_list(text: str) -> list[str]:
     goals = [g.strip().upper() for g in text.split(",") if g.strip()]
     unknown = [g for g in goals if g not in GOALS]
     if not goals or unknown:
-        raise argparse.ArgumentTypeError(f"expected goals among G1..G11, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected goals among {', '.join(GOALS)}, got {text!r}")
     return goals
 
 
@@ -1151,6 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"WARNING: {bench.cache.reason}; cold figures will be warm")
     try:
         bench.setup()
+        bench.setup_extensions()
         bench.measure()
     except KeyboardInterrupt:
         log("interrupted: unmounting and stopping the registry")
@@ -1166,4 +1186,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as `python -m scripts.bench`, this file is __main__; the scale modules import
+    # scripts.bench, so run main from that one module rather than from a second copy.
+    from scripts.bench import main as _main
+
+    raise SystemExit(_main())

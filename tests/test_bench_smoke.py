@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+# Every goal the bench knows, G1..G11 and the scale goals of scripts/scale/: each needs a row.
+from scripts.bench import GOALS
 from tests.mounting import fuse_available
 
 ROOT = Path(__file__).resolve().parent.parent
-GOALS = [f"G{i}" for i in range(1, 12)]
 
 
 def _galleryfs_mounts(under: Path) -> list[str]:
@@ -75,6 +76,6 @@ def test_bench_only_refuses_unknown_goals(tmp_path: Path, only: str) -> None:
          "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2
-    assert "expected goals among G1..G11" in proc.stderr
+    assert "expected goals among G1, G2," in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # refused before starting anything
