@@ -56,6 +56,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,12 @@ _ALIGN = mmap.PAGESIZE
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _DIRECT_PIECE = 1 << 20  # bounds the aligned copy buffers
 _HASH_AHEAD = 4  # out-of-order chunks kept in memory for the hasher (~ fetches in flight)
+# A blob found not complete on disk is not looked up again for this long: a stream asks
+# for every chunk it passes (a stat and a path built each time, on the trio thread),
+# while another mount completing the same blob meanwhile only has to wait this long to
+# be seen here. Its own completions are seen at once.
+ABSENT_TTL = 1.0
+ABSENT_MAX = 4096
 
 Chunk = bytes | bytearray | memoryview
 # An entry: (digest, size) of a partial blob, (digest, None) of a complete one.
@@ -153,6 +160,8 @@ class DiskCache:
         self._lock = threading.RLock()
         self._partials: dict[tuple[str, int], _Partial] = {}
         self._complete: dict[str, _Complete] = {}
+        # digest -> when it was last found not complete on disk (see ABSENT_TTL).
+        self._absent: dict[str, float] = {}
         self._pins: dict[str, int] = {}
         # entry -> bytes on disk, oldest use first.
         self._lru: OrderedDict[Entry, int] = OrderedDict()
@@ -273,12 +282,19 @@ class DiskCache:
         another claim's miss, left alone; one without a valid index is dropped."""
         with self._lock:
             known = self._complete.get(digest)
+            absent = self._absent.get(digest)
         if known is not None:
             return known if known.size == size else None
+        if absent is not None and time.monotonic() - absent < ABSENT_TTL:
+            return None
         path, index = self._complete_paths(digest)
         try:
             st = path.stat()
         except FileNotFoundError:
+            with self._lock:
+                if len(self._absent) >= ABSENT_MAX:
+                    self._absent.clear()
+                self._absent[digest] = time.monotonic()
             return None
         if st.st_size != size:
             return None
@@ -561,6 +577,7 @@ class DiskCache:
             os.replace(map_path, index)
             os.replace(data_path, complete)
             self._complete[digest] = _Complete(size, bytes(part.digests), bytes(part.crcs))
+            self._absent.pop(digest, None)
             self._lru[(digest, None)] = self._lru.pop((digest, size), 0)
 
     def _unlink_partial(self, digest: str, size: int) -> None:

@@ -1,8 +1,9 @@
 """What the mount needs installed: galleryfs's build of pyfuse3.
 
-scripts/setup builds pyfuse3 with scripts/pyfuse3/0001-readdir-inode-and-notify-retrieve.patch
-(its header says why). The mount has no code path for a plain pyfuse3: `galleryfs mount`
-checks first and fails with one line that says what is missing and how to get it.
+scripts/setup builds pyfuse3 with scripts/pyfuse3/*.patch (each header says why; 0002, a
+read's reply written without the GIL, is speed only and not checked here). The mount has
+no code path for a plain pyfuse3: `galleryfs mount` checks first and fails with one line
+that says what is missing and how to get it.
 """
 
 from __future__ import annotations
