@@ -487,7 +487,7 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:.1f} ms"
     if unit == "bytes":
         return f"{value / MiB:.1f} MiB" if value >= 0.1 * MiB else f"{value / KiB:.1f} KiB"
-    return f"{value:g} {unit}"
+    return f"{value:.3g} {unit}"
 
 
 def fmt_ratio(r: float | None) -> str:
