@@ -584,7 +584,10 @@ class Bench:
     def setup_extensions(self) -> None:
         """Each scale module's own set-up (extra models, tools); a failure marks its goals
         n/a and the others still run."""
+        only = set(self.args.only or GOALS)
         for ext in EXTENSIONS:
+            if not only.intersection(ext.GOALS):
+                continue  # --only leaves it out: no extra models pushed for it
             try:
                 ext.setup(self)
             except BenchError as exc:
@@ -757,6 +760,9 @@ class Bench:
             self.add("g6r.time", job["runtime"])
 
     def g5(self, i: int) -> None:
+        # numpy before the page cache is dropped: safetensors imports it on the first
+        # get_tensor, which would time its import from a cold disk too.
+        import numpy  # noqa: F401
         from safetensors import safe_open
 
         name = f"model.layers.{self.sizes.big_tensors // 2:04d}.weight"
