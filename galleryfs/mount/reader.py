@@ -468,6 +468,7 @@ class BlobHandle:
             # memory: no read-ahead, and nothing owed to the write-behind.
             return await reader.read_random(self.blob, offset, end)
         data = await reader.read_view(self.blob, offset, size)
+        self.stream.served(offset, offset + len(data))
         if window:
             self.stream.advance(offset + len(data), window)
         return data
