@@ -158,6 +158,9 @@ class Stream:
         # Chunk index -> the ranges of it (merged) returned to the kernel, for chunks
         # not yet wholly returned.
         self._served: dict[int, list[tuple[int, int]]] = {}
+        # Chunks returned whole: the kernel holds them, read-ahead skips them (mmap
+        # faults read around, back and forth: one it dropped was fetched again).
+        self._returned: set[int] = set()
 
     def served(self, start: int, end: int) -> None:
         """A read returned bytes [start, end) to the kernel: a chunk all of whose bytes
@@ -175,6 +178,7 @@ class Stream:
                     merged.append((lo, hi))
             if merged == [(0, length)]:
                 self._served.pop(i, None)
+                self._returned.add(i)
                 if i >= self._dropped:
                     self.source.drop_behind(self.blob, i, i + 1)
             else:
@@ -205,7 +209,7 @@ class Stream:
             self._served = {i: m for i, m in self._served.items() if i >= self._dropped}
 
         def covered(i: int) -> bool:
-            return i in self._scheduled or source.at_hand(blob, i)
+            return i in self._scheduled or i in self._returned or source.at_hand(blob, i)
 
         if not self.prefetcher.spans:
             for i in range(first, last + 1):
