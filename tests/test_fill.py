@@ -198,3 +198,28 @@ async def test_a_stream_keeps_a_chunk_until_the_kernel_has_all_of_it(registry, b
     assert len(fetch.calls) == reader.nchunks(ref)
     assert max(held) <= 4 * CHUNK
     assert _complete(tmp_path, ref.digest) and fill.stats.dropped == 0
+
+
+async def test_read_ahead_skips_a_chunk_returned_whole(registry, blob, tmp_path) -> None:
+    """An mmap loader's faults read around, back and forth: a read that ends inside a
+    chunk the kernel already holds whole (and memory dropped) must not fetch it again
+    as read-ahead (a safetensors load fetched 1.81× the file's bytes)."""
+    ref, data = blob
+    async with _client(registry) as client, trio.open_nursery() as nursery:
+        fetch = Counting(client)
+        disk = DiskCache(tmp_path, 1 << 30, CHUNK)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, window_cap=2 * CHUNK, disk=disk)
+        fill = PageCacheFill(reader, PageCache(nursery).retrieve, quiet=3600)
+        reader.defer = fill.owe
+        handle = reader.open(ref, nursery)
+        p = CHUNK // 4
+        # As a fault-around pattern seen through a mount: the last of these returns the
+        # rest of chunk 0, which then leaves memory, and continues a stream from there.
+        for offset, size in ((0, p), (3 * p + p // 2, p), (p, p), (2 * p, p), (3 * p, p // 2)):
+            assert await handle.read(offset, size) == data[offset:offset + size]
+        assert not reader.in_memory(ref, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        handle.close()
+        nursery.cancel_scope.cancel()
+    assert fetch.calls.count((0, CHUNK)) == 1, fetch.calls
+    assert (CHUNK, 2 * CHUNK) in fetch.calls  # the stream's read-ahead went on

@@ -410,10 +410,6 @@ class ChunkReader:
     def held(self, blob: BlobRef, index: int) -> Chunk | None:
         return self.memory.get(self.key(blob, index))
 
-    async def fetch_range(self, blob: BlobRef, start: int, end: int) -> Chunk:
-        """Bytes [start, end) straight from the registry, kept nowhere."""
-        return await self.fetcher.range(blob, start, end)
-
     async def store(self, blob: BlobRef, index: int, data: Chunk, *, checked: bool = False
                     ) -> None:
         """Write a chunk to the disk cache now, if it hashes to what it must (checked in
