@@ -37,7 +37,9 @@ SEQ_BACK_FRACTION = 4
 # sequential and cost a whole chunk of read-ahead.
 SEQ_START_SLACK = 4096
 # A chunk is dropped behind a stream once every byte of it has been returned to the
-# kernel (then the page cache holds it); one the reads skipped part of, this far behind.
+# kernel (then the page cache holds it) and the stream is a chunk past it (the memory
+# budget has room for that chunk: serve.py); one the reads skipped part of, this far
+# behind.
 # The kernel sends read-ahead requests asynchronously (up to max_background of them, of
 # up to 1 MiB) and they are answered out of order: dropped at the first read past it, a
 # chunk was fetched again for the requests still to come (cat of a 12 MiB file: 1.17×
@@ -161,11 +163,17 @@ class Stream:
         # Chunks returned whole: the kernel holds them, read-ahead skips them (mmap
         # faults read around, back and forth: one it dropped was fetched again).
         self._returned: set[int] = set()
+        # Returned whole but kept until the stream is a chunk past them: pages the
+        # kernel read ahead can be reclaimed before its reader gets to them (DAMON on
+        # these VMs, memory pressure), and it asks again (sha256sum of 1 GiB: 1.02×).
+        self._kept: set[int] = set()
+        self._front = 0  # the furthest end of a read returned
 
     def served(self, start: int, end: int) -> None:
         """A read returned bytes [start, end) to the kernel: a chunk all of whose bytes
         it now holds leaves memory (drop-behind, `advance`)."""
         cs = self.source.chunk_size
+        self._front = max(self._front, end)
         for i in range(start // cs, (max(start, end) - 1) // cs + 1):
             base = i * cs
             length = min(cs, self.blob.size - base)
@@ -180,9 +188,12 @@ class Stream:
                 self._served.pop(i, None)
                 self._returned.add(i)
                 if i >= self._dropped:
-                    self.source.drop_behind(self.blob, i, i + 1)
+                    self._kept.add(i)
             else:
                 self._served[i] = merged
+        for i in [i for i in self._kept if (i + 2) * cs <= self._front]:
+            self._kept.discard(i)
+            self.source.drop_behind(self.blob, i, i + 1)
 
     def advance(self, pos: int, window: int) -> None:
         """A read ended at `pos` with `window` bytes wanted ahead of it."""
@@ -207,6 +218,7 @@ class Stream:
         if far > self._dropped:
             self._dropped = source.drop_behind(blob, self._dropped, far)
             self._served = {i: m for i, m in self._served.items() if i >= self._dropped}
+            self._kept = {i for i in self._kept if i >= self._dropped}
 
         def covered(i: int) -> bool:
             return i in self._scheduled or i in self._returned or source.at_hand(blob, i)

@@ -52,10 +52,11 @@ log = logging.getLogger(__name__)
 # more of the daemon's peak RSS than 4 MiB (scripts/bench G1, G9); `galleryfs mount`
 # passes 4M.
 DEFAULT_CHUNK = 4 << 20
-# The prefetch window plus the chunk being read: a stream drops the chunks it has passed
-# from memory (they live on in the kernel's page cache, keep_cache, until the
-# write-behind has them on disk), so a larger budget would only raise the daemon's RSS.
-DEFAULT_MEMORY = WINDOW_CAP + DEFAULT_CHUNK
+# The prefetch window plus the chunk being read and the one before it: a stream drops
+# the chunks it has passed from memory (they live on in the kernel's page cache,
+# keep_cache, until the write-behind has them on disk), so a larger budget would only
+# raise the daemon's RSS.
+DEFAULT_MEMORY = WINDOW_CAP + 2 * DEFAULT_CHUNK
 # A span's pieces being hashed while the next is received.
 CHECKS_AHEAD = 1
 
