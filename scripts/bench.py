@@ -693,12 +693,13 @@ class Bench:
 
     def add_fill(self, key: str, m: Mount, before: dict[str, Any]) -> None:
         """What the write-behind did for the read since `before`: the flush an unmount
-        waits for, then chunks written and how many had to be fetched again."""
+        waits for, then chunks written and how many were not (dropped from the page
+        cache)."""
         if "fill_chunks" not in before:
             return
         self.add(f"{key}.flush_s", m.flush())
         now = m.stats()
-        for name in ("fill_chunks", "fill_fetched", "fill_s"):
+        for name in ("fill_chunks", "fill_dropped", "fill_s"):
             self.add(f"{key}.{name}", float(now[name]) - float(before[name]))
 
     def contended_get(self, url: str, size: int, rate_mb: float) -> tuple[float, float | None]:
@@ -1080,11 +1081,12 @@ class Bench:
         s = self.samples
         if s.get(f"{key}.fill_chunks"):
             med = {k: statistics.median(s[f"{key}.{k}"])
-                   for k in ("fill_chunks", "fill_fetched", "fill_s", "flush_s")}
+                   for k in ("fill_chunks", "fill_dropped", "fill_s", "flush_s")}
             return (f"the disk cache was written after the read, from the page cache: "
                     f"{med['fill_chunks']:.0f} chunks in {med['fill_s']:.1f} s, "
-                    f"{med['fill_fetched']:.0f} fetched again (dropped from the page cache "
-                    f"already); the unmount waited {med['flush_s']:.1f} s for it")
+                    f"{med['fill_dropped']:.0f} not cached (dropped from the page cache "
+                    f"already, not fetched again); the unmount waited {med['flush_s']:.1f} s "
+                    "for it")
         if not s.get(f"{key}.store_ms") or not seconds:
             return ""
         per_chunk = statistics.median(s[f"{key}.store_ms"])

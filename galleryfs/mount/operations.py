@@ -196,7 +196,7 @@ class Operations(pyfuse3.Operations):
             st = self.fill.stats
             out.update(fill_owed=self.fill.owed, fill_owed_max=st.owed_max,
                        fill_chunks=st.filled, fill_from_memory=st.from_memory,
-                       fill_fetched=st.fetched, fill_missed=st.missed,
+                       fill_dropped=st.dropped, fill_missed=st.missed,
                        fill_s=round(st.fill_ns / 1e9, 3))
         out.update(inodes=self.tree.inode_count, inodes_peak=self.tree.inodes_peak,
                    inodes_max=self.tree.max_inodes, inodes_dropped=self.tree.inodes_dropped,

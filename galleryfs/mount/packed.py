@@ -126,6 +126,7 @@ class MemberHandle:
                 reader.at_hand(blob, i) for i in range(start // cs, (stop - 1) // cs + 1))):
             return await reader.read_random(blob, start, stop)  # as BlobHandle.read
         data = await reader.read_view(blob, start, stop - start)
+        inner.stream.served(start, start + len(data))
         if window:
             inner.stream.advance(start + len(data), window)
         return data

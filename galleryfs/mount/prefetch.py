@@ -36,6 +36,15 @@ SEQ_BACK_FRACTION = 4
 # the running-stream tolerances, one random 4 KiB read in ~60 over a GiB would look
 # sequential and cost a whole chunk of read-ahead.
 SEQ_START_SLACK = 4096
+# A chunk is dropped behind a stream once every byte of it has been returned to the
+# kernel (then the page cache holds it) and the stream is a chunk past it (the memory
+# budget has room for that chunk: serve.py); one the reads skipped part of, this far
+# behind.
+# The kernel sends read-ahead requests asynchronously (up to max_background of them, of
+# up to 1 MiB) and they are answered out of order: dropped at the first read past it, a
+# chunk was fetched again for the requests still to come (cat of a 12 MiB file: 1.17×
+# its bytes from the registry with 1 MiB chunks).
+DROP_LAG = SEQ_FORWARD
 
 
 class Source(Protocol):
@@ -148,26 +157,71 @@ class Stream:
         self._scopes: set[trio.CancelScope] = set()
         self._scheduled: set[int] = set()
         self._dropped = 0  # chunks below this index were dropped behind the stream
+        # Chunk index -> the ranges of it (merged) returned to the kernel, for chunks
+        # not yet wholly returned.
+        self._served: dict[int, list[tuple[int, int]]] = {}
+        # Chunks returned whole: the kernel holds them, read-ahead skips them (mmap
+        # faults read around, back and forth: one it dropped was fetched again).
+        self._returned: set[int] = set()
+        # Returned whole but kept until the stream is a chunk past them: pages the
+        # kernel read ahead can be reclaimed before its reader gets to them (DAMON on
+        # these VMs, memory pressure), and it asks again (sha256sum of 1 GiB: 1.02×).
+        self._kept: set[int] = set()
+        self._front = 0  # the furthest end of a read returned
+
+    def served(self, start: int, end: int) -> None:
+        """A read returned bytes [start, end) to the kernel: a chunk all of whose bytes
+        it now holds leaves memory (drop-behind, `advance`)."""
+        cs = self.source.chunk_size
+        self._front = max(self._front, end)
+        for i in range(start // cs, (max(start, end) - 1) // cs + 1):
+            base = i * cs
+            length = min(cs, self.blob.size - base)
+            merged: list[tuple[int, int]] = []
+            for lo, hi in sorted([*self._served.get(i, []),
+                                  (max(start, base) - base, min(end, base + length) - base)]):
+                if merged and lo <= merged[-1][1]:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+                else:
+                    merged.append((lo, hi))
+            if merged == [(0, length)]:
+                self._served.pop(i, None)
+                self._returned.add(i)
+                if i >= self._dropped:
+                    self._kept.add(i)
+            else:
+                self._served[i] = merged
+        for i in [i for i in self._kept if (i + 2) * cs <= self._front]:
+            self._kept.discard(i)
+            self.source.drop_behind(self.blob, i, i + 1)
 
     def advance(self, pos: int, window: int) -> None:
         """A read ended at `pos` with `window` bytes wanted ahead of it."""
         if self.nursery is None or self.closed:
             return
         source, blob, nursery = self.source, self.blob, self.nursery
-        first = pos // source.chunk_size
+        # Reads are answered out of order: a read that ends behind a later one (the
+        # stream's furthest, reset by a jump) must not fetch again what that one's
+        # reader already returned and dropped.
+        pos = max(pos, self.readahead.last_end or 0)
+        # At the end of the blob nothing is left to fetch (its last chunk, returned in
+        # full, may have been dropped already).
+        first = pos // source.chunk_size if pos < blob.size else source.nchunks(blob)
         last = min(source.nchunks(blob) - 1, (pos + window - 1) // source.chunk_size)
         # Forget what lies behind the stream so the set stays small.
         self._scheduled = {i for i in self._scheduled if i >= first}
-        # Drop behind: chunks the stream has passed leave memory. The kernel's page
-        # cache holds them until the write-behind has them on disk (a late read of one
-        # it dropped meanwhile fetches it again): kept here, two streams' passed chunks
-        # pushed each other's read-ahead out of memory, and a third of two 1 GiB reads
-        # was fetched twice.
-        if first > self._dropped:
-            self._dropped = source.drop_behind(blob, self._dropped, first)
+        # Drop behind: chunks the stream has passed leave memory, once the kernel's
+        # page cache holds them (`served`), which keeps them until the write-behind has
+        # them on disk: kept here, two streams' passed chunks pushed each other's
+        # read-ahead out of memory, and a third of two 1 GiB reads was fetched twice.
+        far = max(0, pos - DROP_LAG) // source.chunk_size
+        if far > self._dropped:
+            self._dropped = source.drop_behind(blob, self._dropped, far)
+            self._served = {i: m for i, m in self._served.items() if i >= self._dropped}
+            self._kept = {i for i in self._kept if i >= self._dropped}
 
         def covered(i: int) -> bool:
-            return i in self._scheduled or source.at_hand(blob, i)
+            return i in self._scheduled or i in self._returned or source.at_hand(blob, i)
 
         if not self.prefetcher.spans:
             for i in range(first, last + 1):

@@ -52,10 +52,11 @@ log = logging.getLogger(__name__)
 # more of the daemon's peak RSS than 4 MiB (scripts/bench G1, G9); `galleryfs mount`
 # passes 4M.
 DEFAULT_CHUNK = 4 << 20
-# The prefetch window plus the chunk being read: a stream drops the chunks it has passed
-# from memory (they live on in the kernel's page cache, keep_cache, until the
-# write-behind has them on disk), so a larger budget would only raise the daemon's RSS.
-DEFAULT_MEMORY = WINDOW_CAP + DEFAULT_CHUNK
+# The prefetch window plus the chunk being read and the one before it: a stream drops
+# the chunks it has passed from memory (they live on in the kernel's page cache,
+# keep_cache, until the write-behind has them on disk), so a larger budget would only
+# raise the daemon's RSS.
+DEFAULT_MEMORY = WINDOW_CAP + 2 * DEFAULT_CHUNK
 # A span's pieces being hashed while the next is received.
 CHECKS_AHEAD = 1
 
@@ -410,10 +411,6 @@ class ChunkReader:
     def held(self, blob: BlobRef, index: int) -> Chunk | None:
         return self.memory.get(self.key(blob, index))
 
-    async def fetch_range(self, blob: BlobRef, start: int, end: int) -> Chunk:
-        """Bytes [start, end) straight from the registry, kept nowhere."""
-        return await self.fetcher.range(blob, start, end)
-
     async def store(self, blob: BlobRef, index: int, data: Chunk, *, checked: bool = False
                     ) -> None:
         """Write a chunk to the disk cache now, if it hashes to what it must (checked in
@@ -468,6 +465,7 @@ class BlobHandle:
             # memory: no read-ahead, and nothing owed to the write-behind.
             return await reader.read_random(self.blob, offset, end)
         data = await reader.read_view(self.blob, offset, size)
+        self.stream.served(offset, offset + len(data))
         if window:
             self.stream.advance(offset + len(data), window)
         return data

@@ -66,9 +66,10 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
         # every remount fetches again.
         disk = (DiskCache(config.cache_dir, config.cache_size, config.chunk_size)
                 if config.cache_size > 0 else None)
-        # The memory budget holds the read-ahead window and a chunk, whatever the
-        # chunk size (with less, prefetched chunks would be evicted before use).
-        memory = max(DEFAULT_MEMORY, WINDOW_CAP + config.chunk_size)
+        # The memory budget holds the read-ahead window, the chunk being read and the
+        # one before it (prefetch.py), whatever the chunk size (with less, prefetched
+        # chunks would be evicted before use).
+        memory = max(DEFAULT_MEMORY, WINDOW_CAP + 2 * config.chunk_size)
         ranges: DirectRanges | MirroredRanges = DirectRanges(client)
         if client.mirrors is not None:
             ranges = MirroredRanges(ranges, client.mirrors)

@@ -151,7 +151,7 @@ def _flush(mountpoint: str) -> str:
     owed = answer.get("owed") if isinstance(answer, dict) else None
     if isinstance(owed, int) and owed > 0:
         why = ("in time" if not answer.get("done", True)
-               else "(gone from the page cache, not fetched again at an unmount)")
+               else "(gone from the page cache)")
         print(f"galleryfs: {mountpoint}: {owed} chunks were not written to the disk cache "
               f"{why}; they will be fetched again when read", file=sys.stderr)
     return _OK

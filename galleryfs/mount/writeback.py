@@ -11,19 +11,27 @@ the registry reads the blobs from the same disk (the bench machine), cache write
 a cold read of many files made fetches wait for the writers and slowed the read
 markedly; buffered writes cost CPU instead (measured in scripts/bench G2). After the read the
 bytes are in the page cache anyway; asking the kernel for them costs a memory copy. This
-is the only way the disk cache is written during a mount: it needs galleryfs's build of
-pyfuse3 (`notify_retrieve`).
+is the only way the disk cache is written during a sequential read: it needs galleryfs's
+build of pyfuse3 (`notify_retrieve`).
 
-A chunk the kernel dropped before the fill (or never held: read-ahead the reader did not
-reach, gone from the memory cache) is fetched again from the registry. An unmount takes
-the page cache with it, so `flush` (run by `galleryfs unmount` and on SIGTERM) writes
-what is owed first, from the page cache only (an unmount never waits on the registry);
-what it cannot within its time (`UNMOUNT_FLUSH`; a refetch under way is cancelled), or an
-unmount by other means, leaves owed is simply not cached.
+Filling the disk cache never costs a second fetch. A chunk the kernel dropped before the
+fill (under memory pressure, or on the bench VMs, where DAMON pages out idle page cache
+within seconds; or never held: read-ahead the reader did not reach, gone from the memory
+cache) is not cached: it is counted as `dropped` and fetched again only if it is read
+again. Fetching it for the cache would cost the registry (and a link that may be the
+bottleneck) a second copy of every byte the page cache could not keep: twice the egress
+for a model larger than memory. `galleryfs warm` (reader.py `warm`) is the way to fill
+the cache with a whole file on purpose. So after a read under memory pressure the disk
+cache holds what the page cache still held when reads paused (roughly the file's tail),
+plus the chunks of random reads, which the reader writes at once.
+
+An unmount takes the page cache with it, so `flush` (run by `galleryfs unmount` and on
+SIGTERM) writes what is owed first; what it cannot within its time (`UNMOUNT_FLUSH`), or
+an unmount by other means, leaves owed is simply not cached.
 Bytes written go through `ChunkReader.store`, which checks every chunk against the
-digests it must have (bytes asked back from the page cache or fetched again are hashed
-anew; the disk cache takes nothing unverified) and the whole blob against its digest
-before the blob is promoted.
+digests it must have (bytes asked back from the page cache are hashed anew; the disk
+cache takes nothing unverified) and the whole blob against its digest before the blob is
+promoted.
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ from typing import Protocol
 
 import trio
 
-from ..errors import GalleryError
 from .blob import BlobRef, Chunk
 
 log = logging.getLogger(__name__)
@@ -67,10 +74,6 @@ class Source(Protocol):
         """The chunk if it is still in memory."""
         ...
 
-    async def fetch_range(self, blob: BlobRef, start: int, end: int) -> Chunk:
-        """Bytes from the registry, kept nowhere."""
-        ...
-
     async def store(self, blob: BlobRef, index: int, data: Chunk, *, checked: bool = False
                     ) -> None:
         """Into the disk cache, if it hashes to what it must (`checked`: bytes from
@@ -83,8 +86,8 @@ class FillStats:
     owed_max: int = 0
     filled: int = 0  # chunks written to the disk cache
     from_memory: int = 0  # ... of which came from the memory cache
-    fetched: int = 0  # ... of which the page cache no longer held, fetched again
-    missed: int = 0  # chunks not written (forgotten, or the registry failed)
+    dropped: int = 0  # chunks not written: neither memory nor the page cache held them
+    missed: int = 0  # chunks not written otherwise (forgotten past max_owed, a fault)
     fill_ns: int = 0
 
 
@@ -115,9 +118,7 @@ class PageCacheFill:
         self._drained = trio.Event()
         self._drained.set()
         self._flushing = 0
-        # The fill that may be waiting on the registry (a refetch): a flush cancels it.
-        self._refetch: trio.CancelScope | None = None
-        # Chunks the last flush gave up (gone from the page cache, a refetch cancelled).
+        # Chunks the last flush gave up (gone from the page cache, or a fault).
         self.flush_missed = 0
 
     @property
@@ -173,9 +174,7 @@ class PageCacheFill:
                 continue
             (digest, _, index), blob = self._owed.popitem(last=False)
             try:
-                # An unmount waiting on a flush must not wait on the registry too: a
-                # flush takes from the page cache only, and cancels a refetch under way.
-                await self._fill(blob, index, refetch=not self._flushing)
+                await self._fill(blob, index)
             except Exception:  # a fault here must not take the mount down with it
                 log.exception("write-behind of %s chunk %d failed", digest, index)
                 self.stats.missed += 1
@@ -188,18 +187,16 @@ class PageCacheFill:
         """Write what is owed now, without waiting for quiet. True when nothing is left."""
         self._flushing += 1
         self._wake.set()
-        if self._refetch is not None:
-            self._refetch.cancel()
-        missed = self.stats.missed
+        lost = self.stats.missed + self.stats.dropped
         try:
             with trio.move_on_after(timeout):
                 await self.drained()
         finally:
             self._flushing -= 1
-            self.flush_missed = self.stats.missed - missed
+            self.flush_missed = self.stats.missed + self.stats.dropped - lost
         return not self._owed
 
-    async def _fill(self, blob: BlobRef, index: int, *, refetch: bool) -> None:
+    async def _fill(self, blob: BlobRef, index: int) -> None:
         t0 = trio.current_time()
         cs = self.source.chunk_size
         start, end = index * cs, min(blob.size, (index + 1) * cs)
@@ -210,26 +207,12 @@ class PageCacheFill:
         else:
             data = await self._from_page_cache(blob, start, end)
         if data is None:
-            # Dropped by the kernel already (on the bench VMs DAMON pages out fresh page
-            # cache within seconds): fetched again, now that the mount is quiet, so that
-            # a file read once is in the disk cache, as with writes during the read.
-            if not refetch:
-                self.stats.missed += 1
-                return
-            try:
-                # Only the fetch is cancelled by a flush (`flush`), never a disk write.
-                with trio.CancelScope() as self._refetch:
-                    data = await self.source.fetch_range(blob, start, end)
-            except GalleryError as exc:
-                log.debug("write-behind of %s chunk %d: %s", blob.digest, index, exc)
-                self.stats.missed += 1
-                return
-            finally:
-                self._refetch = None
-            if data is None:  # cancelled by a flush
-                self.stats.missed += 1
-                return
-            self.stats.fetched += 1
+            # Gone from memory and (in part at least) from the page cache: not fetched
+            # again, which would cost the registry a second copy (module docstring).
+            log.debug("write-behind of %s chunk %d: dropped by the kernel, not cached",
+                      blob.digest, index)
+            self.stats.dropped += 1
+            return
         await self.source.store(blob, index, data, checked=checked)
         self.stats.filled += 1
         self.stats.fill_ns += int((trio.current_time() - t0) * 1e9)
