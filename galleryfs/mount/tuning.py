@@ -20,9 +20,13 @@ log = logging.getLogger(__name__)
 # to the switch interval. At the default 5 ms such threads fell far behind; 0.5 ms let
 # them keep up (scripts/bench G1).
 SWITCH_INTERVAL = 0.0005
-# Buffered reads reach FUSE in pieces of the mount's read_ahead_kb (128 KiB by default);
-# 1 MiB requests cost fewer round trips through the daemon per byte.
-READ_AHEAD_KB = 1024
+# The mount's read_ahead_kb (128 KiB by default) is both the size of the requests
+# buffered reads reach FUSE in and the read-around of an mmap fault (the pages around a
+# faulting one, then read-ahead as the faults move on). 1 MiB requests cost fewer round
+# trips per byte, but one tensor read through mmap (safetensors' get_tensor) then made
+# the kernel ask for 3.6 MiB around a 0.6 MB tensor and its header (scripts/bench P3);
+# at 256 KiB it asks for 1.3 MiB.
+READ_AHEAD_KB = 256
 _M_ARENA_MAX = -8  # glibc malloc.h
 
 
