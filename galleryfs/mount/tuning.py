@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 SWITCH_INTERVAL = 0.0005
 # The mount's read_ahead_kb (128 KiB by default) is both the size of the requests
 # buffered reads reach FUSE in and the read-around of an mmap fault (the pages around a
-# faulting one, then read-ahead as the faults move on). 1 MiB requests cost fewer round
-# trips per byte, but one tensor read through mmap (safetensors' get_tensor) then made
-# the kernel ask for 3.6 MiB around a 0.6 MB tensor and its header (scripts/bench P3);
-# at 256 KiB it asks for 1.3 MiB.
-READ_AHEAD_KB = 256
+# faulting one, then read-ahead as the faults move on). Large requests cost fewer round
+# trips per byte, but one tensor read through mmap (safetensors' get_tensor of 0.6 MB,
+# scripts/bench P3) made the kernel ask for 3.6 MiB around it and its header at 1 MiB,
+# 2.0 MiB at 512 KiB, 1.3 MiB at 256 KiB; a cold sequential read at 256 KiB cost the
+# daemon about a tenth more CPU per byte than at 512 KiB or 1 MiB (level with each other).
+READ_AHEAD_KB = 512
 _M_ARENA_MAX = -8  # glibc malloc.h
 
 
