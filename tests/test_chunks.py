@@ -544,7 +544,7 @@ async def test_snapshot_keys(tmp_path) -> None:
               "fetches", "in_flight", "memory_bytes", "memory_hits", "memory_limit",
               "memory_misses", "prefetches", "readahead_cap", "readahead_windows", "spans",
               "store_write_s", "stores", "verified_chunks", "verify_failures",
-              "derived_blobs", "derived_bytes"}
+              "derived_blobs", "derived_bytes", "verified_pieces", "piece_bytes"}
     assert set(ChunkReader(never, chunk_size=CHUNK).snapshot()) == common
     with_disk = ChunkReader(never, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
     assert set(with_disk.snapshot()) == common | {"disk_bytes", "disk_evictions", "disk_limit",

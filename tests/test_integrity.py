@@ -25,7 +25,7 @@ from galleryfs import modelpack
 from galleryfs.errors import DigestMismatch
 from galleryfs.modelpack import ChunkTable, Descriptor
 from galleryfs.mount.blob import Expect
-from galleryfs.mount.diskcache import DiskCache
+from galleryfs.mount.diskcache import ChunkRejected, DiskCache
 from galleryfs.mount.reader import BlobRef, ChunkReader
 from galleryfs.mount.verify import ChunkMismatch, Verifier
 from galleryfs.registry.client import ClientOptions, RegistryClient
@@ -527,3 +527,36 @@ async def test_span_pieces_are_hashed_where_received_or_else_by_the_reader(
             assert len(hashed) >= 6, hashed
         assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
         ranges.close()
+
+
+def test_a_finer_tables_chunk_is_found_again_without_hashing(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk checked against 64 KiB table pieces is kept under their identity: read back
+    by a compare and its CRC (G4, G3's page-cache holes), never for another table's
+    reader, and a complete blob of such chunks is not lent as a table."""
+    cs, piece = 256 << 10, 64 << 10
+    data = os.urandom(2 * cs)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def pieces(chunk: bytes) -> Expect:
+        return Expect(piece, b"".join(hashlib.sha256(chunk[i:i + piece]).digest()
+                                      for i in range(0, len(chunk), piece)))
+
+    cache = DiskCache(tmp_path, 1 << 30, cs)
+    first, second = pieces(data[:cs]), pieces(data[cs:])
+    with pytest.raises(ChunkRejected):
+        cache.write_chunk(digest, len(data), 1, data[:cs], second)
+    cache.write_chunk(digest, len(data), 0, data[:cs], first)
+    calls = []
+    real = Expect.matches
+    monkeypatch.setattr(Expect, "matches", lambda self, chunk: calls.append(1) or real(self, chunk))
+    assert cache.read_chunk(digest, len(data), 0, first) == data[:cs]
+    assert not calls, "read back by hashing it again"
+    assert cache.write_chunk(digest, len(data), 1, data[cs:], second, checked=True)
+    assert cache.read_chunk(digest, len(data), 1, second) == data[cs:]
+    assert not calls
+    other = Expect(piece, bytes(32) + first.digests[32:])
+    assert cache.read_chunk(digest, len(data), 0, other) is None
+    assert cache.read_chunk(digest, len(data), 0, Expect(cs, hashlib.sha256(data[:cs]).digest())
+                            ) is None
+    assert cache.table(digest, len(data)) is None

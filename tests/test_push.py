@@ -120,7 +120,7 @@ def test_large_files_get_chunk_tables_from_one_read_each(registry: Registry, tmp
     src = tmp_path / "m"
     src.mkdir()
     mib = 1 << 20
-    # Sent while hashed (>= 16 MiB), hashed alone, exactly one chunk, small.
+    # Sent while hashed (>= 16 MiB), hashed alone, 4 MiB, small (one table chunk or less).
     (src / "big.bin").write_bytes(os.urandom(17 * mib + 3))
     (src / "mid.bin").write_bytes(os.urandom(5 * mib))
     (src / "one.bin").write_bytes(os.urandom(4 * mib))
@@ -139,7 +139,10 @@ def test_large_files_get_chunk_tables_from_one_read_each(registry: Registry, tmp
     first = _push(registry, src)
     assert sent_while_hashed == ["big.bin"]
     assert sorted(reads) == ["big.bin", "config.json", "mid.bin", "one.bin"]  # once each
-    assert _check_tables(registry, src, "v1", 4 * mib) == {"big.bin": 5, "mid.bin": 2}
+    # Tables as fine as their budget allows: 64 KiB pieces (a read outside a stream
+    # fetches only those it touches).
+    assert _check_tables(registry, src, "v1", 64 << 10) == {"big.bin": 273, "mid.bin": 80,
+                                                           "one.bin": 64}
 
     # Unchanged: digests and tables come from the hash cache, not one file is read.
     reads.clear()
@@ -185,9 +188,11 @@ def test_the_table_chunk_doubles_for_the_whole_revision(registry: Registry, tmp_
     assert _check_tables(registry, src, "v2", 512 * kib) == {"a.bin": 2, "b.bin": 2}
 
 
-def test_real_sizes_keep_4_mib_chunks_until_the_budget_is_reached() -> None:
+def test_real_sizes_get_fine_tables_then_4_mib_chunks_until_the_budget_is_reached() -> None:
     gib = 1 << 30
-    assert pushing.table_chunk_size([4 << 20, 1000]) == 4 << 20
+    assert pushing.table_chunk_size([4 << 20, 1000]) == 64 << 10
+    assert pushing.table_chunk_size([30 * gib]) == 2 << 20  # 0.63 MiB of tables
+    assert pushing.table_chunk_size([60 * gib]) == 4 << 20  # 2 MiB pieces: 1.25 MiB, too many
     assert pushing.table_chunk_size([90 * gib]) == 4 << 20  # 0.94 MiB of tables
     assert pushing.table_chunk_size([160 * gib, 120 * gib]) == 4 << 20  # 2.9 MiB
     assert pushing.table_chunk_size([160 * gib, 140 * gib]) == 8 << 20

@@ -32,12 +32,20 @@ from .locations import BlobLocations
 log = logging.getLogger(__name__)
 
 # Chunk tables (README, Security and integrity): every file larger than one table chunk
-# gets one, in its layer's annotations. 4 MiB chunks, doubled for the whole revision
-# while the tables would take more than TABLE_BUDGET bytes of annotations (the manifest
-# must stay below the 4 MiB registries and clients accept). The budget is as large as
-# that allows: a mount reading in 4 MiB chunks (its default) can use only tables whose
-# chunk divides its own, so every doubling is a revision a default mount must verify
-# whole instead (about 290 GiB of files and more).
+# gets one, in its layer's annotations. A table chunk is also the smallest unit a mount
+# can verify, so the smallest a read outside a stream (one tensor by `get_tensor`) can
+# fetch: tables are as fine as TABLE_FINEST while they take at most FINE_BUDGET bytes of
+# annotations, then coarser, up to TABLE_CHUNK (the MiniLM weights, 87 MiB, keep 64 KiB
+# pieces: 60 KB of annotations; a 1 GiB file 64 KiB; a 14 GiB one 1 MiB). A finer table
+# costs the mount memory and every listing manifest bytes, hence the smaller budget.
+# Beyond TABLE_CHUNK the chunk doubles for the whole revision while the tables would
+# take more than TABLE_BUDGET (the manifest must stay below the 4 MiB registries and
+# clients accept). That budget is as large as that allows: a mount reading in 4 MiB
+# chunks (its default) can use only tables whose chunk divides its own, so every
+# doubling past 4 MiB is a revision a default mount must verify whole instead (about
+# 290 GiB of files and more).
+TABLE_FINEST = modelpack.MIN_TABLE_CHUNK
+FINE_BUDGET = 1 << 20
 TABLE_CHUNK = 4 << 20
 TABLE_BUDGET = 3 << 20
 
@@ -90,12 +98,17 @@ def table_annotation_bytes(size: int, chunk_size: int) -> int:
 
 
 def table_chunk_size(sizes: list[int]) -> int:
-    """The table chunk size of a revision with files of these sizes: TABLE_CHUNK,
-    doubled while the tables would exceed TABLE_BUDGET. Depends on the sizes only, so
-    the same files give the same tables (and the same revision digest)."""
-    chunk = TABLE_CHUNK
-    while (chunk < modelpack.MAX_TABLE_CHUNK
-           and sum(table_annotation_bytes(s, chunk) for s in sizes) > TABLE_BUDGET):
+    """The table chunk size of a revision with files of these sizes: TABLE_FINEST,
+    doubled while the tables would exceed FINE_BUDGET (up to TABLE_CHUNK) or
+    TABLE_BUDGET (beyond). Depends on the sizes only, so the same files give the same
+    tables (and the same revision digest)."""
+    chunk = TABLE_FINEST
+
+    def over(budget: int) -> bool:
+        return sum(table_annotation_bytes(s, chunk) for s in sizes) > budget
+
+    while chunk < modelpack.MAX_TABLE_CHUNK and (
+            chunk < TABLE_CHUNK and over(FINE_BUDGET) or over(TABLE_BUDGET)):
         chunk *= 2
     return chunk
 

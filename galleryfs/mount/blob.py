@@ -31,6 +31,11 @@ class BlobRef:
         return self.label or f"{self.repo}@{self.digest}"
 
 
+# Index entries of chunks checked against a finer table (Expect.identity) start so.
+PIECE_IDENTITY = b"GFSP"
+_PIECES_DOMAIN = b"galleryfs chunk pieces\0"
+
+
 @dataclass(frozen=True, slots=True)
 class Expect:
     """The raw sha256 of every `piece` bytes of one chunk, in order (one digest when the
@@ -67,3 +72,22 @@ class Expect:
     def whole(self) -> bytes | None:
         """The chunk's own sha256, when this is one digest for the whole chunk."""
         return self.digests if len(self.digests) == CHUNK_DIGEST else None
+
+    @property
+    def identity(self) -> bytes:
+        """What the disk cache's index keeps for a chunk checked against these digests,
+        so that a reader expecting the same finds it by a compare, not by hashing the
+        chunk again: the chunk's sha256 (one digest), else a digest of the piece digests
+        (a table finer than the mount's chunk), marked so it is never taken for a
+        chunk's own sha256 (`is_piece_identity`)."""
+        if len(self.digests) == CHUNK_DIGEST:
+            return self.digests
+        inner = hashlib.sha256(_PIECES_DOMAIN + self.piece.to_bytes(8, "little") + self.digests)
+        return PIECE_IDENTITY + inner.digest()[len(PIECE_IDENTITY):]
+
+
+def is_piece_identity(stored: bytes) -> bool:
+    """Whether a disk cache index entry is an `Expect.identity` of piece digests, not a
+    chunk's sha256. A chunk's sha256 starts so once in 2**32: then it is only taken for
+    an identity (its index is not lent as a table; a reader hashes the chunk)."""
+    return stored[:len(PIECE_IDENTITY)] == PIECE_IDENTITY

@@ -20,8 +20,10 @@ keeps one per cache block: every chunk read back is checked against it (over 20 
 here; sha256 runs at 1.7 GB/s and cost G4 a fifth of its speed). It catches damage
 (bit rot, torn and cut-short writes, a crash before the bytes reached the disk), not a
 local attacker who can write the cache directory: such a one rewrites the CRC too
-(README, Security and integrity). A reader whose table has several digests per chunk
-(a table of smaller chunks than the mount's) hashes the chunk against them instead. A
+(README, Security and integrity). A chunk checked against a table of smaller chunks
+than the mount's is kept under a digest of those piece digests (`Expect.identity`), so a
+reader of that table finds it by a compare too; such an index is never lent as a table.
+A
 chunk that fails is dropped (a complete blob whole) and the reader fetches it again: a
 flipped byte on disk costs a fetch, never a wrong byte. Nothing is synced: a crash can
 leave an index entry whose bytes did not reach the disk, which the same check catches.
@@ -66,7 +68,7 @@ import crc32c
 from .. import digest as digests
 from ..errors import DigestMismatch
 from ..modelpack import CHUNK_DIGEST
-from .blob import Expect
+from .blob import Expect, is_piece_identity
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +318,9 @@ class DiskCache:
         """The chunk digests of a complete blob (whole-blob verified when it was
         promoted), or None when the cache has no complete blob of that size."""
         entry = self._complete_entry(digest, size)
-        return None if entry is None else entry.digests
+        if entry is None or any(is_piece_identity(d) for d in _digests_of(entry.digests)):
+            return None  # identities of piece digests are no chunk's sha256
+        return entry.digests
 
     def read_chunk(self, digest: str, size: int, index: int, expect: Expect | None = None
                    ) -> bytes | None:
@@ -354,8 +358,11 @@ class DiskCache:
         if len(data) == length and crc32c.crc32c(data) == crc:
             # The bytes written, whose sha256 was checked before they were: served if
             # they are the ones this reader's table names.
-            if expect is None or expect.whole == stored or (
-                    expect.whole is None and expect.matches(data)):
+            # A finer table's reader finds the chunk by its identity; one stored by
+            # its sha256 (a reader of another table) it hashes against its pieces.
+            if expect is None or expect.identity == stored or (
+                    expect.whole is None and not is_piece_identity(stored)
+                    and expect.matches(data)):
                 self._touch(entry)
                 return data
             # Not the bytes this reader's table names. In a partial blob: dropped (its
@@ -493,13 +500,15 @@ class DiskCache:
         if not 0 <= index < self._nchunks(size) or len(data) != length:
             raise ChunkRejected(f"{digest}: chunk {index} of {len(data)} bytes offered for a "
                                 f"{length}-byte chunk")
-        if expect is not None and checked and expect.whole is not None:
-            own = expect.whole
-        else:
+        if expect is None:
             own = hashlib.sha256(data).digest()
-            if expect is not None and not (own == expect.whole if expect.whole is not None
-                                           else expect.matches(data)):
+        else:
+            # Bytes the caller checked against `expect` are not hashed again; a finer
+            # table's chunk is kept under the identity of its piece digests (Expect).
+            if not checked and not (hashlib.sha256(data).digest() == expect.whole
+                                    if expect.whole is not None else expect.matches(data)):
                 raise ChunkRejected(f"{digest}: chunk {index} does not match its table")
+            own = expect.identity
         crc = _CRC.pack(crc32c.crc32c(data))
         if self._complete_entry(digest, size) is not None:
             return False

@@ -1,7 +1,11 @@
 """Read-ahead: what to fetch before it is asked for, and when.
 
 `ReadAhead` is the pure window logic of one open file: when reads are sequential, the
-window starts at one chunk and doubles up to a cap for every chunk consumed. Kernel
+window starts at one chunk and doubles up to a cap for every chunk consumed. A file read
+in table pieces outside a stream (reader.py) starts its stream only once reads have
+covered a run of bytes in a row (half a chunk): the mmap read-around and kernel
+read-ahead of one tensor are a few contiguous requests too, and a stream would turn them
+into whole chunks and a window. Kernel
 readahead and mmap faults arrive slightly out of order, so a forward skip of a few chunks
 or a step back of a quarter chunk does not break a stream (as in Mountpoint for S3).
 
@@ -86,10 +90,13 @@ class Source(Protocol):
 class ReadAhead:
     """Sequential-access detection and window sizing for one open file (pure logic)."""
 
-    def __init__(self, chunk_size: int, cap: int = WINDOW_CAP) -> None:
+    def __init__(self, chunk_size: int, cap: int = WINDOW_CAP, start_run: int = 0) -> None:
         self.chunk_size = chunk_size
         self.cap = max(cap, chunk_size)
+        # Bytes read in a row before a stream starts; 0: the second read in a row.
+        self.start_run = start_run
         self.window = 0
+        self.run_start = 0
         self.forward = max(SEQ_FORWARD, 2 * chunk_size)
         self.back = chunk_size // SEQ_BACK_FRACTION
         self.last_end: int | None = None
@@ -108,6 +115,9 @@ class ReadAhead:
             assert self.last_end is not None
             chunk = end // self.chunk_size
             if self.window == 0:
+                self.last_end = max(self.last_end, end)
+                if self.last_end - self.run_start < self.start_run:
+                    return 0
                 self.window = self.chunk_size
                 self._grow_mark = chunk
             elif chunk > self._grow_mark:
@@ -118,6 +128,7 @@ class ReadAhead:
             # First read, or a jump: fetch only what is asked until a stream shows.
             self.window = 0
             self.last_end = end
+            self.run_start = offset
         return self.window
 
 
@@ -133,9 +144,11 @@ class Prefetcher:
         self.prefetches = 0  # chunks prefetched (claimed in a span, or loaded alone)
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
 
-    def stream(self, blob: BlobRef, nursery: trio.Nursery | None) -> Stream:
-        """Read-ahead for one open file; prefetches run in `nursery` (None: never)."""
-        stream = Stream(self, blob, nursery)
+    def stream(self, blob: BlobRef, nursery: trio.Nursery | None, *, start_run: int = 0
+               ) -> Stream:
+        """Read-ahead for one open file; prefetches run in `nursery` (None: never).
+        `start_run`: bytes to read in a row before it starts (ReadAhead)."""
+        stream = Stream(self, blob, nursery, start_run)
         self._streams.add(stream)
         return stream
 
@@ -147,12 +160,12 @@ class Prefetcher:
 
 class Stream:
     def __init__(self, prefetcher: Prefetcher, blob: BlobRef,
-                 nursery: trio.Nursery | None) -> None:
+                 nursery: trio.Nursery | None, start_run: int = 0) -> None:
         self.prefetcher = prefetcher
         self.source = prefetcher.source
         self.blob = blob
         self.nursery = nursery
-        self.readahead = ReadAhead(self.source.chunk_size, prefetcher.window_cap)
+        self.readahead = ReadAhead(self.source.chunk_size, prefetcher.window_cap, start_run)
         self.closed = False
         self._scopes: set[trio.CancelScope] = set()
         self._scheduled: set[int] = set()

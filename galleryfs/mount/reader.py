@@ -11,12 +11,16 @@ expected digests and the blob's size.
 
 `BlobHandle` is one open file. Its reads tell its read-ahead stream (prefetch.py) where
 they are; the stream decides what to fetch ahead and asks the reader for it through a
-few questions (the `prefetch.Source` interface). Random access cannot be verified below
-the chunk: a read that is not part of a stream loads the chunks it touches (from disk
-or the registry) into memory and writes a fetched one to the disk cache at once (the
-kernel keeps only the page asked for, so the write-behind could not get it back). Only under
-`--verify end`, for a blob without a table and not on disk, it reads exactly its bytes
-from the registry, unverified, as galleryfs did before it verified chunks.
+few questions (the `prefetch.Source` interface). A read that is not part of a stream
+loads the smallest units that can be verified. Where the file's chunk table is finer than
+the chunk (galleryfs's pushes of files up to a few GiB), those are the table pieces it
+touches (pieces.py), and its stream starts only once reads have covered half a chunk in a
+row: one tensor costs its pieces, not chunks and read-ahead. Otherwise they are the
+chunks it touches (from disk or the registry), loaded into memory, and a fetched one is
+written to the disk cache at once (the kernel keeps only the page asked for, so the
+write-behind could not get it back). Only under `--verify end`, for a blob without a
+table and not on disk, it reads exactly its bytes from the registry, unverified, as
+galleryfs did before it verified chunks.
 
 A chunk fetched from the registry is not written to the disk cache during the read (a
 cache write competes with the read it caches): it is announced to the write-behind
@@ -40,6 +44,7 @@ from .chunkcache import Abandoned, ChunkCache, Key, Span
 from .diskcache import ChunkRejected, DiskCache
 from .diskstore import DiskStats, DiskStore
 from .fetch import BlobFetch, Fetcher, SpanFetcher
+from .pieces import PieceCache, PieceKey, piece_key
 from .prefetch import WINDOW_CAP, Prefetcher, Stream
 from .verify import STRICT, Verifier
 
@@ -101,6 +106,11 @@ class ChunkReader:
             raise ValueError("disk cache and reader disagree on the chunk size")
         self.chunk_size = chunk_size
         self.memory = ChunkCache(memory_bytes)
+        self.pieces = PieceCache()
+        # Pieces being fetched by a read outside a stream: a read or a chunk that wants
+        # one waits for it rather than fetching it again (kernel read-ahead sends
+        # neighbouring requests at once).
+        self._piece_flights: dict[PieceKey, trio.Event] = {}
         self.fetcher = BlobFetch(fetch, span_fetch, timeout=fetch_timeout)
         self.disk = DiskStore(disk) if disk is not None else None
         self.verify = Verifier(chunk_size, verify, fetch=self.fetcher, disk=self.disk)
@@ -125,7 +135,13 @@ class ChunkReader:
         """An open file; its read-ahead runs in `nursery` (None: no read-ahead)."""
         if self.disk is not None:
             self.disk.pin(blob)
-        return BlobHandle(self, blob, self.prefetcher.stream(blob, nursery))
+        piece = self.verify.piece_size(blob)
+        # With pieces, whole chunks and read-ahead wait until reads have covered half a
+        # chunk in a row: the kernel's requests for one tensor (mmap read-around and
+        # its read-ahead, tuning.py) stay below that.
+        stream = self.prefetcher.stream(blob, nursery,
+                                        start_run=self.chunk_size // 2 if piece else 0)
+        return BlobHandle(self, blob, stream, piece)
 
     def snapshot(self) -> dict[str, object]:
         out: dict[str, object] = {**self.stats.__dict__, **self.fetcher.stats.__dict__,
@@ -134,6 +150,7 @@ class ChunkReader:
         # Disk counters are there (as zeros) without a disk cache too.
         out.update(self.disk.snapshot() if self.disk is not None else DiskStats().snapshot())
         out["memory_bytes"] = self.memory.bytes
+        out["piece_bytes"] = self.pieces.bytes
         out["memory_limit"] = self.memory.limit
         out["in_flight"] = self.memory.flying
         out["readahead_windows"] = self.prefetcher.windows()
@@ -179,14 +196,129 @@ class ChunkReader:
         return memoryview(out)
 
     async def read_random(self, blob: BlobRef, start: int, end: int) -> memoryview | bytes:
-        """Bytes [start, end) for a read outside any stream: the chunks they touch (the
-        unit that can be verified), not owed to the write-behind. Unverified blobs
-        (`--verify end`, no table) not on disk: exactly these bytes, kept nowhere."""
+        """Bytes [start, end) for a read outside any stream: the smallest units that can
+        be verified, not owed to the write-behind. Chunks on disk are read from there;
+        else the table pieces they touch where the table is finer than the chunk, else
+        the chunks. Unverified blobs (`--verify end`, no table): exactly these bytes,
+        kept nowhere."""
         cs = self.chunk_size
-        if self.verify.trusts_unverified(blob) and not any(
-                self.on_disk(blob, i) for i in range(start // cs, (end - 1) // cs + 1)):
-            return await self.fetcher.range(blob, start, end)
+        if not any(self.on_disk(blob, i) for i in range(start // cs, (end - 1) // cs + 1)):
+            if self.verify.trusts_unverified(blob):
+                return await self.fetcher.range(blob, start, end)
+            piece = self.verify.piece_size(blob)
+            if piece:
+                return await self.read_pieces(blob, start, end, piece)
         return await self.read_view(blob, start, end - start, owe=False)
+
+    async def read_pieces(self, blob: BlobRef, start: int, end: int, piece: int
+                          ) -> memoryview | bytes:
+        """Bytes [start, end) from the table pieces they touch: those held in memory,
+        the others fetched (one request per run of them), checked and kept."""
+        first, last = start // piece, (end - 1) // piece
+        expect = self.verify.pieces_expect(blob, first, last)
+        keys = [piece_key(blob, expect, first, i) for i in range(first, last + 1)]
+        flights = self._piece_flights
+        parts: list[memoryview] = []
+        i = 0
+        while i < len(keys):
+            held = self.pieces.get(keys[i])
+            if held is not None:
+                parts.append(held)
+                i += 1
+                continue
+            flight = flights.get(keys[i])
+            if flight is not None:
+                await flight.wait()
+                if keys[i] in self.pieces:
+                    continue
+                # That fetch failed (or the piece left memory since): fetched here.
+            j = i
+            while (j + 1 < len(keys) and keys[j + 1] not in self.pieces
+                   and keys[j + 1] not in flights):
+                j += 1
+            done = trio.Event()
+            for k in range(i, j + 1):
+                flights[keys[k]] = done
+            try:
+                data = memoryview(await self._fetch_pieces(blob, first + i, first + j, piece))
+                for k in range(i, j + 1):
+                    part = data[(k - i) * piece:(k - i + 1) * piece]
+                    self.pieces.put(keys[k], part)
+                    parts.append(part)
+            finally:
+                for k in range(i, j + 1):
+                    if flights.get(keys[k]) is done:
+                        del flights[keys[k]]
+                done.set()
+            i = j + 1
+        base = first * piece
+        if len(parts) == 1:
+            return parts[0][start - base:end - base]
+        return memoryview(b"".join(parts))[start - base:end - base]
+
+    async def _fetch_pieces(self, blob: BlobRef, first: int, last: int, piece: int) -> Chunk:
+        """Table pieces first..last from the registry in one request, checked (hashed
+        by the receiving thread where it can); fetched again while a mirror can be
+        blamed. The origin's wrong bytes fail."""
+        verify = self.verify
+        expect = verify.pieces_expect(blob, first, last)
+        start, end = first * piece, min(blob.size, (last + 1) * piece)
+        while True:
+            data, sums = await self.fetcher.hashed(blob, start, end, piece)
+            if await verify.holds(data, expect, sums):
+                verify.stats.verified_pieces += last - first + 1
+                return data
+            if self.distrust is None or not self.distrust(
+                    blob.digest, f"bytes {start}-{end} do not match their table pieces"):
+                raise verify.mismatch(blob, start // self.chunk_size,
+                                      f" (table pieces {first}-{last})")
+
+    async def _fetch_chunk(self, blob: BlobRef, index: int, expect: Expect | None
+                           ) -> tuple[Chunk, bytes | None]:
+        """Chunk `index` from the registry, with the sha256 per table piece where the
+        receiving thread hashed them. Pieces of it that reads outside a stream left in
+        memory (checked then) are taken from there and only the rest is fetched: a
+        stream that starts where such reads were fetches no byte twice."""
+        cs = self.chunk_size
+        start, end = index * cs, min(blob.size, (index + 1) * cs)
+        unit = expect.piece if expect is not None else 0
+        if expect is None or unit >= cs or not (len(self.pieces) or self._piece_flights):
+            return await self.fetcher.hashed(blob, start, end, unit)
+        first = start // unit
+        keys = [piece_key(blob, expect, first, first + k)
+                for k in range(-(-(end - start) // unit))]
+        for key in keys:
+            flight = self._piece_flights.get(key)
+            if flight is not None:
+                await flight.wait()
+        held = [self.pieces.get(key) for key in keys]
+        if all(p is None for p in held):
+            return await self.fetcher.hashed(blob, start, end, unit)
+        out = bytearray(end - start)
+        sums: list[bytes] | None = []
+        k = 0
+        while k < len(keys):
+            got = held[k]
+            if got is not None:
+                out[k * unit:k * unit + len(got)] = got
+                if sums is not None:
+                    sums.append(keys[k][4])  # its digest: it was checked against it
+                k += 1
+                continue
+            m = k
+            while m + 1 < len(keys) and held[m + 1] is None:
+                m += 1
+            lo, hi = start + k * unit, min(end, start + (m + 1) * unit)
+            data, got_sums = await self.fetcher.hashed(blob, lo, hi, unit)
+            out[lo - start:hi - start] = data
+            if sums is not None and got_sums is not None:
+                sums.append(got_sums)
+            else:
+                sums = None  # hashed whole by the caller
+            k = m + 1
+        for key in keys:
+            self.pieces.pop(key)
+        return out, b"".join(sums) if sums is not None else None
 
     def key(self, blob: BlobRef, index: int) -> Key:
         return (blob.digest, blob.size, index, self.verify.expect(blob, index))
@@ -225,11 +357,8 @@ class ChunkReader:
             data = (await self.disk.read_chunk(blob, index, expect) if self.disk is not None
                     else None)
             if data is None:
-                start = index * self.chunk_size
                 # Hashed by the thread that receives it where it can be (a direct read).
-                data, sums = await self.fetcher.hashed(
-                    blob, start, min(blob.size, start + self.chunk_size),
-                    expect.piece if expect is not None else 0)
+                data, sums = await self._fetch_chunk(blob, index, expect)
                 if expect is not None:
                     data = await self._checked(blob, index, data, expect, sums)
                 fetched = True
@@ -435,10 +564,14 @@ class ChunkReader:
 class BlobHandle:
     """One open file: reads through the ChunkReader, its stream reading ahead."""
 
-    def __init__(self, reader: ChunkReader, blob: BlobRef, stream: Stream) -> None:
+    def __init__(self, reader: ChunkReader, blob: BlobRef, stream: Stream, piece: int = 0
+                 ) -> None:
         self.reader = reader
         self.blob = blob
         self.stream = stream
+        # The table piece when it is finer than the chunk (reads outside a stream fetch
+        # pieces), else 0.
+        self.piece = piece
         self.readahead = stream.readahead
         self.closed = False
 
@@ -458,11 +591,12 @@ class BlobHandle:
         window = self.readahead.observe(offset, size)
         reader = self.reader
         end = min(self.blob.size, offset + size)
-        if (not window and offset != 0 and offset < end
+        if (not window and (offset != 0 or self.piece) and offset < end
                 and not any(reader.at_hand(self.blob, i) for i in range(
                     offset // reader.chunk_size, (end - 1) // reader.chunk_size + 1))):
-            # Not a stream (offset 0 is taken as the start of one), and no chunk in
-            # memory: no read-ahead, and nothing owed to the write-behind.
+            # Not a stream, and no chunk in memory: no read-ahead, and nothing owed to
+            # the write-behind. Offset 0 is taken as the start of a stream unless pieces
+            # can be read (a safetensors header is read there, then maybe one tensor).
             return await reader.read_random(self.blob, offset, end)
         data = await reader.read_view(self.blob, offset, size)
         self.stream.served(offset, offset + len(data))

@@ -20,9 +20,14 @@ log = logging.getLogger(__name__)
 # to the switch interval. At the default 5 ms such threads fell far behind; 0.5 ms let
 # them keep up (scripts/bench G1).
 SWITCH_INTERVAL = 0.0005
-# Buffered reads reach FUSE in pieces of the mount's read_ahead_kb (128 KiB by default);
-# 1 MiB requests cost fewer round trips through the daemon per byte.
-READ_AHEAD_KB = 1024
+# The mount's read_ahead_kb (128 KiB by default) is both the size of the requests
+# buffered reads reach FUSE in and the read-around of an mmap fault (the pages around a
+# faulting one, then read-ahead as the faults move on). Large requests cost fewer round
+# trips per byte, but one tensor read through mmap (safetensors' get_tensor of 0.6 MB,
+# scripts/bench P3) made the kernel ask for 3.6 MiB around it and its header at 1 MiB,
+# 2.0 MiB at 512 KiB, 1.3 MiB at 256 KiB; a cold sequential read at 256 KiB cost the
+# daemon about a tenth more CPU per byte than at 512 KiB or 1 MiB (level with each other).
+READ_AHEAD_KB = 512
 # glibc malloc.h
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

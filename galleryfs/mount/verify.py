@@ -68,6 +68,7 @@ class ChunkMismatch(DigestMismatch):
 @dataclass
 class VerifyStats:
     verified_chunks: int = 0  # chunks from the network checked and found right
+    verified_pieces: int = 0  # table pieces fetched for reads outside a stream, found right
     verify_failures: int = 0  # ... found wrong (not served, not cached)
     derived_blobs: int = 0  # blobs without a table verified whole before serving
     derived_bytes: int = 0  # bytes streamed for that
@@ -115,6 +116,23 @@ class Verifier:
         if derived is not None:
             return Expect(cs, derived[index * CHUNK_DIGEST:(index + 1) * CHUNK_DIGEST])
         return None
+
+    def piece_size(self, blob: BlobRef) -> int:
+        """The table's chunk when it is finer than the mount's (and divides it): a read
+        outside a stream fetches and checks just the table pieces it touches. 0 when
+        the mount's chunk is the smallest unit that can be verified."""
+        table = blob.table
+        cs = self.chunk_size
+        if (table is None or table.chunk_size >= cs or cs % table.chunk_size
+                or not table.fits(blob.size)):
+            return 0
+        return table.chunk_size
+
+    def pieces_expect(self, blob: BlobRef, first: int, last: int) -> Expect:
+        """What table pieces first..last must hash to (`piece_size` is not 0)."""
+        assert blob.table is not None
+        return Expect(blob.table.chunk_size,
+                      blob.table.digests[first * CHUNK_DIGEST:(last + 1) * CHUNK_DIGEST])
 
     def pending(self, blob: BlobRef) -> bool:
         """True when no byte of the blob may be served before `prepare`."""
