@@ -17,4 +17,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-EXTENSIONS: list[ModuleType] = []
+from scripts.scale import p5
+
+EXTENSIONS: list[ModuleType] = [p5]
