@@ -3,12 +3,17 @@ loader's protocol lines, and the check that every side computed the same first o
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
+from scripts.bench import BenchError, write_safetensors
 from scripts.scale.p5 import (
     READY,
     RESULT,
     SIDES,
+    Loader,
     check_result,
     outputs_agree,
     parse_line,
@@ -58,3 +63,31 @@ def test_check_result_wants_every_figure_and_a_numeric_output() -> None:
     del missing["first_s"]
     assert not check_result(missing)
     assert not check_result({**good, "seconds": "1.2"})
+
+
+# The loader imports torch in its own process: checked for, not imported here (seconds).
+needs_torch = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("torch", "safetensors")),
+    reason="torch and safetensors are not installed")
+
+
+@needs_torch
+def test_the_loader_reports_the_first_tensors_sum(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, 3, 64 * 1024, seed=7)
+    want = np.random.default_rng(7).standard_normal(16 * 1024, dtype=np.float32)
+    with Loader("safetensors") as loader:
+        loader.ready()
+        result = loader.load(str(path))
+    assert result["output"][1] == 3  # tensors loaded
+    assert result["output"][0] == pytest.approx(float(want.astype(np.float64).sum()), rel=1e-9)
+    assert 0 < result["load_s"] <= result["seconds"]
+
+
+@needs_torch
+def test_a_loader_that_fails_is_a_bench_error_with_its_reason(tmp_path: Path) -> None:
+    with Loader("safetensors") as loader:
+        loader.ready()
+        with pytest.raises(BenchError, match=r"P5 loader exited 1: .*No such file"):
+            loader.load(str(tmp_path / "missing.safetensors"))

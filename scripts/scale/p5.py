@@ -181,7 +181,7 @@ class Loader:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WORKER, kind], cwd=ROOT, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-        self.buf = ""
+        self.buf = b""
 
     def __enter__(self) -> Loader:
         return self
@@ -211,10 +211,10 @@ class Loader:
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
         while True:
-            while "\n" in self.buf:
-                line, self.buf = self.buf.split("\n", 1)
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
                 try:
-                    data = parse_line(line, prefix)
+                    data = parse_line(line.decode(errors="replace"), prefix)
                 except ValueError as exc:
                     raise BenchError(f"P5 loader: {exc}") from None
                 if data is not None:
@@ -229,7 +229,7 @@ class Loader:
             if not chunk:
                 self.proc.wait()
                 raise BenchError(f"P5 loader exited {self.proc.returncode}: {self._why()}")
-            self.buf += chunk.decode(errors="replace")
+            self.buf += chunk
 
     def ready(self) -> None:
         self.wait_for(READY, READY_TIMEOUT)
@@ -239,8 +239,12 @@ class Loader:
         from scripts.bench import BenchError
 
         assert self.proc.stdin is not None
-        self.proc.stdin.write(path + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(path + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # it exited after saying it was ready
+            self.proc.wait()
+            raise BenchError(f"P5 loader exited {self.proc.returncode}: {self._why()}") from None
         data = self.wait_for(RESULT, LOAD_TIMEOUT)
         if not check_result(data):
             raise BenchError(f"P5 loader: unexpected result {json.dumps(data)[:120]}")
