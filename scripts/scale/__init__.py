@@ -17,4 +17,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-EXTENSIONS: list[ModuleType] = []
+from scripts.scale import p6, p7
+
+EXTENSIONS: list[ModuleType] = [p6, p7]
