@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -138,6 +139,10 @@ class Nginx:
         self.error_log = prefix / "error.log"
         self.port = 0
         self.proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     @property
     def url(self) -> str:
@@ -302,6 +307,10 @@ class RcloneMount:
                 subprocess.run([fusermount, "-uz", str(self.path)], capture_output=True,
                                timeout=STOP_TIMEOUT)
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
     def file(self, repo: str, path: str) -> str:
         return str(self.path / repo.removeprefix("bench/") / path)
 
@@ -334,7 +343,63 @@ def _two(jobs: list[dict[str, Any]]) -> float:
     return sum(j["io_bytes"] for j in jobs) / max(j["runtime"] for j in jobs) / MB
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (nginx's workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in children.read_text().split()]
+    return out
+
+
+def cpu_seconds(pids: list[int | None]) -> float | None:
+    """utime + stime of these processes and their live descendants; None if one is gone."""
+    total = 0
+    for pid in pids:
+        if pid is None:
+            return None
+        for p in _tree(pid):
+            try:
+                # Fields after the command name (which may hold spaces): utime is the 14th
+                # field of the line, stime the 15th.
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                return None
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+class _Cpu:
+    """CPU seconds the given processes spend inside the block, added to `key` when known."""
+
+    def __init__(self, bench: Bench, key: str, pids: list[int | None]) -> None:
+        self.bench, self.key, self.pids = bench, key, pids
+
+    def __enter__(self) -> None:
+        self.start = cpu_seconds(self.pids)
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        end = cpu_seconds(self.pids)
+        if exc_type is None and self.start is not None and end is not None:
+            self.bench.add(self.key, end - self.start)
+
+
+def _registry_pid(bench: Bench) -> int | None:
+    proc = getattr(bench.registry, "process", None)
+    return proc.pid if proc is not None else None
+
+
 def measure(bench: Bench, i: int) -> None:
+    # safetensors imports numpy at the first get_tensor: imported after the page cache is
+    # dropped, that cost 0.3-0.6 s inside the first side's timing (seen here).
+    import numpy  # noqa: F401
+
     rclone, nginx = tools()
     if bench.args.quick and i == 0:
         bench.notes.append("P7 --quick: one mount per side for the three reads (get_tensor "
@@ -378,13 +443,17 @@ def _galleryfs(bench: Bench) -> None:
             path = m.file(*BIG)
             os.stat(path)
             bench.drop_caches()
-            bench.add("p7.seq.gfs", fio_seq(path))
+            with _Cpu(bench, "p7.seq.gfs_cpu", [m.pid]), \
+                    _Cpu(bench, "p7.seq.gfs_srv_cpu", [_registry_pid(bench)]):
+                bench.add("p7.seq.gfs", fio_seq(path))
         with mounts("two") as m:
             a, b = m.file(*BIG), m.file(*BIG2)
             os.stat(a)
             os.stat(b)
             bench.drop_caches()
-            bench.add("p7.two.gfs", _two(fio("two-readers.fio", FILE_A=a, FILE_B=b)))
+            with _Cpu(bench, "p7.two.gfs_cpu", [m.pid]), \
+                    _Cpu(bench, "p7.two.gfs_srv_cpu", [_registry_pid(bench)]):
+                bench.add("p7.two.gfs", _two(fio("two-readers.fio", FILE_A=a, FILE_B=b)))
 
 
 def _rclone(bench: Bench, rclone: str, web: Nginx) -> None:
@@ -411,13 +480,17 @@ def _rclone(bench: Bench, rclone: str, web: Nginx) -> None:
             path = r.file(*BIG)
             os.stat(path)
             bench.drop_caches()
-            bench.add("p7.seq.base", fio_seq(path))
+            with _Cpu(bench, "p7.seq.base_cpu", [r.pid]), \
+                    _Cpu(bench, "p7.seq.base_srv_cpu", [web.pid]):
+                bench.add("p7.seq.base", fio_seq(path))
         with mounts("two") as r:
             a, b = r.file(*BIG), r.file(*BIG2)
             os.stat(a)
             os.stat(b)
             bench.drop_caches()
-            bench.add("p7.two.base", _two(fio("two-readers.fio", FILE_A=a, FILE_B=b)))
+            with _Cpu(bench, "p7.two.base_cpu", [r.pid]), \
+                    _Cpu(bench, "p7.two.base_srv_cpu", [web.pid]):
+                bench.add("p7.two.base", _two(fio("two-readers.fio", FILE_A=a, FILE_B=b)))
 
 
 # ---- rows -------------------------------------------------------------------------------------
@@ -435,7 +508,7 @@ def rows(bench: Bench, row: Callable[..., None]) -> None:
 
     row("P7.seq", f"cold sequential read, {big} file, fio 1 MiB (vs {peer})", "MB/s",
         "> 1.0× (ahead)", "p7.seq.gfs", base="p7.seq.base", ratio=div,
-        check=lambda r: r.ratio > 1.0)
+        check=lambda r: r.ratio > 1.0, note=_cpu_note(bench, "p7.seq", bench.sizes.big))
     row("P7.tensor", f"get_tensor of one {tensor} tensor, cold: time (vs {peer})", "s",
         "< 1.0× (ahead)", "p7.tensor.gfs", base="p7.tensor.base", ratio=div,
         check=lambda r: r.ratio < 1.0)
@@ -446,4 +519,20 @@ def rows(bench: Bench, row: Callable[..., None]) -> None:
              "after rclone unmounted (all its connections closed), GETs of the file only")
     row("P7.two", f"two readers of two {big} files at once, aggregate (vs {peer})", "MB/s",
         "> 1.0× (ahead)", "p7.two.gfs", base="p7.two.base", ratio=div,
-        check=lambda r: r.ratio > 1.0)
+        check=lambda r: r.ratio > 1.0, note=_cpu_note(bench, "p7.two", 2 * bench.sizes.big))
+
+
+def _cpu_note(bench: Bench, key: str, size: int) -> str:
+    """CPU seconds per GiB read on each side (medians): on 2 shared cores, what a side
+    spends on CPU is what it cannot spend reading."""
+    from scripts.bench import GiB
+
+    s = bench.samples
+    med = {}
+    for k in ("gfs_cpu", "gfs_srv_cpu", "base_cpu", "base_srv_cpu"):
+        if not s.get(f"{key}.{k}"):
+            return ""
+        med[k] = statistics.median(s[f"{key}.{k}"]) / (size / GiB)
+    return (f"CPU s per GiB read: galleryfs daemon {med['gfs_cpu']:.2f} + registry "
+            f"{med['gfs_srv_cpu']:.2f}; rclone {med['base_cpu']:.2f} + nginx "
+            f"{med['base_srv_cpu']:.2f}")
