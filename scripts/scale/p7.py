@@ -44,8 +44,11 @@ BIG2 = ("bench/big2", "model.safetensors")
 INSTALL_HINT = "scripts/bench installs it when missing (see its header); or run it with setup"
 
 
+NGINX_CANDIDATES = ("/usr/sbin/nginx", str(PRIVATE_NGINX))  # after PATH's
+
+
 def find_nginx() -> str | None:
-    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx", str(PRIVATE_NGINX)):
+    for candidate in (shutil.which("nginx"), *NGINX_CANDIDATES):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
