@@ -330,7 +330,9 @@ def _note(s: dict[str, list[float]], key: str, job: Job, cap: int) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The README's P6 table from `scripts/bench --json` output."""
+    """The README's P6 table from `scripts/bench --json FILE`'s output: `python -c 'import json,
+    sys; from scripts.scale.p6 import markdown; print(markdown(json.load(open(sys.argv[1]))))'
+    FILE`."""
     lines = ["| Mountpoint-S3 job | what it reads here | galleryfs | local file, cold | ratio |",
              "|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -347,15 +349,3 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{fmt.format(r['baseline'])} | {r['ratio']:.2f}× |")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 2:
-        print("usage: python -m scripts.scale.p6 BENCH.json  (the README's P6 table)", file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        print(markdown(json.loads(Path(sys.argv[1]).read_text())))
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"scripts.scale.p6: {sys.argv[1]}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
