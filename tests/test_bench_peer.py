@@ -69,11 +69,11 @@ def test_p7_missing_tools_are_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     real_which = shutil.which
     monkeypatch.setattr(p7.shutil, "which", lambda name: None if name == "rclone" else real_which(name))
     with pytest.raises(BenchError, match=r"^rclone not found \(Debian: apt-get install rclone"):
-        p7.setup(SimpleNamespace(notes=[]))  # type: ignore[arg-type]
+        p7.setup(SimpleNamespace(notes=[], args=SimpleNamespace(only=None)))  # type: ignore[arg-type]
     monkeypatch.setattr(p7.shutil, "which", lambda name: "/bin/true" if name == "rclone" else None)
     monkeypatch.setattr(p7, "NGINX_CANDIDATES", (str(Path("/nonexistent/nginx")),))
     with pytest.raises(BenchError, match=r"^nginx not found \(Debian: nginx-light"):
-        p7.setup(SimpleNamespace(notes=[]))  # type: ignore[arg-type]
+        p7.setup(SimpleNamespace(notes=[], args=SimpleNamespace(only=None)))  # type: ignore[arg-type]
 
 
 def test_p7_cpu_seconds() -> None:

@@ -83,6 +83,8 @@ def tools() -> tuple[str, str]:
 def setup(bench: Bench) -> None:
     from scripts.bench import BenchError
 
+    if bench.args.only and "P7" not in bench.args.only:
+        return
     rclone, nginx = tools()
     if shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
         raise BenchError("fusermount not found (Debian: fuse3): rclone cannot mount")
