@@ -17,6 +17,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from scripts.scale import p1, p2, p3, p4, p5
+from scripts.scale import p1, p2, p3, p4, p5, p6, p7
 
-EXTENSIONS: list[ModuleType] = [p1, p2, p3, p4, p5]
+EXTENSIONS: list[ModuleType] = [p1, p2, p3, p4, p5, p6, p7]
