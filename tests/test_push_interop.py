@@ -62,7 +62,9 @@ def test_a_tabled_manifest_parses_with_each_big_file_its_table(registry: Registr
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     src = tmp_path / "m"
     src.mkdir()
-    sizes = {"a.bin": (4 << 20) + 1, "b.bin": 10 << 20, "c.bin": 4 << 20, "d.txt": 5}
+    # Files larger than one table chunk (64 KiB for sizes like these) get a table.
+    sizes = {"a.bin": (4 << 20) + 1, "b.bin": 10 << 20, "c.bin": 4 << 20, "d.txt": 5,
+             "e.bin": 64 << 10}
     for name, size in sizes.items():
         (src / name).write_bytes(os.urandom(size))
 
@@ -74,14 +76,15 @@ def test_a_tabled_manifest_parses_with_each_big_file_its_table(registry: Registr
     revision = trio.run(read)
     assert revision.skipped == ()
     tables = {f.path: f.table for f in revision.files}
-    assert tables["c.bin"] is None and tables["d.txt"] is None
-    for name in ("a.bin", "b.bin"):
+    assert tables["d.txt"] is None and tables["e.bin"] is None
+    for name in ("a.bin", "b.bin", "c.bin"):
         table = tables[name]
         assert table is not None and table.fits(sizes[name])
         data = (src / name).read_bytes()
         for i in range(len(table)):
             chunk = data[i * table.chunk_size:(i + 1) * table.chunk_size]
             assert table.expected(i) == hashlib.sha256(chunk).digest()
-    assert len(tables["a.bin"]) == 2 and len(tables["b.bin"]) == 3  # type: ignore[arg-type]
+    assert {tables[n].chunk_size for n in ("a.bin", "b.bin", "c.bin")} == {64 << 10}  # type: ignore[union-attr]
+    assert len(tables["a.bin"]) == 65 and len(tables["b.bin"]) == 160  # type: ignore[arg-type]
     # The table is part of the manifest, so of the revision digest.
     assert revision.digest == digests.of_bytes(modelpack.dumps(revision.manifest))
