@@ -318,9 +318,27 @@ class DiskCache:
         """The chunk digests of a complete blob (whole-blob verified when it was
         promoted), or None when the cache has no complete blob of that size."""
         entry = self._complete_entry(digest, size)
-        if entry is None or any(is_piece_identity(d) for d in _digests_of(entry.digests)):
-            return None  # identities of piece digests are no chunk's sha256
-        return entry.digests
+        if entry is None:
+            return None
+        if not any(is_piece_identity(d) for d in _digests_of(entry.digests)):
+            return entry.digests
+        # Chunks kept under their piece digests' identity: the blob was verified whole
+        # when it was promoted, so each chunk's sha256 is hashed from the file here
+        # (local reads) rather than the blob streamed again from the registry.
+        path = self._complete_paths(digest)[0]
+        out = bytearray()
+        with open(path, "rb", buffering=0) as f:
+            for index in range(self._nchunks(size)):
+                chunk = f.read(min(self.chunk_size, size - index * self.chunk_size))
+                crc = _CRC.unpack_from(entry.crcs, index * _CRC.size)[0]
+                if crc32c.crc32c(chunk) != crc:
+                    self.damaged += 1
+                    log.warning("disk cache: chunk %d of %s is damaged: dropped", index,
+                                digest)
+                    self._drop((digest, None))
+                    return None
+                out += hashlib.sha256(chunk).digest()
+        return bytes(out)
 
     def read_chunk(self, digest: str, size: int, index: int, expect: Expect | None = None
                    ) -> bytes | None:
@@ -358,10 +376,13 @@ class DiskCache:
         if len(data) == length and crc32c.crc32c(data) == crc:
             # The bytes written, whose sha256 was checked before they were: served if
             # they are the ones this reader's table names.
-            # A finer table's reader finds the chunk by its identity; one stored by
-            # its sha256 (a reader of another table) it hashes against its pieces.
+            # A reader of the table it was checked against finds it by a compare. A
+            # reader of another table hashes it against its own where the stored value
+            # cannot be compared with it (a finer table's identity, or a finer reader):
+            # one file gets different tables in different revisions (the table's piece
+            # size depends on the revision's size).
             if expect is None or expect.identity == stored or (
-                    expect.whole is None and not is_piece_identity(stored)
+                    (expect.whole is None or is_piece_identity(stored))
                     and expect.matches(data)):
                 self._touch(entry)
                 return data

@@ -186,6 +186,15 @@ class Stream:
         """A read returned bytes [start, end) to the kernel: a chunk all of whose bytes
         it now holds leaves memory (drop-behind, `advance`)."""
         cs = self.source.chunk_size
+        if start + 2 * cs < self._front:
+            # A new pass (a jump back by more than read-around does: an epoch, a re-read
+            # after the kernel dropped the pages): what it held of the last pass it may
+            # have dropped since, so read-ahead must not skip those chunks.
+            self._returned.clear()
+            self._served.clear()
+            self._kept.clear()
+            self._front = 0
+            self._dropped = min(self._dropped, start // cs)
         self._front = max(self._front, end)
         for i in range(start // cs, (max(start, end) - 1) // cs + 1):
             base = i * cs

@@ -325,7 +325,7 @@ def _measure_side(bench: Bench, model: Model, side: str, i: int, loader: Loader)
                 st1, cpu1 = m.stats(), daemon_cpu(m.pid)
                 loader.close()
             bench.add(f"{key}.gfs", float(result["seconds"]))
-            for name in ("registry_bytes", "registry_requests", "fill_fetched"):
+            for name in ("registry_bytes", "registry_requests", "fill_dropped"):
                 if name in st0 and name in st1:
                     bench.add(f"{key}.{name}", float(st1[name]) - float(st0[name]))
             if cpu0 is not None and cpu1 is not None:
@@ -415,8 +415,9 @@ def _note(bench: Bench, model: Model, size: int) -> str:
         text = (f"the mount fetched {med['registry_bytes'] / 2**20:.1f} MiB "
                 f"({med['registry_bytes'] / size:.2f}× the weights) in "
                 f"{med.get('registry_requests', 0):.0f} requests")
-        if med.get("fill_fetched"):
-            text += f", {med['fill_fetched']:.0f} chunks fetched again by the write-behind"
+        if med.get("fill_dropped"):
+            text += (f", {med['fill_dropped']:.0f} chunks not cached (dropped from the page "
+                     "cache before the write-behind)")
         parts.append(text)
     if "cpu" in med:
         parts.append(f"daemon CPU {med['cpu']:.2f} s")
