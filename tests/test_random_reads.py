@@ -136,3 +136,42 @@ def test_one_tensor_by_get_tensor_costs_the_tensor_plus_2_mib(
     fetched = after["registry_bytes"] - before["registry_bytes"]
     assert 0 < fetched <= want.nbytes + SLACK, fetched
     assert after["verified_pieces"] > 0 and after["verify_failures"] == 0
+
+
+@pytest.mark.trio
+async def test_random_reads_all_over_a_file_cost_at_most_the_file(registry: Registry,
+                                                                 tmp_path: Path) -> None:
+    """4 KiB random reads all over a file with a 64 KiB table, the disk cache on (fio's
+    random_read): a chunk half of whose pieces were fetched is completed and kept on disk,
+    so registry bytes stay about the file's size (pieces alone live in an 8 MiB memory:
+    2.2x and nothing on disk without it), and a remount reads them from disk."""
+    import random
+
+    from galleryfs.mount.diskcache import DiskCache
+
+    size = 32 * CHUNK
+    data = os.urandom(size)
+    digest = push_blob(registry.url, REPO, data)
+    ref = BlobRef(REPO, digest, size, ChunkTable.of_bytes(data, PIECE))
+    rng = random.Random(1)
+    offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(1500)]
+    async with _client(registry) as client:
+        fetch = Counting(client)
+        reader = ChunkReader(fetch, chunk_size=CHUNK, disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        async with trio.open_nursery() as nursery:
+            handle = reader.open(ref, nursery)
+            for off in offsets:
+                assert bytes(await handle.read(off, 4096)) == data[off:off + 4096]
+            handle.close()
+        # Within a tenth of the file: a piece the small memory evicted before its chunk
+        # was completed is fetched again with the rest of the chunk.
+        assert sum(end - start for start, end in fetch.calls) <= 1.1 * size
+        again = Counting(client)
+        remounted = ChunkReader(again, chunk_size=CHUNK,
+                                disk=DiskCache(tmp_path, 1 << 30, CHUNK))
+        async with trio.open_nursery() as nursery:
+            handle = remounted.open(ref, nursery)
+            for off in offsets[:200]:
+                assert bytes(await handle.read(off, 4096)) == data[off:off + 4096]
+            handle.close()
+        assert not again.calls

@@ -62,6 +62,8 @@ DEFAULT_CHUNK = 4 << 20
 # keep_cache, until the write-behind has them on disk), so a larger budget would only
 # raise the daemon's RSS.
 DEFAULT_MEMORY = WINDOW_CAP + 2 * DEFAULT_CHUNK
+# Chunks whose fetched pieces are counted at most (`_count_piece`).
+PIECE_COUNTS = 4096
 # A span's pieces being hashed while the next is received.
 CHECKS_AHEAD = 1
 
@@ -107,6 +109,9 @@ class ChunkReader:
         self.chunk_size = chunk_size
         self.memory = ChunkCache(memory_bytes)
         self.pieces = PieceCache()
+        # (digest, size, chunk index) -> pieces of it fetched outside a stream, oldest
+        # first (`_complete_dense`).
+        self._piece_counts: dict[tuple[str, int, int], int] = {}
         # Pieces being fetched by a read outside a stream: a read or a chunk that wants
         # one waits for it rather than fetching it again (kernel read-ahead sends
         # neighbouring requests at once).
@@ -207,8 +212,35 @@ class ChunkReader:
                 return await self.fetcher.range(blob, start, end)
             piece = self.verify.piece_size(blob)
             if piece:
-                return await self.read_pieces(blob, start, end, piece)
+                data = await self.read_pieces(blob, start, end, piece)
+                await self._complete_dense(blob, start, end, piece)
+                return data
         return await self.read_view(blob, start, end - start, owe=False)
+
+    async def _complete_dense(self, blob: BlobRef, start: int, end: int, piece: int) -> None:
+        """A chunk of which random reads have fetched half the pieces is fetched whole
+        (the rest only) and kept on disk: pieces live only in a small memory, so random
+        reads all over a file would otherwise fetch it again and again, also after a
+        remount. Below half (one tensor among others) the bytes a read costs stay its
+        pieces'."""
+        if self.disk is None or not self.disk.takes(blob):
+            return
+        cs = self.chunk_size
+        for index in range(start // cs, (end - 1) // cs + 1):
+            pieces = -(-(min(blob.size, (index + 1) * cs) - index * cs) // piece)
+            key = (blob.digest, blob.size, index)
+            if 2 * self._piece_counts.get(key, 0) >= pieces and not self.on_disk(blob, index):
+                self._piece_counts.pop(key, None)
+                await self.chunk(blob, index, owe=False)
+
+    def _count_piece(self, blob: BlobRef, index: int) -> None:
+        """One more piece of chunk `index` fetched by a read outside a stream (counted
+        whether or not it is still in memory: the small piece memory evicts)."""
+        key = (blob.digest, blob.size, index)
+        counts = self._piece_counts
+        counts[key] = counts.pop(key, 0) + 1
+        while len(counts) > PIECE_COUNTS:
+            del counts[next(iter(counts))]
 
     async def read_pieces(self, blob: BlobRef, start: int, end: int, piece: int
                           ) -> memoryview | bytes:
@@ -245,6 +277,7 @@ class ChunkReader:
                     part = data[(k - i) * piece:(k - i + 1) * piece]
                     self.pieces.put(keys[k], part)
                     parts.append(part)
+                    self._count_piece(blob, (first + k) * piece // self.chunk_size)
             finally:
                 for k in range(i, j + 1):
                     if flights.get(keys[k]) is done:
