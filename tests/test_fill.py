@@ -26,12 +26,16 @@ def blob(registry) -> tuple[BlobRef, bytes]:  # noqa: ANN001 - harness fixture
     return tabled(REPO, push_blob(registry.url, REPO, data), data), data
 
 
-async def _setup(nursery: trio.Nursery, client, tmp_path, quiet: float  # noqa: ANN001
+async def _setup(nursery: trio.Nursery, client, tmp_path, quiet: float,  # noqa: ANN001
+                 **reader_options: int | None
                  ) -> tuple[ChunkReader, PageCacheFill, PageCache, Counting, DiskCache]:
     fetch = Counting(client)
     disk = DiskCache(tmp_path, 1 << 30, CHUNK)
-    # Memory for one chunk: the fill has to ask the page cache for the others.
-    reader = ChunkReader(fetch, chunk_size=CHUNK, memory_bytes=CHUNK, disk=disk)
+    # Memory for one chunk unless asked otherwise (None: the reader's default): the fill
+    # has to ask the page cache for the others.
+    reader_options.setdefault("memory_bytes", CHUNK)
+    options = {k: v for k, v in reader_options.items() if v is not None}
+    reader = ChunkReader(fetch, chunk_size=CHUNK, disk=disk, **options)
     kernel = PageCache(nursery)
     fill = PageCacheFill(reader, kernel.retrieve, quiet=quiet)
     kernel.fill = fill
@@ -136,14 +140,8 @@ async def test_a_stream_drops_the_chunks_it_passed_while_they_are_owed(registry,
                                                                       tmp_path) -> None:
     ref, data = blob
     async with _client(registry) as client, trio.open_nursery() as nursery:
-        fetch = Counting(client)
-        disk = DiskCache(tmp_path, 1 << 30, CHUNK)
-        reader = ChunkReader(fetch, chunk_size=CHUNK, window_cap=2 * CHUNK, disk=disk)
-        kernel = PageCache(nursery)
-        fill = PageCacheFill(reader, kernel.retrieve, quiet=3600)
-        kernel.fill = fill
-        reader.defer = fill.owe
-        await nursery.start(fill.run)
+        reader, fill, kernel, fetch, disk = await _setup(
+            nursery, client, tmp_path, 3600, window_cap=2 * CHUNK, memory_bytes=None)
         fill.opened(ref, INODE)
         handle = reader.open(ref, nursery)
         out = bytearray()
@@ -170,14 +168,8 @@ async def test_a_stream_keeps_a_chunk_until_the_kernel_has_all_of_it(registry, b
     fetched again for that piece (a cold `cat` fetched 1.17× the file's bytes)."""
     ref, data = blob
     async with _client(registry) as client, trio.open_nursery() as nursery:
-        fetch = Counting(client)
-        disk = DiskCache(tmp_path, 1 << 30, CHUNK)
-        reader = ChunkReader(fetch, chunk_size=CHUNK, window_cap=2 * CHUNK, disk=disk)
-        kernel = PageCache(nursery)
-        fill = PageCacheFill(reader, kernel.retrieve, quiet=3600)
-        kernel.fill = fill
-        reader.defer = fill.owe
-        await nursery.start(fill.run)
+        reader, fill, kernel, fetch, disk = await _setup(
+            nursery, client, tmp_path, 3600, window_cap=2 * CHUNK, memory_bytes=None)
         fill.opened(ref, INODE)
         handle = reader.open(ref, nursery)
         piece = CHUNK // 8
