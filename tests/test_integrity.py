@@ -431,6 +431,20 @@ async def test_the_write_behind_rechecks_what_the_page_cache_gives_back(registry
         assert disk.has_chunk(ref.digest, ref.size, 1)
 
 
+async def _read_until_chunk_6_fails(reader: ChunkReader, ref: BlobRef, size: int
+                                    ) -> bytearray:
+    """Read the blob from the start in 16 KiB reads until chunk 6 fails its check (it
+    must); what was read before."""
+    out = bytearray()
+    async with trio.open_nursery() as nursery:
+        handle = reader.open(ref, nursery)
+        with pytest.raises(ChunkMismatch, match="chunk 6 of"):
+            while len(out) < size:
+                out += await handle.read(len(out), 16384)
+        handle.close()
+    return out
+
+
 @pytest.mark.trio
 async def test_a_prefetched_chunk_that_fails_is_left_to_its_reader(registry, caplog) -> None:
     """A span's chunk that fails its check is not delivered: the reader fetches it and
@@ -444,13 +458,7 @@ async def test_a_prefetched_chunk_that_fails_is_left_to_its_reader(registry, cap
         ranges = DirectRanges(client)
         reader = ChunkReader(ranges, span_fetch=ranges.span, chunk_size=CHUNK,
                              window_cap=8 * CHUNK)
-        out = bytearray()
-        async with trio.open_nursery() as nursery:
-            handle = reader.open(ref, nursery)
-            with pytest.raises(ChunkMismatch, match="chunk 6 of"):
-                while len(out) < len(data):
-                    out += await handle.read(len(out), 16384)
-            handle.close()
+        out = await _read_until_chunk_6_fails(reader, ref, len(data))
         assert bytes(out) == data[:6 * CHUNK]
         assert reader.snapshot()["spans"] > 0
         assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
@@ -508,13 +516,7 @@ async def test_span_pieces_are_hashed_where_received_or_else_by_the_reader(
             return await matches(chunk, expect)
 
         reader.verify.matches = counting  # type: ignore[method-assign]
-        out = bytearray()
-        async with trio.open_nursery() as nursery:
-            handle = reader.open(ref, nursery)
-            with pytest.raises(ChunkMismatch, match="chunk 6 of"):
-                while len(out) < len(data):
-                    out += await handle.read(len(out), 16384)
-            handle.close()
+        out = await _read_until_chunk_6_fails(reader, ref, len(data))
         assert bytes(out) == data[:6 * CHUNK]
         snap = reader.snapshot()
         assert snap["spans"] > 0 and snap["verified_chunks"] >= 6
