@@ -400,3 +400,207 @@ def test_a_span_digests_what_it_receives_in_the_receiving_thread(registry: Regis
             ranges.close()
 
     trio.run(run)
+
+
+# ---- gated spans: one request for a whole stream ----------------------------------------
+
+def test_a_gated_span_is_received_only_as_far_as_its_gate_moves(registry: Registry) -> None:
+    """A stream's request runs on while its gate is moved (the stream claims more): one
+    request for all of it, and no byte received beyond where the gate stood."""
+    from galleryfs.mount.fetch import SpanGate
+
+    piece = 65536
+    data = os.urandom(16 * piece)
+    digest = _push(registry, data)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges = DirectRanges(client)
+            gate = SpanGate(2 * piece, idle=30)
+            got: list[tuple[int, bytes]] = []
+            asked = trio.Event()
+
+            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+                got.append((offset, bytes(buf)))
+                if len(got) == 2:
+                    asked.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ranges.span, REPO, digest, 0, len(data), piece, deliver, piece,
+                                   gate)
+                with trio.fail_after(30):
+                    await asked.wait()
+                # The thread waits at the gate: nothing past it was delivered.
+                assert [offset for offset, _ in got] == [0, piece]
+                assert client.bytes_received == 2 * piece
+                assert gate.extend(6 * piece)
+                assert gate.extend(len(data))
+            assert b"".join(buf for _, buf in got) == data
+            assert (ranges.stats.direct, ranges.stats.cut, client.requests_sent) == (1, 0, 1)
+            ranges.close()
+
+    trio.run(run)
+
+
+def test_a_gate_nobody_moves_ends_its_request_and_counts_what_it_left(registry: Registry) -> None:
+    """A gate not moved within its idle time shuts: the span returns where the gate
+    stood, the connection is closed (its answer half read), the bytes the registry had
+    sent beyond the gate are counted as received and discarded, and the next read works."""
+    from galleryfs.mount.fetch import SpanGate
+
+    piece = 65536
+    data = os.urandom(64 * piece)
+    digest = _push(registry, data)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges = DirectRanges(client)
+            gate = SpanGate(3 * piece, idle=0.3)
+            got = bytearray()
+
+            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+                got.extend(buf)
+
+            with trio.fail_after(30):
+                reached = await ranges.span(REPO, digest, 0, len(data), piece, deliver, 0, gate)
+            assert reached == 3 * piece and bytes(got) == data[:3 * piece]
+            assert gate.shut and not gate.extend(len(data))
+            assert ranges.stats.cut == 1 and ranges.stats.fallbacks == 0
+            assert client.bytes_received == 3 * piece + ranges.stats.discarded
+            assert ranges.transport.idle == 0  # not pooled
+            assert bytes(await ranges(REPO, digest, 5, 99)) == data[5:99]
+            ranges.close()
+
+    trio.run(run)
+
+
+def test_a_gate_shut_by_its_stream_ends_the_request_at_once(registry: Registry) -> None:
+    from galleryfs.mount.fetch import SpanGate
+
+    piece = 65536
+    data = os.urandom(32 * piece)
+    digest = _push(registry, data)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges = DirectRanges(client)
+            gate = SpanGate(piece, idle=600)
+            first = trio.Event()
+
+            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+                first.set()
+
+            async def shut() -> None:
+                await first.wait()
+                gate.close()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(shut)
+                with trio.fail_after(10):  # not the gate's 600 s
+                    assert await ranges.span(REPO, digest, 0, len(data), piece, deliver, 0,
+                                             gate) == piece
+            ranges.close()
+
+    trio.run(run)
+
+
+def test_a_sequential_stream_is_one_request(registry: Registry) -> None:
+    """Read-ahead claims a window at a time; the stream's one request takes each claim."""
+    data, blob = _pushed(registry, 40 * CHUNK + 123)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges, reader = _span_reader(client, 8)
+            async with trio.open_nursery() as nursery:
+                handle = reader.open(blob, nursery)
+                assert await _sequential(handle, len(data), CHUNK // 4) == data
+                handle.close()
+            # The first read of offset 0 is its own request; the stream's, one more.
+            assert client.requests_sent <= 2, client.requests_sent
+            assert reader.snapshot()["fetched_bytes"] == len(data)
+            assert reader.snapshot()["in_flight"] == 0
+            ranges.close()
+
+    trio.run(run)
+
+
+def test_a_read_waiting_for_a_connection_ends_the_gated_spans_holding_them(
+        registry: Registry) -> None:
+    """Streams' requests hold both connections for as long as their gates move; a read
+    that needs a connection shuts the oldest one's gate (it ends at what it claimed)
+    instead of waiting for a stream to end."""
+    from galleryfs.mount.fetch import SpanGate
+
+    piece = 65536
+    data = os.urandom(32 * piece)
+    digest = _push(registry, data)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges = DirectRanges(client, connections=2)
+            gates = [SpanGate(piece, idle=600), SpanGate(piece, idle=600)]
+            reached: list[int] = []
+            started = trio.Semaphore(0)
+
+            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+                started.release()
+
+            async def stream(gate: SpanGate) -> None:
+                reached.append(await ranges.span(REPO, digest, 0, len(data), piece, deliver, 0,
+                                                 gate))
+
+            with trio.fail_after(20):  # not the gates' 600 s
+                async with trio.open_nursery() as nursery:
+                    for gate in gates:
+                        nursery.start_soon(stream, gate)
+                    for _ in gates:
+                        await started.acquire()
+                    assert ranges.limiter.available_tokens == 0
+                    assert bytes(await ranges(REPO, digest, 7, 4000)) == data[7:4000]
+                    assert reached == [piece]  # one ended; the other goes on
+                    assert sum(gate.shut for gate in gates) == 1
+                    for gate in gates:
+                        gate.close()
+            assert reached == [piece, piece]
+            assert ranges.stats.cut == 2
+            ranges.close()
+
+    trio.run(run)
+
+
+def test_a_gate_shut_ahead_of_its_thread_still_gets_what_it_claimed(registry: Registry) -> None:
+    """Shut while its thread is still short of it (a stream moved on), a gated span
+    delivers every piece up to the gate, each with its digests from the hashing
+    thread, and ends there as a cut: nothing claimed is left to another request."""
+    import hashlib
+
+    from galleryfs.mount.fetch import SpanGate
+
+    piece, unit = 4 * 65536, 65536
+    data = os.urandom(32 * piece)
+    digest = _push(registry, data)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges = DirectRanges(client)
+            gate = SpanGate(6 * piece, idle=600)
+            got: list[tuple[int, bytes, bytes | None]] = []
+
+            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+                if not got:
+                    gate.close()
+                got.append((offset, bytes(buf), sums))
+
+            with trio.fail_after(20):
+                reached = await ranges.span(REPO, digest, 0, len(data), piece, deliver, unit, gate)
+            assert reached == 6 * piece
+            assert [offset for offset, _, _ in got] == [i * piece for i in range(6)]
+            assert b"".join(buf for _, buf, _ in got) == data[:6 * piece]
+            for _, buf, sums in got:
+                assert sums == b"".join(hashlib.sha256(buf[i:i + unit]).digest()
+                                        for i in range(0, len(buf), unit))
+            assert (ranges.stats.direct, ranges.stats.cut, ranges.stats.fallbacks) == (1, 1, 0)
+            assert client.requests_sent == 1
+            ranges.close()
+
+    trio.run(run)

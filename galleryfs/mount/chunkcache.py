@@ -22,6 +22,7 @@ import cachetools
 import trio
 
 from .blob import BlobRef, Chunk, Expect
+from .fetch import SpanGate
 
 Key = tuple[str, int, int, Expect | None]
 
@@ -51,10 +52,14 @@ class Flight:
 @dataclass
 class Span:
     """Chunks claimed for one range request, by index, contiguous; emptied as they are
-    delivered or released."""
+    delivered or released. A stream's span may claim more as it goes (`gate`): `next`
+    is the index after the last one claimed, `stop` the end of its request (bytes)."""
 
     blob: BlobRef
     flights: dict[int, tuple[Key, Flight]]
+    next: int = 0
+    gate: SpanGate | None = None
+    stop: int = 0
 
 
 class ChunkCache:

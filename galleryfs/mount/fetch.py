@@ -13,11 +13,15 @@ blob waits while those move, and not `timeout` more for each of them when they s
 
 Two shapes: `range`, exactly bytes [start, end) in one buffer; and `span`, one request
 for a run of chunks handed over chunk by chunk as they arrive (the registry spends far
-less CPU per byte on a few long ranges than on many chunk-sized ones).
+less CPU per byte on a few long ranges than on many chunk-sized ones). A stream's span
+is gated (`SpanGate`): its request runs on as the stream claims more, and ends where the
+stream stops claiming.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -43,15 +47,20 @@ Fetcher = Callable[[str, str, int, int], Awaitable[Chunk]]
 # sha256 of each `unit` bytes of the piece, hashed by the thread that received it, or
 # None (not hashed: the taker hashes it)
 Deliver = Callable[[int, bytearray, bytes | None], Awaitable[None]]
-# (repo, digest, start, end, piece size, deliver, unit): bytes [start, end) with one
-# request, delivered piece by piece in order, digested per `unit` bytes (0: not);
-# returns the offset reached (end unless it failed)
-SpanFetcher = Callable[[str, str, int, int, int, Deliver, int], Awaitable[int]]
+# (repo, digest, start, end, piece size, deliver, unit, gate): bytes [start, end) with
+# one request, delivered piece by piece in order, digested per `unit` bytes (0: not),
+# received only as far as the gate (if any) lets it; returns the offset reached (end
+# unless it failed or its gate stopped it)
+SpanFetcher = Callable[[str, str, int, int, int, Deliver, int, "SpanGate | None"],
+                       Awaitable[int]]
 # A span's piece for its taker: False when it was no longer wanted (not counted). The
 # next piece is received meanwhile only if it returns before checking the piece.
 Take = Callable[[int, bytearray, bytes | None], Awaitable[bool]]
 
 
+# Seconds a stream's request waits for the stream's next claim before it ends
+# (SpanGate): a reader that paused longer costs a new request when it resumes.
+SPAN_IDLE = 2.0
 # Seconds after the registry failed a read in which the kernel's read of one page of it
 # fails at once (BlobFetch.waiting).
 FAILURE_MEMORY = 1.0
@@ -152,7 +161,7 @@ class BlobFetch:
         try:
             with dog.watch() as scope:
                 await self.span_fetch(blob.repo, blob.digest, start, end, end - start, deliver,
-                                      unit)
+                                      unit, None)
         except NotFound as exc:
             _missing(blob, exc)
         if scope.cancelled_caught:
@@ -166,7 +175,7 @@ class BlobFetch:
         return got[0]
 
     async def span(self, blob: BlobRef, start: int, end: int, piece: int, take: Take,
-                   unit: int = 0) -> None:
+                   unit: int = 0, gate: SpanGate | None = None) -> None:
         """Bytes [start, end) with one request, handed to `take` `piece` bytes at a time
         (with their sha256 per `unit` bytes where the receiving thread hashed them).
         Returns early, without an error, once it stalls (`timeout` without 64 KiB): the
@@ -182,9 +191,55 @@ class BlobFetch:
         stats.spans += 1
         try:
             with self._fetching(blob).watch():
-                await self.span_fetch(blob.repo, blob.digest, start, end, piece, deliver, unit)
+                await self.span_fetch(blob.repo, blob.digest, start, end, piece, deliver, unit,
+                                      gate)
         except NotFound as exc:
             _missing(blob, exc)
+
+
+class SpanGate:
+    """How far a stream's range request may be received: its chunks are claimed a
+    window at a time, and each claim moves `until` on, so one request serves the whole
+    stream instead of one per window. The registry spends a fixed cost on every range
+    request (about 9 ms of CPU each for distribution 2.8 here, whatever its length:
+    scripts/bench G1); a paused request costs it nothing but a blocked send.
+
+    The receiving thread waits at `until` for the next claim, `idle` seconds at most;
+    then, or once the stream starts a request elsewhere (`close`), the gate is shut and
+    the request ends there: the bytes the registry had sent beyond it (at most what the
+    socket buffers hold) are counted and dropped."""
+
+    def __init__(self, until: int, idle: float = SPAN_IDLE) -> None:
+        self._cond = threading.Condition()
+        self.until = until
+        self.idle = idle
+        self.shut = False
+
+    def extend(self, until: int) -> bool:
+        """Let the request run to `until` (trio thread); False once the gate is shut."""
+        with self._cond:
+            if self.shut:
+                return False
+            self.until = max(self.until, until)
+            self._cond.notify_all()
+            return True
+
+    def close(self) -> None:
+        """No further claims: the request ends at `until`."""
+        with self._cond:
+            self.shut = True
+            self._cond.notify_all()
+
+    def wait(self, offset: int) -> bool:  # in the receiving thread
+        deadline = time.monotonic() + self.idle
+        with self._cond:
+            while offset >= self.until and not self.shut:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.shut = True  # an extension now would come too late
+                    break
+                self._cond.wait(left)
+            return offset < self.until
 
 
 def _missing(blob: BlobRef, exc: NotFound) -> NoReturn:

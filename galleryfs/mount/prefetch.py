@@ -10,8 +10,10 @@ readahead and mmap faults arrive slightly out of order, so a forward skip of a f
 or a step back of a quarter chunk does not break a stream (as in Mountpoint for S3).
 
 `Stream` acts on it for one open file. With span fetches, the window is refilled when
-less than half of it is at hand, the gap claimed at once and fetched with one range
-request; without, chunk by chunk. Chunks the stream has passed are dropped from memory.
+less than half of it is at hand, the gap claimed at once; the stream's range request
+(up to 64 MiB) takes each refill as it comes (SpanGate, fetch.py), so a stream costs the
+registry one request where it cost one per refill; without spans, chunk by chunk.
+Chunks the stream has passed are dropped from memory.
 `Prefetcher` holds what the streams share: how many prefetches run at once, the cap.
 
 Neither touches a cache: they ask a `Source` (the ChunkReader) a few questions, such as
@@ -70,9 +72,16 @@ class Source(Protocol):
         """Load the chunk into memory, from wherever it is."""
         ...
 
-    def claim_span(self, blob: BlobRef, first: int, last: int) -> Span | None:
+    def claim_span(self, blob: BlobRef, first: int, last: int, *, gated: bool = False
+                   ) -> Span | None:
         """Claim chunks first.. up to last (or the first at hand or on disk) for one
-        request; None when there is nothing to claim."""
+        request; None when there is nothing to claim. `gated`: the request may go on
+        with `extend_span`."""
+        ...
+
+    def extend_span(self, span: Span, first: int, last: int) -> int:
+        """Claim chunks first.. up to last for a running gated span that has claimed up
+        to `first`; how many (0: it cannot take them)."""
         ...
 
     async def fetch_span(self, span: Span) -> None:
@@ -152,6 +161,20 @@ class Prefetcher:
         self._streams.add(stream)
         return stream
 
+    def make_room(self, span: Span) -> None:
+        """A span is about to wait for a prefetch slot: the other streams' running
+        requests end at what they have claimed (their streams start new ones, queued
+        like this one), so one stream's request cannot hold a slot for a whole file
+        while another stream waits."""
+        if self.limiter.available_tokens:
+            return
+        for stream in self._streams:
+            live = stream._span
+            if (live is not None and live is not span and live.gate is not None
+                    and not live.gate.shut):
+                live.gate.close()  # one slot is wanted: one request ends
+                return
+
     def windows(self) -> list[int]:
         """The read-ahead window of every open file, in bytes."""
         return sorted((s.readahead.window for s in self._streams if not s.closed),
@@ -181,6 +204,8 @@ class Stream:
         # these VMs, memory pressure), and it asks again (sha256sum of 1 GiB: 1.02×).
         self._kept: set[int] = set()
         self._front = 0  # the furthest end of a read returned
+        # The stream's latest span: its request runs on while reads keep up (SpanGate).
+        self._span: Span | None = None
 
     def served(self, start: int, end: int) -> None:
         """A read returned bytes [start, end) to the kernel: a chunk all of whose bytes
@@ -265,9 +290,16 @@ class Stream:
                 run.append(i)
                 continue
             if run:
-                span = source.claim_span(blob, run[0], run[-1])
-                if span is not None:
-                    nursery.start_soon(self._prefetch_span, span)
+                # The stream's running request takes the run if it reaches it (one
+                # request for the whole stream); otherwise a new one starts.
+                live = self._span
+                if live is None or not source.extend_span(live, run[0], run[-1]):
+                    span = source.claim_span(blob, run[0], run[-1], gated=True)
+                    if span is not None:
+                        if live is not None and live.gate is not None:
+                            live.gate.close()  # it ends where it is, not after waiting
+                        self._span = span
+                        nursery.start_soon(self._prefetch_span, span)
                 run = []
             if on_disk:
                 self._scheduled.add(i)
@@ -279,6 +311,7 @@ class Stream:
             try:
                 if self.closed:
                     return
+                self.prefetcher.make_room(span)
                 async with self.prefetcher.limiter:
                     self.prefetcher.prefetches += len(span.flights)
                     await self.source.fetch_span(span)

@@ -40,10 +40,10 @@ import trio
 
 from ..errors import DigestMismatch, GalleryError, first_error
 from .blob import BlobRef, Chunk, Expect
-from .chunkcache import Abandoned, ChunkCache, Key, Span
+from .chunkcache import Abandoned, ChunkCache, Flight, Key, Span
 from .diskcache import ChunkRejected, DiskCache
 from .diskstore import DiskStats, DiskStore
-from .fetch import BlobFetch, Fetcher, SpanFetcher
+from .fetch import BlobFetch, Fetcher, SpanFetcher, SpanGate
 from .pieces import PieceCache, PieceKey, piece_key
 from .prefetch import WINDOW_CAP, Prefetcher, Stream
 from .verify import STRICT, Verifier
@@ -66,6 +66,9 @@ DEFAULT_MEMORY = WINDOW_CAP + 2 * DEFAULT_CHUNK
 PIECE_COUNTS = 4096
 # A span's pieces being hashed while the next is received.
 CHECKS_AHEAD = 1
+# The longest range a stream asks for at once (claim_span): 16 requests per GiB, where
+# the window's claims were 50.
+SPAN_REQUEST = 64 << 20
 
 
 @dataclass
@@ -467,18 +470,53 @@ class ChunkReader:
     def on_disk(self, blob: BlobRef, index: int) -> bool:
         return self.disk is not None and self.disk.has(blob, index)
 
-    def claim_span(self, blob: BlobRef, first: int, last: int) -> Span | None:
+    def claim_span(self, blob: BlobRef, first: int, last: int, *, gated: bool = False
+                   ) -> Span | None:
         """Claim chunks first..last for one range request (a read-ahead stream): from
         now on readers of them wait for it rather than fetch them themselves.
 
         The registry spends far less CPU per byte on a few long ranges than on many
         chunk-sized ones (scripts/bench G1). Chunks already in memory, in flight or on
         disk are not claimed: the span ends before the first of them. Run the result
-        with `fetch_span`, which always releases what it did not deliver.
+        with `fetch_span`, which always releases what it did not deliver. `gated`: a
+        stream's span, whose request runs on as `extend_span` claims more (SpanGate).
         """
         if not self.fetcher.spans or self.verify.pending(blob):
             # A blob to verify whole first: its foreground read does that.
             return None
+        flights = self._claim(blob, first, last)
+        if not flights:
+            return None
+        cs = self.chunk_size
+        after = first + len(flights)
+        claimed = min(blob.size, after * cs)
+        if not gated:
+            return Span(blob, flights, after, None, claimed)
+        # One request for as much of the stream as it will claim, up to SPAN_REQUEST: a
+        # proxy that buffers answers (nginx by default) reads that much from the
+        # registry even when the stream stops early.
+        stop = min(blob.size, max(claimed, first * cs + SPAN_REQUEST))
+        return Span(blob, flights, after, SpanGate(claimed), stop)
+
+    def extend_span(self, span: Span, first: int, last: int) -> int:
+        """Claim chunks first..last for a gated span whose request is still running and
+        has claimed up to `first`: how many it took (0: start another span)."""
+        cs = self.chunk_size
+        if span.gate is None or span.next != first or span.gate.shut or first * cs >= span.stop:
+            return 0
+        flights = self._claim(span.blob, first, min(last, (span.stop - 1) // cs))
+        if not flights:
+            return 0
+        after = first + len(flights)
+        if not span.gate.extend(min(span.stop, after * cs)):
+            for key, flight in flights.values():  # its request ended meanwhile
+                self.memory.fail(key, flight, Abandoned())
+            return 0
+        span.flights.update(flights)
+        span.next = after
+        return len(flights)
+
+    def _claim(self, blob: BlobRef, first: int, last: int) -> dict[int, tuple[Key, Flight]]:
         disk = self.disk if self.disk is not None and self.disk.takes(blob) else None
         memory = self.memory
         flights = {}
@@ -487,12 +525,12 @@ class ChunkReader:
             if memory.at_hand(key) or disk is not None and disk.has(blob, i):
                 break
             flights[i] = (key, memory.claim(key))
-        return Span(blob, flights) if flights else None
+        return flights
 
     async def fetch_span(self, span: Span) -> None:
         blob, flights, cs, memory = span.blob, span.flights, self.chunk_size, self.memory
         first = next(iter(flights))
-        end = min(blob.size, (first + len(flights)) * cs)
+        end = span.stop
         verify = self.verify
         # The receiving thread hashes each piece as it arrives, per the table's piece
         # size: here its digests are only compared (scripts/bench G1: a trip to a hashing
@@ -518,9 +556,12 @@ class ChunkReader:
                     self._owe(blob, index)
             else:
                 # Left to the reader that wants it: it fetches again, and if the bytes
-                # are still wrong, its read fails with one warning.
+                # are still wrong, its read fails with one warning. The stream's request
+                # ends at what it claimed: its source lied once.
                 log.debug("%s: prefetched chunk %d failed its check", blob, index)
                 memory.abandon(span, index)
+                if span.gate is not None:
+                    span.gate.close()
 
         async def take(offset: int, data: bytearray, sums: bytes | None) -> bool:
             index = offset // cs
@@ -544,8 +585,10 @@ class ChunkReader:
 
         try:
             async with trio.open_nursery() as checks:
-                await self.fetcher.span(blob, first * cs, end, cs, take, unit)
+                await self.fetcher.span(blob, first * cs, end, cs, take, unit, span.gate)
         finally:
+            if span.gate is not None:
+                span.gate.close()
             memory.release(span)
 
     def release_span(self, span: Span) -> None:

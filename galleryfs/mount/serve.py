@@ -88,6 +88,8 @@ async def _serve(config: MountConfig, ready_fd: int | None) -> None:
                     "registry_requests": client.requests_sent,
                     "direct_ranges": ranges.stats.direct,
                     "direct_fallbacks": ranges.stats.fallbacks,
+                    "spans_cut": ranges.stats.cut,
+                    "span_discarded_bytes": ranges.stats.discarded,
                     "listings_prefetched": tree.prefetched_listings,
                     "mirror_bytes": client.mirrors.bytes_received if client.mirrors else 0,
                     "mirror_requests": client.mirrors.requests_sent if client.mirrors else 0}

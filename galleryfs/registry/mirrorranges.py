@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict
 
 from .mirrors import FAILURES, Mirror, Mirrors
-from .ranges import Deliver, DirectRanges, DirectStats
+from .ranges import Deliver, DirectRanges, DirectStats, Gate
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class MirroredRanges:
         return await self.origin(repo, digest, start, end)
 
     async def span(self, repo: str, digest: str, start: int, end: int, piece: int,
-                   deliver: Deliver, unit: int = 0) -> int:
+                   deliver: Deliver, unit: int = 0, gate: Gate | None = None) -> int:
         """As `DirectRanges.span`; a mirror failing midway leaves the rest, from the
-        offset it reached, to the next source."""
+        offset it reached, to the next source (one its gate stopped: nothing)."""
         reached = start
 
         async def tracked(offset: int, data: bytearray, sums: bytes | None) -> None:
@@ -63,14 +63,14 @@ class MirroredRanges:
             try:
                 if reached < end:
                     self._remember(digest, mirror)
-                    await self.ranges[mirror].span(repo, digest, reached, end, piece, tracked,
-                                                   unit)
+                    return await self.ranges[mirror].span(repo, digest, reached, end, piece,
+                                                          tracked, unit, gate)
             except FAILURES as exc:
                 self.mirrors.failed(mirror, f"{repo}@{digest}[{reached}:{end}]", exc)
                 continue
             return end
         if reached < end:
-            await self.origin.span(repo, digest, reached, end, piece, tracked, unit)
+            return await self.origin.span(repo, digest, reached, end, piece, tracked, unit, gate)
         return end
 
     def distrust(self, digest: str, reason: str) -> bool:

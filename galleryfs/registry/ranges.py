@@ -7,10 +7,12 @@ mount's chunk fetches therefore go through `DirectRanges`: worker threads on the
 keep-alive connections of a `DirectTransport`, whose `readinto` receives into the chunk
 itself (`recv_into`, GIL released).
 
-A span can also digest what it receives (`unit`): the receiving thread hashes each
-`unit` bytes of a piece as they arrive and hands the raw sha256s over with the piece, so
-the trio thread compares digests instead of sending every piece to another thread to be
-hashed. What the digests are for is the caller's business.
+A span can also digest what it receives (`unit`): the raw sha256 of each `unit` bytes
+of a piece comes with the piece, hashed off the trio thread (a span of several pieces by
+a hashing thread of its own, in order, so receiving never waits for it), and the trio
+thread only compares digests. What the digests are for is the caller's business. A
+gated span (`Gate`) receives only as far as its stream has claimed, so one request can
+serve a whole stream.
 
 Only the plain answer is taken here: a 206 from the registry itself for exactly the
 range asked. Whatever else `direct` names as a fallback is handed to
@@ -20,18 +22,27 @@ tries the direct path again.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import hashlib
 import http.client
 import logging
+import math
 import socket
+import sys
+import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
+from ..errors import first_error
 from . import deadline
 from .client import RegistryClient
 from .deadline import MIN_PROGRESS, Watchdog
@@ -41,6 +52,10 @@ log = logging.getLogger(__name__)
 
 # A receive that took less than this doubles the next one's size (see `_receive`).
 FAST_READ = 0.05
+# Pieces of a span received (or being received) and not yet delivered, at most.
+AHEAD = 1
+# Seconds between looks at a span's abort while its thread waits for room.
+ROOM_POLL = 0.1
 
 # (offset, bytes, their sha256 per unit or None) of one piece of a span
 Deliver = Callable[[int, bytearray, bytes | None], Awaitable[None]]
@@ -50,6 +65,23 @@ Deliver = Callable[[int, bytearray, bytes | None], Awaitable[None]]
 class DirectStats:
     direct: int = 0  # ranges received directly
     fallbacks: int = 0  # ranges handed to httpx
+    cut: int = 0  # gated spans ended before the end of their range
+    discarded: int = 0  # bytes those left unread in their connection
+
+
+class Gate(Protocol):
+    """How far a span may be received (mount/fetch.py `SpanGate`)."""
+
+    until: int
+
+    def wait(self, offset: int) -> bool:
+        """In the receiving thread: True once bytes at `offset` may be received, False
+        when they never will be (the request ends there)."""
+        ...
+
+    def close(self) -> None:
+        """No further: the request ends where the gate stands."""
+        ...
 
 
 class DirectRanges:
@@ -60,6 +92,10 @@ class DirectRanges:
         self.stats = DirectStats()
         self.limiter = trio.CapacityLimiter(connections)
         self.transport = DirectTransport(client)
+        # Gated spans running: each holds a connection for as long as its stream goes on,
+        # so a request that finds none free shuts their gates (they end at what they
+        # claimed) rather than wait for a stream's end.
+        self._gated: dict[Gate, None] = {}  # in the order they started
         # Every byte received here: what a request queued for a connection waits on.
         self.moving: Watchdog | None = None
 
@@ -91,38 +127,127 @@ class DirectRanges:
         return await self.client.read_range(repo, digest, start, end)
 
     async def span(self, repo: str, digest: str, start: int, end: int, piece: int,
-                   deliver: Deliver, unit: int = 0) -> int:
+                   deliver: Deliver, unit: int = 0, gate: Gate | None = None) -> int:
         """Bytes [start, end) with one request, handed to `deliver` `piece` bytes at a
         time as they arrive (each delivery waits for the previous one). With `unit`, a
         piece comes with the raw sha256 of each `unit` bytes of it (the last may be
-        shorter), computed in the thread that received it; a piece received through
-        httpx comes without (None). Returns the offset reached: `end`, or less when the
-        registry failed midway (the caller fetches the rest on its own)."""
+        shorter), computed off the trio thread (by the receiving thread for a span of one
+        piece, else by a hashing thread of the span's own); a piece received through
+        httpx comes without (None). With a `gate`, only bytes below its `until` are
+        received, as it moves: the request ends early (the rest never read) once the
+        gate says no more. Returns the offset reached: `end` (or where the gate
+        stopped it), or less when the registry failed midway (the caller fetches the
+        rest on its own)."""
         reached = start
+        if gate is not None and gate.shut and gate.until <= start:
+            return start  # its stream moved on before it started
         if self.enabled:
             target, headers = self._request(repo, digest, start, end)
             abort = _Abort(self._watchdogs())
             progress = [start]
+            # The receiving thread posts each piece and goes on receiving (up to AHEAD
+            # pieces ahead of the deliveries) rather than wait for the trio thread to take
+            # it: that thread also answers the kernel, and a receive waiting on it left
+            # the connection idle.
+            token = trio.lowlevel.current_trio_token()
+            send, received = trio.open_memory_channel[tuple[int, bytearray, bytes | None]](
+                math.inf)
+            room = threading.Semaphore(AHEAD)
+
+            def post(item: tuple[int, bytearray, bytes | None]) -> None:  # trio thread
+                with contextlib.suppress(trio.ClosedResourceError):
+                    send.send_nowait(item)
+
+            # A span of several pieces is hashed by a thread of its own, piece by piece
+            # in order, so that receiving never waits for hashing: the registry's
+            # sends then never stall on a full socket while the receiver hashes
+            # (scripts/bench G1). A single piece is hashed as it arrives.
+            hasher = (ThreadPoolExecutor(1, thread_name_prefix="galleryfs-hash")
+                      if unit and end - start > piece else None)
+
+            def hash_and_post(offset: int, data: bytearray) -> None:  # in the hasher
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(post, (offset, data, _digests(data, unit)))
 
             def hand_over(offset: int, data: bytearray, sums: bytes | None
                           ) -> None:  # in the worker thread
-                trio.from_thread.run(self._delivered, deliver, offset, data, sums)
-                progress[0] = offset + len(data)
+                try:
+                    if hasher is not None:
+                        hasher.submit(hash_and_post, offset, data)
+                    else:
+                        token.run_sync_soon(post, (offset, data, sums))
+                except (trio.RunFinishedError, RuntimeError):
+                    raise Fallback("the mount is ending") from None
 
+            def wait_room(offset: int) -> bool:  # in the worker thread
+                if gate is not None and not gate.wait(offset):
+                    return False
+                while not room.acquire(timeout=ROOM_POLL):
+                    if abort.stop.is_set():
+                        raise Fallback("given up")
+                return True
+
+            async def take_all() -> None:
+                async for offset, data, sums in received:
+                    await self._delivered(deliver, offset, data, sums)
+                    progress[0] = offset + len(data)
+                    room.release()
+
+            unread = [0]
+            failure: Fallback | None = None
+            finished = False
             try:
-                async with self._connection():
-                    await trio.to_thread.run_sync(
-                        self._span, target, headers, start, end, piece, hand_over, abort, unit,
-                        abandon_on_cancel=True)
-            except Fallback as exc:
-                log.debug("direct span of %s@%s at %d: %s", repo, digest, progress[0], exc)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(take_all)
+                    try:
+                        try:
+                            async with self._connection():
+                                if gate is not None:
+                                    self._gated[gate] = None
+                                try:
+                                    await trio.to_thread.run_sync(
+                                        self._span, target, headers, start, end, piece,
+                                        hand_over, abort, 0 if hasher else unit, wait_room,
+                                        unread, abandon_on_cancel=True)
+                                finally:
+                                    if gate is not None:
+                                        self._gated.pop(gate, None)
+                        except Fallback as exc:
+                            # What was received before it is delivered all the same.
+                            failure = exc
+                        if hasher is not None:  # its last posts, before the close
+                            await trio.to_thread.run_sync(hasher.shutdown,
+                                                          abandon_on_cancel=True)
+                    finally:
+                        # Every piece posted is queued by now (posts run in order, before
+                        # the threads' returns are reported): delivered next.
+                        send.close()
+                        if hasher is not None:
+                            hasher.shutdown(wait=False, cancel_futures=True)
+                finished = True
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
             finally:
                 abort.fire()  # an abandoned thread stops now, not at its next piece
+                if gate is not None and not finished:
+                    gate.close()  # and one waiting at its gate
+                # Bytes the registry sent that the gate left unread still crossed the
+                # network: counted as received, and as discarded (the registry's own
+                # send buffer is not seen from here: this is a lower bound).
+                self.client.bytes_received += unread[0]
+                self.stats.discarded += unread[0]
             reached = progress[0]
-            if reached == end:
+            if failure is None:
                 self.stats.direct += 1
                 self.client.requests_sent += 1
-                return end
+                if reached < end:
+                    self.stats.cut += 1  # its gate ended it: nothing more was claimed
+                return reached
+            log.debug("direct span of %s@%s at %d: %s", repo, digest, reached, failure)
+            if gate is not None:
+                # The rest of what is claimed now, through httpx. Claims made meanwhile
+                # are released when the span returns; their readers fetch them.
+                end = min(end, gate.until)
         # What the direct path did not deliver: one piece at a time through httpx.
         self.stats.fallbacks += 1
         while reached < end:
@@ -147,6 +272,10 @@ class DirectRanges:
         """One of the `connections` threads. While queued for it, the transfers that
         hold them count as the waiting operation's progress: healthy long transfers
         (a whole blob verified, a long span) must not stall the requests behind them."""
+        if not self.limiter.available_tokens and self._gated:
+            # One connection is wanted: the oldest stream's request ends at what it has
+            # claimed (its stream starts a new one, queued like this one).
+            next(iter(self._gated)).close()
         with self._moving().lend(deadline.current()):
             await self.limiter.acquire()
         try:
@@ -170,21 +299,32 @@ class DirectRanges:
 
     def _span(self, target: str, headers: dict[str, str], start: int, end: int, piece: int,
               hand_over: Callable[[int, bytearray, bytes | None], None], abort: _Abort,
-              unit: int = 0) -> None:
-        with self.transport.connection() as conn:
-            abort.watch(conn)
-            with failures():
-                conn.request("GET", target, headers=headers)
-                response = conn.getresponse()
-            expect_range(response, start, end)
-            offset = start
-            while offset < end:
-                if abort.stop.is_set():
-                    raise Fallback("given up")
-                buf, sums = _receive(response, min(piece, end - offset), abort.watchdogs, unit)
-                hand_over(offset, buf, sums)
-                offset += len(buf)
-            abort.release()
+              unit: int = 0, wait_room: Callable[[int], bool] | None = None,
+              unread: list[int] | None = None) -> None:
+        try:
+            with self.transport.connection() as conn:
+                abort.watch(conn)
+                with failures():
+                    conn.request("GET", target, headers=headers)
+                    response = conn.getresponse()
+                expect_range(response, start, end)
+                offset = start
+                while offset < end:
+                    if abort.stop.is_set():
+                        raise Fallback("given up")
+                    if wait_room is not None and not wait_room(offset):
+                        # The gate ends the request here: the rest of the answer is never
+                        # read, and the connection is closed rather than pooled.
+                        if unread is not None:
+                            unread[0] = _unread(conn)
+                        raise _GateShut
+                    buf, sums = _receive(response, min(piece, end - offset), abort.watchdogs,
+                                         unit)
+                    hand_over(offset, buf, sums)
+                    offset += len(buf)
+                abort.release()
+        except _GateShut:
+            pass
 
     def _get(self, target: str, headers: dict[str, str], start: int, end: int,
              abort: _Abort) -> bytearray:
@@ -196,6 +336,10 @@ class DirectRanges:
 
     def close(self) -> None:
         self.transport.close()
+
+
+class _GateShut(Exception):
+    """A gated span's thread stops at its gate (not a failure)."""
 
 
 class _Abort:
@@ -236,13 +380,47 @@ class _Abort:
                     pass
 
 
+# bytearray(n) zeroes its n bytes first: a memset of every byte received (about a tenth
+# of a CPU-second per GiB, scripts/bench G1) for bytes about to be overwritten. Python's
+# C API makes the bytearray without initialising it; `_receive` hands a buffer on only
+# once every byte of it was received, so nothing it held before is ever read.
+_new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_new_bytearray.restype = ctypes.py_object
+_new_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+
+
+def _digests(data: bytearray, unit: int) -> bytes:
+    """The raw sha256 of each `unit` bytes of data (the last may be shorter)."""
+    with memoryview(data) as view:
+        return b"".join(hashlib.sha256(view[i:i + unit]).digest()
+                        for i in range(0, len(data), unit))
+
+
+def _unread(conn: http.client.HTTPConnection) -> int:
+    """Bytes received by the kernel for the connection and not read (FIONREAD)."""
+    sock = conn.sock
+    if sock is None:
+        return 0
+    try:
+        got = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(got, sys.byteorder, signed=True)
+
+
+def _unfilled(n: int) -> bytearray:
+    """A bytearray of n bytes, not initialised: fill every byte before reading any."""
+    buf: bytearray = _new_bytearray(None, n)
+    return buf
+
+
 def _receive(response: http.client.HTTPResponse, n: int,
              watchdogs: tuple[Watchdog, ...] = (), unit: int = 0
              ) -> tuple[bytearray, bytes | None]:
     """The next n bytes of the body, received into their own buffer, and with `unit` the
     raw sha256 of each `unit` bytes of it: hashed as they arrive (hashlib releases the
     GIL), while they are still in the CPU's cache, from the buffer handed over."""
-    buf = bytearray(n)
+    buf = _unfilled(n)
     got = 0
     sums: list[bytes] = []
     hashed = 0  # bytes fed to `hasher`, which covers [len(sums) * unit, hashed)
