@@ -4,6 +4,7 @@ fall-back to the httpx path for whatever they do not handle."""
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -404,42 +405,58 @@ def test_a_span_digests_what_it_receives_in_the_receiving_thread(registry: Regis
 
 # ---- gated spans: one request for a whole stream ----------------------------------------
 
-def test_a_gated_span_is_received_only_as_far_as_its_gate_moves(registry: Registry) -> None:
-    """A stream's request runs on while its gate is moved (the stream claims more): one
-    request for all of it, and no byte received beyond where the gate stood."""
-    from galleryfs.mount.fetch import SpanGate
+PIECE = 65536
+# (client, ranges, data, digest) of one test's blob
+GatedBody = Callable[[RegistryClient, DirectRanges, bytes, str], Awaitable[None]]
 
-    piece = 65536
-    data = os.urandom(16 * piece)
+
+def _gated(registry: Registry, pieces: int, body: GatedBody, piece: int = PIECE) -> None:
+    """Run `body` on a blob of `pieces` random pieces pushed to `registry`, with a client
+    and a DirectRanges of it (closed afterwards)."""
+    data = os.urandom(pieces * piece)
     digest = _push(registry, data)
 
     async def run() -> None:
         async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
             ranges = DirectRanges(client)
-            gate = SpanGate(2 * piece, idle=30)
-            got: list[tuple[int, bytes]] = []
-            asked = trio.Event()
-
-            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
-                got.append((offset, bytes(buf)))
-                if len(got) == 2:
-                    asked.set()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(ranges.span, REPO, digest, 0, len(data), piece, deliver, piece,
-                                   gate)
-                with trio.fail_after(30):
-                    await asked.wait()
-                # The thread waits at the gate: nothing past it was delivered.
-                assert [offset for offset, _ in got] == [0, piece]
-                assert client.bytes_received == 2 * piece
-                assert gate.extend(6 * piece)
-                assert gate.extend(len(data))
-            assert b"".join(buf for _, buf in got) == data
-            assert (ranges.stats.direct, ranges.stats.cut, client.requests_sent) == (1, 0, 1)
-            ranges.close()
+            try:
+                await body(client, ranges, data, digest)
+            finally:
+                ranges.close()
 
     trio.run(run)
+
+
+def test_a_gated_span_is_received_only_as_far_as_its_gate_moves(registry: Registry) -> None:
+    """A stream's request runs on while its gate is moved (the stream claims more): one
+    request for all of it, and no byte received beyond where the gate stood."""
+    from galleryfs.mount.fetch import SpanGate
+
+    async def body(client: RegistryClient, ranges: DirectRanges, data: bytes, digest: str
+                   ) -> None:
+        gate = SpanGate(2 * PIECE, idle=30)
+        got: list[tuple[int, bytes]] = []
+        asked = trio.Event()
+
+        async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+            got.append((offset, bytes(buf)))
+            if len(got) == 2:
+                asked.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ranges.span, REPO, digest, 0, len(data), PIECE, deliver, PIECE,
+                               gate)
+            with trio.fail_after(30):
+                await asked.wait()
+            # The thread waits at the gate: nothing past it was delivered.
+            assert [offset for offset, _ in got] == [0, PIECE]
+            assert client.bytes_received == 2 * PIECE
+            assert gate.extend(6 * PIECE)
+            assert gate.extend(len(data))
+        assert b"".join(buf for _, buf in got) == data
+        assert (ranges.stats.direct, ranges.stats.cut, client.requests_sent) == (1, 0, 1)
+
+    _gated(registry, 16, body)
 
 
 def test_a_gate_nobody_moves_ends_its_request_and_counts_what_it_left(registry: Registry) -> None:
@@ -448,60 +465,48 @@ def test_a_gate_nobody_moves_ends_its_request_and_counts_what_it_left(registry: 
     sent beyond the gate are counted as received and discarded, and the next read works."""
     from galleryfs.mount.fetch import SpanGate
 
-    piece = 65536
-    data = os.urandom(64 * piece)
-    digest = _push(registry, data)
+    async def body(client: RegistryClient, ranges: DirectRanges, data: bytes, digest: str
+                   ) -> None:
+        gate = SpanGate(3 * PIECE, idle=0.3)
+        got = bytearray()
 
-    async def run() -> None:
-        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
-            ranges = DirectRanges(client)
-            gate = SpanGate(3 * piece, idle=0.3)
-            got = bytearray()
+        async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+            got.extend(buf)
 
-            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
-                got.extend(buf)
+        with trio.fail_after(30):
+            reached = await ranges.span(REPO, digest, 0, len(data), PIECE, deliver, 0, gate)
+        assert reached == 3 * PIECE and bytes(got) == data[:3 * PIECE]
+        assert gate.shut and not gate.extend(len(data))
+        assert ranges.stats.cut == 1 and ranges.stats.fallbacks == 0
+        assert client.bytes_received == 3 * PIECE + ranges.stats.discarded
+        assert ranges.transport.idle == 0  # not pooled
+        assert bytes(await ranges(REPO, digest, 5, 99)) == data[5:99]
 
-            with trio.fail_after(30):
-                reached = await ranges.span(REPO, digest, 0, len(data), piece, deliver, 0, gate)
-            assert reached == 3 * piece and bytes(got) == data[:3 * piece]
-            assert gate.shut and not gate.extend(len(data))
-            assert ranges.stats.cut == 1 and ranges.stats.fallbacks == 0
-            assert client.bytes_received == 3 * piece + ranges.stats.discarded
-            assert ranges.transport.idle == 0  # not pooled
-            assert bytes(await ranges(REPO, digest, 5, 99)) == data[5:99]
-            ranges.close()
-
-    trio.run(run)
+    _gated(registry, 64, body)
 
 
 def test_a_gate_shut_by_its_stream_ends_the_request_at_once(registry: Registry) -> None:
     from galleryfs.mount.fetch import SpanGate
 
-    piece = 65536
-    data = os.urandom(32 * piece)
-    digest = _push(registry, data)
+    async def body(client: RegistryClient, ranges: DirectRanges, data: bytes, digest: str
+                   ) -> None:
+        gate = SpanGate(PIECE, idle=600)
+        first = trio.Event()
 
-    async def run() -> None:
-        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
-            ranges = DirectRanges(client)
-            gate = SpanGate(piece, idle=600)
-            first = trio.Event()
+        async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+            first.set()
 
-            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
-                first.set()
+        async def shut() -> None:
+            await first.wait()
+            gate.close()
 
-            async def shut() -> None:
-                await first.wait()
-                gate.close()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shut)
+            with trio.fail_after(10):  # not the gate's 600 s
+                assert await ranges.span(REPO, digest, 0, len(data), PIECE, deliver, 0,
+                                         gate) == PIECE
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(shut)
-                with trio.fail_after(10):  # not the gate's 600 s
-                    assert await ranges.span(REPO, digest, 0, len(data), piece, deliver, 0,
-                                             gate) == piece
-            ranges.close()
-
-    trio.run(run)
+    _gated(registry, 32, body)
 
 
 def test_a_sequential_stream_is_one_request(registry: Registry) -> None:
@@ -531,41 +536,36 @@ def test_a_read_waiting_for_a_connection_ends_the_gated_spans_holding_them(
     instead of waiting for a stream to end."""
     from galleryfs.mount.fetch import SpanGate
 
-    piece = 65536
-    data = os.urandom(32 * piece)
-    digest = _push(registry, data)
+    async def body(client: RegistryClient, ranges: DirectRanges, data: bytes, digest: str
+                   ) -> None:
+        assert ranges.limiter.total_tokens == 2
+        gates = [SpanGate(PIECE, idle=600), SpanGate(PIECE, idle=600)]
+        reached: list[int] = []
+        started = trio.Semaphore(0)
 
-    async def run() -> None:
-        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
-            ranges = DirectRanges(client, connections=2)
-            gates = [SpanGate(piece, idle=600), SpanGate(piece, idle=600)]
-            reached: list[int] = []
-            started = trio.Semaphore(0)
+        async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+            started.release()
 
-            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
-                started.release()
+        async def stream(gate: SpanGate) -> None:
+            reached.append(await ranges.span(REPO, digest, 0, len(data), PIECE, deliver, 0,
+                                             gate))
 
-            async def stream(gate: SpanGate) -> None:
-                reached.append(await ranges.span(REPO, digest, 0, len(data), piece, deliver, 0,
-                                                 gate))
+        with trio.fail_after(20):  # not the gates' 600 s
+            async with trio.open_nursery() as nursery:
+                for gate in gates:
+                    nursery.start_soon(stream, gate)
+                for _ in gates:
+                    await started.acquire()
+                assert ranges.limiter.available_tokens == 0
+                assert bytes(await ranges(REPO, digest, 7, 4000)) == data[7:4000]
+                assert reached == [PIECE]  # one ended; the other goes on
+                assert sum(gate.shut for gate in gates) == 1
+                for gate in gates:
+                    gate.close()
+        assert reached == [PIECE, PIECE]
+        assert ranges.stats.cut == 2
 
-            with trio.fail_after(20):  # not the gates' 600 s
-                async with trio.open_nursery() as nursery:
-                    for gate in gates:
-                        nursery.start_soon(stream, gate)
-                    for _ in gates:
-                        await started.acquire()
-                    assert ranges.limiter.available_tokens == 0
-                    assert bytes(await ranges(REPO, digest, 7, 4000)) == data[7:4000]
-                    assert reached == [piece]  # one ended; the other goes on
-                    assert sum(gate.shut for gate in gates) == 1
-                    for gate in gates:
-                        gate.close()
-            assert reached == [piece, piece]
-            assert ranges.stats.cut == 2
-            ranges.close()
-
-    trio.run(run)
+    _gated(registry, 32, body)
 
 
 def test_a_gate_shut_ahead_of_its_thread_still_gets_what_it_claimed(registry: Registry) -> None:
@@ -576,31 +576,27 @@ def test_a_gate_shut_ahead_of_its_thread_still_gets_what_it_claimed(registry: Re
 
     from galleryfs.mount.fetch import SpanGate
 
-    piece, unit = 4 * 65536, 65536
-    data = os.urandom(32 * piece)
-    digest = _push(registry, data)
+    piece = 4 * PIECE
 
-    async def run() -> None:
-        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
-            ranges = DirectRanges(client)
-            gate = SpanGate(6 * piece, idle=600)
-            got: list[tuple[int, bytes, bytes | None]] = []
+    async def body(client: RegistryClient, ranges: DirectRanges, data: bytes, digest: str
+                   ) -> None:
+        gate = SpanGate(6 * piece, idle=600)
+        got: list[tuple[int, bytes, bytes | None]] = []
 
-            async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
-                if not got:
-                    gate.close()
-                got.append((offset, bytes(buf), sums))
+        async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+            if not got:
+                gate.close()
+            got.append((offset, bytes(buf), sums))
 
-            with trio.fail_after(20):
-                reached = await ranges.span(REPO, digest, 0, len(data), piece, deliver, unit, gate)
-            assert reached == 6 * piece
-            assert [offset for offset, _, _ in got] == [i * piece for i in range(6)]
-            assert b"".join(buf for _, buf, _ in got) == data[:6 * piece]
-            for _, buf, sums in got:
-                assert sums == b"".join(hashlib.sha256(buf[i:i + unit]).digest()
-                                        for i in range(0, len(buf), unit))
-            assert (ranges.stats.direct, ranges.stats.cut, ranges.stats.fallbacks) == (1, 1, 0)
-            assert client.requests_sent == 1
-            ranges.close()
+        with trio.fail_after(20):
+            reached = await ranges.span(REPO, digest, 0, len(data), piece, deliver, PIECE, gate)
+        assert reached == 6 * piece
+        assert [offset for offset, _, _ in got] == [i * piece for i in range(6)]
+        assert b"".join(buf for _, buf, _ in got) == data[:6 * piece]
+        for _, buf, sums in got:
+            assert sums == b"".join(hashlib.sha256(buf[i:i + PIECE]).digest()
+                                    for i in range(0, len(buf), PIECE))
+        assert (ranges.stats.direct, ranges.stats.cut, ranges.stats.fallbacks) == (1, 1, 0)
+        assert client.requests_sent == 1
 
-    trio.run(run)
+    _gated(registry, 32, body, piece)
