@@ -600,3 +600,60 @@ def test_a_gate_shut_ahead_of_its_thread_still_gets_what_it_claimed(registry: Re
         assert client.requests_sent == 1
 
     _gated(registry, 32, body, piece)
+
+
+def test_a_gated_span_through_httpx_fetches_only_what_its_gate_lets_through(
+        registry: Registry) -> None:
+    """Without the direct path (a proxy), a gated span's pieces come through httpx, and
+    only up to its gate, which shuts: no unclaimed bytes are fetched."""
+    from galleryfs.mount.fetch import SpanGate
+
+    async def body(client: RegistryClient, ranges: DirectRanges, data: bytes, digest: str
+                   ) -> None:
+        ranges.transport.enabled = False
+        gate = SpanGate(3 * PIECE, idle=600)
+        got = bytearray()
+
+        async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+            got.extend(buf)
+
+        with trio.fail_after(30):
+            assert await ranges.span(REPO, digest, 0, len(data), PIECE, deliver, 0,
+                                     gate) == 3 * PIECE
+        assert bytes(got) == data[:3 * PIECE] and gate.shut
+        assert client.bytes_received == 3 * PIECE
+
+    _gated(registry, 32, body)
+
+
+def test_two_streams_at_once_keep_their_requests(registry: Registry, monkeypatch) -> None:
+    """Two files read at once hold the two prefetch slots; when one stream starts its
+    next request (its last one reached its end), the other's is not cut for it: the
+    slot of the one ending comes free."""
+    from galleryfs.mount import reader
+
+    monkeypatch.setattr(reader, "SPAN_REQUEST", 16 * CHUNK)  # four requests per stream
+    first, blob1 = _pushed(registry, 64 * CHUNK)
+    second, blob2 = _pushed(registry, 64 * CHUNK + 5)
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges, reader = _span_reader(client, 8)
+            got: dict[int, bytes] = {}
+
+            async def read(n: int, blob, size: int) -> None:  # noqa: ANN001
+                handle = reader.open(blob, nursery)
+                got[n] = await _sequential(handle, size, CHUNK // 4)
+                handle.close()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, 1, blob1, len(first))
+                nursery.start_soon(read, 2, blob2, len(second))
+            assert got == {1: first, 2: second}
+            # Per stream: its first read, then four (or five) requests, none cut.
+            assert client.requests_sent <= 12, client.requests_sent
+            assert ranges.stats.cut == 0
+            assert reader.snapshot()["in_flight"] == 0
+            ranges.close()
+
+    trio.run(run)

@@ -49,7 +49,7 @@ class Flight:
         raise self.error
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (Prefetcher.holding)
 class Span:
     """Chunks claimed for one range request, by index, contiguous; emptied as they are
     delivered or released. A stream's span may claim more as it goes (`gate`): `next`

@@ -151,6 +151,8 @@ class Prefetcher:
         self.window_cap = window_cap
         self.limiter = trio.CapacityLimiter(concurrency)
         self.prefetches = 0  # chunks prefetched (claimed in a span, or loaded alone)
+        # Spans holding a slot, oldest first.
+        self.holding: dict[Span, None] = {}
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
 
     def stream(self, blob: BlobRef, nursery: trio.Nursery | None, *, start_run: int = 0
@@ -166,13 +168,12 @@ class Prefetcher:
         requests end at what they have claimed (their streams start new ones, queued
         like this one), so one stream's request cannot hold a slot for a whole file
         while another stream waits."""
-        if self.limiter.available_tokens:
-            return
-        for stream in self._streams:
-            live = stream._span
-            if (live is not None and live is not span and live.gate is not None
-                    and not live.gate.shut):
-                live.gate.close()  # one slot is wanted: one request ends
+        if self.limiter.available_tokens or any(
+                held.gate is None or held.gate.shut for held in self.holding):
+            return  # a slot is free, or about to be
+        for held in self.holding:
+            if held.gate is not None and held.blob is not span.blob:
+                held.gate.close()  # the oldest other stream's request ends
                 return
 
     def windows(self) -> list[int]:
@@ -314,7 +315,11 @@ class Stream:
                 self.prefetcher.make_room(span)
                 async with self.prefetcher.limiter:
                     self.prefetcher.prefetches += len(span.flights)
-                    await self.source.fetch_span(span)
+                    self.prefetcher.holding[span] = None
+                    try:
+                        await self.source.fetch_span(span)
+                    finally:
+                        self.prefetcher.holding.pop(span, None)
             except Exception as exc:  # noqa: BLE001 - never let a prefetch end the mount
                 # The foreground reads of these chunks will fetch and report them.
                 log.debug("prefetch span of %s failed: %s", self.blob.digest, exc)

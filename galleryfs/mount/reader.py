@@ -495,7 +495,7 @@ class ChunkReader:
         # One request for as much of the stream as it will claim, up to SPAN_REQUEST: a
         # proxy that buffers answers (nginx by default) reads that much from the
         # registry even when the stream stops early.
-        stop = min(blob.size, max(claimed, first * cs + SPAN_REQUEST))
+        stop = min(blob.size, max(claimed, (first + SPAN_REQUEST // cs) * cs))
         return Span(blob, flights, after, SpanGate(claimed), stop)
 
     def extend_span(self, span: Span, first: int, last: int) -> int:

@@ -9,10 +9,9 @@ itself (`recv_into`, GIL released).
 
 A span can also digest what it receives (`unit`): the raw sha256 of each `unit` bytes
 of a piece comes with the piece, hashed off the trio thread (a span of several pieces by
-a hashing thread of its own, in order, so receiving never waits for it), and the trio
-thread only compares digests. What the digests are for is the caller's business. A
-gated span (`Gate`) receives only as far as its stream has claimed, so one request can
-serve a whole stream.
+a hashing thread of its own, in order), and the trio thread only compares digests. What
+the digests are for is the caller's business. A gated span (`Gate`) receives only as far
+as its stream has claimed, so one request can serve a whole stream.
 
 Only the plain answer is taken here: a 206 from the registry itself for exactly the
 range asked. Whatever else `direct` names as a fallback is handed to
@@ -52,7 +51,10 @@ log = logging.getLogger(__name__)
 
 # A receive that took less than this doubles the next one's size (see `_receive`).
 FAST_READ = 0.05
-# Pieces of a span received (or being received) and not yet delivered, at most.
+# Pieces of a span received (or being received) and not yet delivered, at most: one,
+# so the next piece is received once the last is hashed and delivered (the socket holds
+# what the registry sends meanwhile). Two ran faster in one-off runs but raised the
+# daemon's peak RSS past G9's bound (94-102 MiB against 78-82).
 AHEAD = 1
 # Seconds between looks at a span's abort while its thread waits for room.
 ROOM_POLL = 0.1
@@ -73,6 +75,7 @@ class Gate(Protocol):
     """How far a span may be received (mount/fetch.py `SpanGate`)."""
 
     until: int
+    shut: bool
 
     def wait(self, offset: int) -> bool:
         """In the receiving thread: True once bytes at `offset` may be received, False
@@ -145,10 +148,9 @@ class DirectRanges:
             target, headers = self._request(repo, digest, start, end)
             abort = _Abort(self._watchdogs())
             progress = [start]
-            # The receiving thread posts each piece and goes on receiving (up to AHEAD
-            # pieces ahead of the deliveries) rather than wait for the trio thread to take
-            # it: that thread also answers the kernel, and a receive waiting on it left
-            # the connection idle.
+            # The receiving thread posts each piece rather than wait in a call into the
+            # trio thread (which also answers the kernel); it receives the next once no
+            # more than AHEAD are undelivered.
             token = trio.lowlevel.current_trio_token()
             send, received = trio.open_memory_channel[tuple[int, bytearray, bytes | None]](
                 math.inf)
@@ -159,9 +161,7 @@ class DirectRanges:
                     send.send_nowait(item)
 
             # A span of several pieces is hashed by a thread of its own, piece by piece
-            # in order, so that receiving never waits for hashing: the registry's
-            # sends then never stall on a full socket while the receiver hashes
-            # (scripts/bench G1). A single piece is hashed as it arrives.
+            # in order; a single piece is hashed as it arrives.
             hasher = (ThreadPoolExecutor(1, thread_name_prefix="galleryfs-hash")
                       if unit and end - start > piece else None)
 
@@ -244,10 +244,11 @@ class DirectRanges:
                     self.stats.cut += 1  # its gate ended it: nothing more was claimed
                 return reached
             log.debug("direct span of %s@%s at %d: %s", repo, digest, reached, failure)
-            if gate is not None:
-                # The rest of what is claimed now, through httpx. Claims made meanwhile
-                # are released when the span returns; their readers fetch them.
-                end = min(end, gate.until)
+        if gate is not None:
+            # Through httpx, only what its stream has claimed: the gate shuts, so the
+            # stream claims its next chunks into a new span.
+            gate.close()
+            end = min(end, gate.until)
         # What the direct path did not deliver: one piece at a time through httpx.
         self.stats.fallbacks += 1
         while reached < end:
@@ -272,9 +273,11 @@ class DirectRanges:
         """One of the `connections` threads. While queued for it, the transfers that
         hold them count as the waiting operation's progress: healthy long transfers
         (a whole blob verified, a long span) must not stall the requests behind them."""
-        if not self.limiter.available_tokens and self._gated:
-            # One connection is wanted: the oldest stream's request ends at what it has
-            # claimed (its stream starts a new one, queued like this one).
+        if (not self.limiter.available_tokens and self._gated
+                and not any(gate.shut for gate in self._gated)):
+            # One connection is wanted and none is about to come free: the oldest
+            # stream's request ends at what it has claimed (its stream starts a new one,
+            # queued like this one).
             next(iter(self._gated)).close()
         with self._moving().lend(deadline.current()):
             await self.limiter.acquire()
