@@ -168,12 +168,14 @@ class Prefetcher:
         requests end at what they have claimed (their streams start new ones, queued
         like this one), so one stream's request cannot hold a slot for a whole file
         while another stream waits."""
-        if self.limiter.available_tokens or any(
-                held.gate is None or held.gate.shut for held in self.holding):
-            return  # a slot is free, or about to be
+        if self.limiter.available_tokens:
+            return
+        ending = sum(held.gate is None or held.gate.shut for held in self.holding)
+        if ending > self.limiter.statistics().tasks_waiting:
+            return  # a slot is about to come free for this span (the queue is FIFO)
         for held in self.holding:
-            if held.gate is not None and held.blob is not span.blob:
-                held.gate.close()  # the oldest other stream's request ends
+            if held.gate is not None and not held.gate.shut:
+                held.gate.close()  # the oldest running request ends
                 return
 
     def windows(self) -> list[int]:

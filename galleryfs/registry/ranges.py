@@ -142,8 +142,11 @@ class DirectRanges:
         stopped it), or less when the registry failed midway (the caller fetches the
         rest on its own)."""
         reached = start
-        if gate is not None and gate.shut and gate.until <= start:
-            return start  # its stream moved on before it started
+        if gate is not None and gate.shut:
+            # Its stream moved on before it started: only what is claimed.
+            end = min(end, gate.until)
+            if end <= start:
+                return start
         if self.enabled:
             target, headers = self._request(repo, digest, start, end)
             abort = _Abort(self._watchdogs())
@@ -273,12 +276,16 @@ class DirectRanges:
         """One of the `connections` threads. While queued for it, the transfers that
         hold them count as the waiting operation's progress: healthy long transfers
         (a whole blob verified, a long span) must not stall the requests behind them."""
-        if (not self.limiter.available_tokens and self._gated
-                and not any(gate.shut for gate in self._gated)):
-            # One connection is wanted and none is about to come free: the oldest
-            # stream's request ends at what it has claimed (its stream starts a new one,
-            # queued like this one).
-            next(iter(self._gated)).close()
+        if (not self.limiter.available_tokens
+                and sum(gate.shut for gate in self._gated)
+                <= self.limiter.statistics().tasks_waiting):
+            # One connection is wanted and none is about to come free for it (the queue
+            # is FIFO): the oldest stream's running request ends at what it has claimed
+            # (its stream starts a new one, queued like this one).
+            for gate in self._gated:
+                if not gate.shut:
+                    gate.close()
+                    break
         with self._moving().lend(deadline.current()):
             await self.limiter.acquire()
         try:
