@@ -570,7 +570,7 @@ def test_a_read_waiting_for_a_connection_ends_the_gated_spans_holding_them(
 
 def test_a_gate_shut_ahead_of_its_thread_still_gets_what_it_claimed(registry: Registry) -> None:
     """Shut while its thread is still short of it (a stream moved on), a gated span
-    delivers every piece up to the gate, each with its digests from the hashing
+    delivers every piece up to the gate, each with its digests from the receiving
     thread, and ends there as a cut: nothing claimed is left to another request."""
     import hashlib
 

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import trio
 
+from ..registry.ranges import make_room
 from .blob import BlobRef, Chunk
 from .chunkcache import Span
 
@@ -163,20 +164,12 @@ class Prefetcher:
         self._streams.add(stream)
         return stream
 
-    def make_room(self, span: Span) -> None:
+    def make_room(self) -> None:
         """A span is about to wait for a prefetch slot: the other streams' running
         requests end at what they have claimed (their streams start new ones, queued
         like this one), so one stream's request cannot hold a slot for a whole file
         while another stream waits."""
-        if self.limiter.available_tokens:
-            return
-        ending = sum(held.gate is None or held.gate.shut for held in self.holding)
-        if ending > self.limiter.statistics().tasks_waiting:
-            return  # a slot is about to come free for this span (the queue is FIFO)
-        for held in self.holding:
-            if held.gate is not None and not held.gate.shut:
-                held.gate.close()  # the oldest running request ends
-                return
+        make_room(self.limiter, (held.gate for held in self.holding))
 
     def windows(self) -> list[int]:
         """The read-ahead window of every open file, in bytes."""
@@ -314,7 +307,7 @@ class Stream:
             try:
                 if self.closed:
                     return
-                self.prefetcher.make_room(span)
+                self.prefetcher.make_room()
                 async with self.prefetcher.limiter:
                     self.prefetcher.prefetches += len(span.flights)
                     self.prefetcher.holding[span] = None

@@ -60,8 +60,6 @@ class MirroredRanges:
             reached = offset + len(data)
 
         for mirror in self.mirrors.available():
-            if gate is not None and gate.shut:
-                end = min(end, gate.until)  # only what is claimed: no request past it
             try:
                 if reached < end:
                     self._remember(digest, mirror)
@@ -71,8 +69,6 @@ class MirroredRanges:
                 self.mirrors.failed(mirror, f"{repo}@{digest}[{reached}:{end}]", exc)
                 continue
             return end
-        if gate is not None and gate.shut:
-            end = min(end, gate.until)
         if reached < end:
             return await self.origin.span(repo, digest, reached, end, piece, tracked, unit, gate)
         return end

@@ -7,11 +7,11 @@ mount's chunk fetches therefore go through `DirectRanges`: worker threads on the
 keep-alive connections of a `DirectTransport`, whose `readinto` receives into the chunk
 itself (`recv_into`, GIL released).
 
-A span can also digest what it receives (`unit`): the raw sha256 of each `unit` bytes
-of a piece comes with the piece, hashed off the trio thread (a span of several pieces by
-a hashing thread of its own, in order), and the trio thread only compares digests. What
-the digests are for is the caller's business. A gated span (`Gate`) receives only as far
-as its stream has claimed, so one request can serve a whole stream.
+A span can also digest what it receives (`unit`): the receiving thread hashes each
+`unit` bytes of a piece as they arrive and hands the raw sha256s over with the piece, so
+the trio thread only compares digests. What the digests are for is the caller's
+business. A gated span (`Gate`) receives only as far as its stream has claimed, so one
+request can serve a whole stream.
 
 Only the plain answer is taken here: a 206 from the registry itself for exactly the
 range asked. Whatever else `direct` names as a fallback is handed to
@@ -33,8 +33,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -134,8 +133,7 @@ class DirectRanges:
         """Bytes [start, end) with one request, handed to `deliver` `piece` bytes at a
         time as they arrive (each delivery waits for the previous one). With `unit`, a
         piece comes with the raw sha256 of each `unit` bytes of it (the last may be
-        shorter), computed off the trio thread (by the receiving thread for a span of one
-        piece, else by a hashing thread of the span's own); a piece received through
+        shorter), computed in the thread that received it; a piece received through
         httpx comes without (None). With a `gate`, only bytes below its `until` are
         received, as it moves: the request ends early (the rest never read) once the
         gate says no more. Returns the offset reached: `end` (or where the gate
@@ -163,23 +161,11 @@ class DirectRanges:
                 with contextlib.suppress(trio.ClosedResourceError):
                     send.send_nowait(item)
 
-            # A span of several pieces is hashed by a thread of its own, piece by piece
-            # in order; a single piece is hashed as it arrives.
-            hasher = (ThreadPoolExecutor(1, thread_name_prefix="galleryfs-hash")
-                      if unit and end - start > piece else None)
-
-            def hash_and_post(offset: int, data: bytearray) -> None:  # in the hasher
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(post, (offset, data, _digests(data, unit)))
-
             def hand_over(offset: int, data: bytearray, sums: bytes | None
                           ) -> None:  # in the worker thread
                 try:
-                    if hasher is not None:
-                        hasher.submit(hash_and_post, offset, data)
-                    else:
-                        token.run_sync_soon(post, (offset, data, sums))
-                except (trio.RunFinishedError, RuntimeError):
+                    token.run_sync_soon(post, (offset, data, sums))
+                except trio.RunFinishedError:
                     raise Fallback("the mount is ending") from None
 
             def wait_room(offset: int) -> bool:  # in the worker thread
@@ -210,23 +196,18 @@ class DirectRanges:
                                 try:
                                     await trio.to_thread.run_sync(
                                         self._span, target, headers, start, end, piece,
-                                        hand_over, abort, 0 if hasher else unit, wait_room,
-                                        unread, abandon_on_cancel=True)
+                                        hand_over, abort, unit, wait_room, unread,
+                                        abandon_on_cancel=True)
                                 finally:
                                     if gate is not None:
                                         self._gated.pop(gate, None)
                         except Fallback as exc:
                             # What was received before it is delivered all the same.
                             failure = exc
-                        if hasher is not None:  # its last posts, before the close
-                            await trio.to_thread.run_sync(hasher.shutdown,
-                                                          abandon_on_cancel=True)
                     finally:
                         # Every piece posted is queued by now (posts run in order, before
-                        # the threads' returns are reported): delivered next.
+                        # the thread's return is reported): delivered next.
                         send.close()
-                        if hasher is not None:
-                            hasher.shutdown(wait=False, cancel_futures=True)
                 finished = True
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
@@ -276,16 +257,7 @@ class DirectRanges:
         """One of the `connections` threads. While queued for it, the transfers that
         hold them count as the waiting operation's progress: healthy long transfers
         (a whole blob verified, a long span) must not stall the requests behind them."""
-        if (not self.limiter.available_tokens
-                and sum(gate.shut for gate in self._gated)
-                <= self.limiter.statistics().tasks_waiting):
-            # One connection is wanted and none is about to come free for it (the queue
-            # is FIFO): the oldest stream's running request ends at what it has claimed
-            # (its stream starts a new one, queued like this one).
-            for gate in self._gated:
-                if not gate.shut:
-                    gate.close()
-                    break
+        make_room(self.limiter, self._gated)
         with self._moving().lend(deadline.current()):
             await self.limiter.acquire()
         try:
@@ -348,6 +320,24 @@ class DirectRanges:
         self.transport.close()
 
 
+def make_room(limiter: trio.CapacityLimiter, holders: Iterable[Gate | None]) -> None:
+    """Someone is about to queue for one of `limiter`'s slots, whose `holders` (oldest
+    first; None: a holder without a gate, which ends on its own) may be streams'
+    requests that would hold it for a whole file: unless a slot is free or about to come
+    free for the one asking (the queue is FIFO), the oldest running request ends at what
+    its stream has claimed (the stream starts a new one, queued like this one)."""
+    if limiter.available_tokens:
+        return
+    gates = list(holders)
+    ending = sum(gate is None or gate.shut for gate in gates)
+    if ending > limiter.statistics().tasks_waiting:
+        return
+    for gate in gates:
+        if gate is not None and not gate.shut:
+            gate.close()
+            return
+
+
 class _GateShut(Exception):
     """A gated span's thread stops at its gate (not a failure)."""
 
@@ -397,13 +387,6 @@ class _Abort:
 _new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
 _new_bytearray.restype = ctypes.py_object
 _new_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-
-
-def _digests(data: bytearray, unit: int) -> bytes:
-    """The raw sha256 of each `unit` bytes of data (the last may be shorter)."""
-    with memoryview(data) as view:
-        return b"".join(hashlib.sha256(view[i:i + unit]).digest()
-                        for i in range(0, len(data), unit))
 
 
 def _unread(conn: http.client.HTTPConnection) -> int:
