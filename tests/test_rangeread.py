@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 
 from galleryfs.registry.client import ClientOptions, RegistryClient
 from galleryfs.registry.credentials import Credentials
@@ -655,5 +656,76 @@ def test_two_streams_at_once_keep_their_requests(registry: Registry, monkeypatch
             assert ranges.stats.cut == 0
             assert reader.snapshot()["in_flight"] == 0
             ranges.close()
+
+    trio.run(run)
+
+
+def test_three_streams_on_two_slots_all_finish_without_a_cut_storm(registry: Registry,
+                                                                   monkeypatch) -> None:
+    """More streams than prefetch slots: each gets its bytes, and the one waiting for a
+    slot ends another's request at most once per span it starts (not once per chunk)."""
+    from galleryfs.mount import reader
+
+    monkeypatch.setattr(reader, "SPAN_REQUEST", 16 * CHUNK)
+    files = [_pushed(registry, 48 * CHUNK + n) for n in range(3)]
+
+    async def run() -> None:
+        async with RegistryClient(registry.host, ClientOptions(plain_http=True)) as client:
+            ranges, reader = _span_reader(client, 8)
+            got: dict[int, bytes] = {}
+
+            async def read(n: int) -> None:
+                data, blob = files[n]
+                handle = reader.open(blob, nursery)
+                got[n] = await _sequential(handle, len(data), CHUNK // 4)
+                handle.close()
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for n in range(3):
+                        nursery.start_soon(read, n)
+            assert got == {n: data for n, (data, _) in enumerate(files)}
+            # Per stream at most: its first read and one request per window refill
+            # (48 chunks, a refill per half window of 8), whether a request ran to its
+            # end or was cut for another stream.
+            assert client.requests_sent <= 3 * (1 + 48 // 4), client.requests_sent
+            assert ranges.stats.cut <= client.requests_sent - 3
+            assert reader.snapshot()["fetched_bytes"] == sum(len(d) for d, _ in files)
+            assert reader.snapshot()["in_flight"] == 0
+            ranges.close()
+
+    trio.run(run)
+
+
+def test_make_room_counts_the_slots_about_to_come_free_against_the_queue() -> None:
+    """The slot queue is FIFO: a slot whose request is ending goes to whoever queued
+    first, so a request is cut for the one asking only when no ending slot is left
+    over for it."""
+    from galleryfs.mount.fetch import SpanGate
+    from galleryfs.registry.ranges import make_room
+
+    async def run() -> None:
+        limiter = trio.CapacityLimiter(2)
+        holders = [object(), object()]
+        for holder in holders:
+            limiter.acquire_on_behalf_of_nowait(holder)
+        old, new = SpanGate(4, idle=600), SpanGate(4, idle=600)
+
+        make_room(limiter, [old, new])  # no slot free or ending: the oldest is cut
+        assert (old.shut, new.shut) == (True, False)
+
+        make_room(limiter, [old, new])  # old's slot is about to come free for this one
+        assert not new.shut
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(limiter.acquire_on_behalf_of, "queued first")
+            await trio.testing.wait_all_tasks_blocked()
+            assert limiter.statistics().tasks_waiting == 1
+            make_room(limiter, [old, None, new])  # old's and the ungated one's: two
+            assert not new.shut
+            make_room(limiter, [old, new])  # old's goes to the one queued first
+            assert new.shut
+            limiter.release_on_behalf_of(holders[0])
+        assert limiter.borrowed_tokens == 2
 
     trio.run(run)

@@ -48,16 +48,20 @@ def tune_process() -> None:
 
 
 def _tune_malloc() -> None:
-    """Two glibc malloc arenas instead of one per thread (8 per core), and chunk buffers
-    reused from the heap (MMAP_THRESHOLD).
+    """One glibc malloc arena for every thread instead of one per thread (8 per core),
+    and chunk buffers reused from the heap (MMAP_THRESHOLD).
 
-    Chunk buffers are allocated in fetch threads and freed in others; with an arena per
-    thread the freed megabytes stayed spread over arenas, and the daemon's peak RSS during
-    one cold read varied widely from run to run (scripts/bench G9).
+    Chunk buffers are received in worker threads and freed in the trio thread, and a
+    stream's next request may go to the other worker thread. Each arena keeps the buffers
+    freed into it for its own threads: with an arena per thread the freed megabytes stayed
+    spread over arenas and the daemon's peak RSS during one cold read varied widely; with
+    two, a cold read of 1 GiB still peaked at 78-86 MiB where 64-65 were ever alive at
+    once (measured with every chunk buffer its own mapping) and 66-70 with one (G9, with
+    G1 and G2 level: scripts/bench and one-off runs, alternating).
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_ARENA_MAX, 2)
+        libc.mallopt(_M_ARENA_MAX, 1)
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):  # not glibc

@@ -50,11 +50,13 @@ log = logging.getLogger(__name__)
 
 # A receive that took less than this doubles the next one's size (see `_receive`).
 FAST_READ = 0.05
-# Pieces of a span received (or being received) and not yet delivered, at most: one,
-# so the next piece is received once the last is hashed and delivered (the socket holds
-# what the registry sends meanwhile). Two ran faster in one-off runs but raised the
-# daemon's peak RSS past G9's bound (94-102 MiB against 78-82).
-AHEAD = 1
+# Pieces of a span received (or being received) and not yet delivered, at most: two, so
+# the next piece is received while the trio thread takes the last (the socket holds what
+# the registry sends meanwhile). With one, G1 and G2 ran slower (scripts/bench,
+# alternating: G1 median 402 against 431 MB/s, G2 1.43 against 1.25 s); two had raised the
+# daemon's peak RSS past G9's bound until the chunk buffers came from one malloc arena
+# (mount/tuning.py).
+AHEAD = 2
 # Seconds between looks at a span's abort while its thread waits for room.
 ROOM_POLL = 0.1
 
