@@ -660,13 +660,14 @@ def test_two_streams_at_once_keep_their_requests(registry: Registry, monkeypatch
     trio.run(run)
 
 
-def test_three_streams_on_two_slots_all_finish_without_a_cut_storm(registry: Registry,
-                                                                   monkeypatch) -> None:
-    """More streams than prefetch slots: each gets its bytes, and the one waiting for a
-    slot ends another's request at most once per span it starts (not once per chunk)."""
-    from galleryfs.mount import reader
+def test_three_streams_on_two_slots_all_finish_without_a_cut_storm(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More streams than prefetch slots: each gets its bytes, and each stream makes at
+    most one request per window refill, whether its requests run to their end or are
+    cut for another stream's (not one per chunk)."""
+    from galleryfs.mount import reader as reader_mod
 
-    monkeypatch.setattr(reader, "SPAN_REQUEST", 16 * CHUNK)
+    monkeypatch.setattr(reader_mod, "SPAN_REQUEST", 16 * CHUNK)
     files = [_pushed(registry, 48 * CHUNK + n) for n in range(3)]
 
     async def run() -> None:
@@ -729,3 +730,53 @@ def test_make_room_counts_the_slots_about_to_come_free_against_the_queue() -> No
         assert limiter.borrowed_tokens == 2
 
     trio.run(run)
+
+
+@pytest.mark.parametrize(("ahead_bytes", "room"), [(None, 2), (PIECE, 1)])
+def test_a_span_receives_at_most_its_room_ahead_of_a_slow_taker(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch, ahead_bytes: int | None,
+        room: int) -> None:
+    """The receiving thread starts a piece only while fewer than two (one, for pieces
+    larger than half of AHEAD_BYTES) are received and not yet delivered: however slow
+    the taker, a span holds that many buffers at most."""
+    import threading
+
+    from galleryfs.registry import ranges as ranges_mod
+
+    if ahead_bytes is not None:
+        monkeypatch.setattr(ranges_mod, "AHEAD_BYTES", ahead_bytes)
+    pieces = 12
+    real = ranges_mod._receive
+    moved = threading.Condition()
+    count = {"started": 0, "delivered": 0, "most": 0}
+
+    def receive(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        with moved:
+            count["started"] += 1
+            count["most"] = max(count["most"], count["started"] - count["delivered"])
+            moved.notify_all()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ranges_mod, "_receive", receive)
+
+    def thread_is_held() -> bool:  # the thread started all it may, or all there is
+        with moved:
+            return moved.wait_for(lambda: count["started"] - count["delivered"] >= room
+                                  or count["started"] == pieces, timeout=20)
+
+    async def body(client: RegistryClient, ranges: DirectRanges, data: bytes, digest: str
+                   ) -> None:
+        got = bytearray()
+
+        async def deliver(offset: int, buf: bytearray, sums: bytes | None) -> None:
+            assert await trio.to_thread.run_sync(thread_is_held)
+            got.extend(buf)
+            with moved:
+                count["delivered"] += 1
+
+        with trio.fail_after(60):
+            assert await ranges.span(REPO, digest, 0, len(data), PIECE, deliver, 0) == len(data)
+        assert bytes(got) == data
+        assert count["most"] == room, count
+
+    _gated(registry, pieces, body)

@@ -24,6 +24,7 @@ from ..errors import GalleryError
 from . import serve
 from .config import MountConfig
 from .mountpoint import check_fuse, check_mountpoint
+from .tuning import tune_process
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ def mount_main(config: MountConfig, *, foreground: bool) -> int:
     check_fuse(allow_other=config.allow_other)
     check_mountpoint(config.mountpoint)
     Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
+    if foreground:
+        # Before the check's trio.run: trio keeps its worker threads (a name lookup's)
+        # for the serving run, and malloc settings apply to threads started after them.
+        tune_process()
     trio.run(serve.check_registry, config)
     if foreground:
         # The CLI's logging stays: warnings only, or everything with --debug.

@@ -54,7 +54,8 @@ Deliver = Callable[[int, bytearray, bytes | None], Awaitable[None]]
 SpanFetcher = Callable[[str, str, int, int, int, Deliver, int, "SpanGate | None"],
                        Awaitable[int]]
 # A span's piece for its taker: False when it was no longer wanted (not counted). The
-# next piece is received meanwhile only if it returns before checking the piece.
+# span receives the next piece meanwhile (ranges.AHEAD), and the one after that only once
+# this returns.
 Take = Callable[[int, bytearray, bytes | None], Awaitable[bool]]
 
 

@@ -41,31 +41,37 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 128 << 20
 
 
-def tune_process() -> None:
-    """Settings for the serving process; before its first worker thread starts."""
+def tune_process() -> bool:
+    """Settings for the serving process; before its first worker thread starts. Returns
+    whether malloc took its settings (not with another allocator preloaded)."""
     sys.setswitchinterval(SWITCH_INTERVAL)
-    _tune_malloc()
+    return _tune_malloc()
 
 
-def _tune_malloc() -> None:
+def _tune_malloc() -> bool:
     """One glibc malloc arena for every thread instead of one per thread (8 per core),
     and chunk buffers reused from the heap (MMAP_THRESHOLD).
 
-    Chunk buffers are received in worker threads and freed in the trio thread, and a
-    stream's next request may go to the other worker thread. Each arena keeps the buffers
-    freed into it for its own threads: with an arena per thread the freed megabytes stayed
-    spread over arenas and the daemon's peak RSS during one cold read varied widely; with
-    two, a cold read of 1 GiB still peaked at 78-86 MiB where 64-65 were ever alive at
-    once (measured with every chunk buffer its own mapping) and 66-70 with one (G9, with
-    G1 and G2 level: scripts/bench and one-off runs, alternating).
+    Chunk buffers are received in worker threads and freed in the trio thread; a freed
+    buffer goes back to the arena it came from, reusable only by that arena's threads, and
+    a stream's next request may go to a worker thread of the other arena. With an arena
+    per thread the freed megabytes stayed spread over arenas and the daemon's peak RSS
+    during one cold read varied widely. With two, a cold read of 1 GiB still peaked at
+    78-86 MiB where 64-65 were ever alive at once (measured with every chunk buffer its own
+    mapping), and at 66-70 with one (one-off runs, alternating; scripts/bench G9 67-79 with
+    one arena, 70.8-75.3 with two chunks ahead too: README, Performance).
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_ARENA_MAX, 1)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        done = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
     except (OSError, AttributeError):  # not glibc
-        pass
+        done = []
+    if done != [1, 1, 1]:  # glibc's mallopt returns 1 when it took the setting
+        log.debug("malloc did not take galleryfs's settings (%s): peak RSS may be higher",
+                  done or "no glibc mallopt")
+        return False
+    return True
 
 
 def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:

@@ -55,8 +55,10 @@ FAST_READ = 0.05
 # the registry sends meanwhile). With one, G1 and G2 ran slower (scripts/bench,
 # alternating: G1 median 402 against 431 MB/s, G2 1.43 against 1.25 s); two had raised the
 # daemon's peak RSS past G9's bound until the chunk buffers came from one malloc arena
-# (mount/tuning.py).
+# (mount/tuning.py). Fewer for pieces so large that two would take more than AHEAD_BYTES
+# (--chunk-size allows 256 MiB): these buffers are outside the memory cache's budget.
 AHEAD = 2
+AHEAD_BYTES = 8 << 20
 # Seconds between looks at a span's abort while its thread waits for room.
 ROOM_POLL = 0.1
 
@@ -152,12 +154,12 @@ class DirectRanges:
             abort = _Abort(self._watchdogs())
             progress = [start]
             # The receiving thread posts each piece rather than wait in a call into the
-            # trio thread (which also answers the kernel); it receives the next once no
-            # more than AHEAD are undelivered.
+            # trio thread (which also answers the kernel); it starts receiving a piece
+            # only while fewer than `room` are received and undelivered.
             token = trio.lowlevel.current_trio_token()
             send, received = trio.open_memory_channel[tuple[int, bytearray, bytes | None]](
                 math.inf)
-            room = threading.Semaphore(AHEAD)
+            room = threading.Semaphore(max(1, min(AHEAD, AHEAD_BYTES // piece)))
 
             def post(item: tuple[int, bytearray, bytes | None]) -> None:  # trio thread
                 with contextlib.suppress(trio.ClosedResourceError):
