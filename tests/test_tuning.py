@@ -17,10 +17,10 @@ import pytest
 # the first round: freed buffers are reused whichever thread asks next.
 _SCENARIO = textwrap.dedent("""
     import ctypes, queue, sys, threading
-    from galleryfs.mount.tuning import tune_process
+    from galleryfs.mount.tuning import _M_ARENA_MAX, tune_process
     assert tune_process(), "mallopt refused"
     if sys.argv[1:] == ["two-arenas"]:  # the control: what the test must be able to see
-        assert ctypes.CDLL("libc.so.6").mallopt(-8, 2) == 1  # M_ARENA_MAX
+        assert ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 2) == 1
     from galleryfs.registry.ranges import _unfilled
 
     CHUNK, BUFFERS, ROUNDS = 4 << 20, 8, 8

@@ -36,8 +36,9 @@ def mount_main(config: MountConfig, *, foreground: bool) -> int:
     check_mountpoint(config.mountpoint)
     Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
     if foreground:
-        # Before the check's trio.run: trio keeps its worker threads (a name lookup's)
-        # for the serving run, and malloc settings apply to threads started after them.
+        # This process serves: tuned before the check's trio.run, as trio keeps its
+        # worker threads (a name lookup's) for the serving run, and malloc settings apply
+        # to threads started after them.
         tune_process()
     trio.run(serve.check_registry, config)
     if foreground:
@@ -132,6 +133,7 @@ def child_main(argv: list[str]) -> int:
         return 2
     config = MountConfig.from_json(sys.stdin.read())
     setup_logging(config.debug)
+    tune_process()  # before any thread starts
     try:
         serve.run(config, int(argv[1]))
     except GalleryError as exc:

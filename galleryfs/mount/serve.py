@@ -26,7 +26,7 @@ from .packed import PackedLayers
 from .reader import DEFAULT_MEMORY, WINDOW_CAP, ChunkReader
 from .sources import RegistrySource
 from .tree import Tree
-from .tuning import raise_read_ahead, tune_process
+from .tuning import raise_read_ahead
 from .writeback import PageCacheFill
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ async def check_registry(config: MountConfig) -> None:
 
 
 def run(config: MountConfig, ready_fd: int | None = None) -> None:
-    """Serve the mount in this process; write "ready" to `ready_fd` once it answers."""
-    tune_process()
+    """Serve the mount in this process (tuned by its caller: tuning.tune_process); write
+    "ready" to `ready_fd` once it answers."""
     trio.run(_serve, config, ready_fd)
 
 
