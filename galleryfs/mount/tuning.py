@@ -27,6 +27,8 @@ SWITCH_INTERVAL = 0.0005
 # scripts/bench P3) made the kernel ask for 3.6 MiB around it and its header at 1 MiB,
 # 2.0 MiB at 512 KiB, 1.3 MiB at 256 KiB; a cold sequential read at 256 KiB cost the
 # daemon about a tenth more CPU per byte than at 512 KiB or 1 MiB (level with each other).
+# A remount's read of a full disk cache pays for 512 KiB: 9-11% slower than at 1 MiB,
+# with a tenth more daemon CPU per byte (README, Performance: G4).
 READ_AHEAD_KB = 512
 # glibc malloc.h
 _M_TRIM_THRESHOLD = -1
