@@ -338,6 +338,9 @@ def vm_hwm(pid: int) -> int | None:
 class Mount:
     """One `galleryfs mount` (background daemon), unmounted on exit."""
 
+    #: How long an unmount waits for the daemon to exit before killing it.
+    EXIT_WAIT = 15.0
+
     def __init__(self, bench: Bench, name: str, cache_dir: Path, *, refresh: float = 30.0,
                  extra: list[str] | None = None) -> None:
         self.bench = bench
@@ -386,9 +389,18 @@ class Mount:
                     break
         self.mounted = False
         if self.pid is not None:  # the cache directory is reused by the next mount
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + self.EXIT_WAIT
             while _pid_alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if _pid_alive(self.pid):
+                # Left running, it would still be writing into the cache directory while the
+                # next mount reads it, and that mount's figures would be someone else's.
+                note = (f"the daemon of {self.path.name} (pid {self.pid}) was still running "
+                        f"{self.EXIT_WAIT:g} s after its unmount; killed")
+                log(note)
+                self.bench.notes.append(note)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
 
     def stats(self) -> dict[str, Any]:
         try:

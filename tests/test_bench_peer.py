@@ -126,3 +126,40 @@ def test_p7_rclone_mount_reads_and_is_torn_down_on_error(tmp_path: Path) -> None
         assert _gone(pid), "rclone still running"
         web.idle()
         assert web.bytes_sent("/big/model.safetensors") >= len(data)
+
+
+def _bench_stub(tmp_path: Path) -> SimpleNamespace:
+    return SimpleNamespace(run_dir=tmp_path, mounts=[], notes=[])
+
+
+def test_a_daemon_outliving_its_unmount_is_killed_and_noted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scripts.bench import Mount
+
+    monkeypatch.setattr(Mount, "EXIT_WAIT", 0.3)
+    bench = _bench_stub(tmp_path)
+    daemon = subprocess.Popen(["sleep", "60"])
+    try:
+        mount = Mount(bench, "m", tmp_path / "cache")  # type: ignore[arg-type]
+        mount.pid = daemon.pid
+        mount.unmount()
+        assert daemon.wait(timeout=10) == -9
+        assert len(bench.notes) == 1 and f"pid {daemon.pid}" in bench.notes[0]
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+
+def test_a_daemon_that_exits_is_left_alone(tmp_path: Path) -> None:
+    from scripts.bench import Mount
+
+    bench = _bench_stub(tmp_path)
+    daemon = subprocess.Popen(["true"])
+    # Exited but not reaped, so its pid cannot be reused while unmount looks at it.
+    os.waitid(os.P_PID, daemon.pid, os.WEXITED | os.WNOWAIT)
+    mount = Mount(bench, "m", tmp_path / "cache")  # type: ignore[arg-type]
+    mount.pid = daemon.pid
+    t0 = time.monotonic()
+    mount.unmount()
+    assert time.monotonic() - t0 < Mount.EXIT_WAIT
+    assert daemon.wait(timeout=10) == 0 and bench.notes == []
