@@ -67,6 +67,12 @@ def test_bench_quick(tmp_path: Path) -> None:
                     assert isinstance(r["baseline"], (int, float)), r
     for goal in GOALS:
         assert goal in proc.stdout, f"{goal} missing from the printed table"
+    # G4 reads a warmed cache, and its note says what each timed remount still fetched.
+    g4 = next(r for r in rows if r["id"] == "G4")
+    assert g4["na"] is None, g4["na"]
+    assert "`galleryfs warm` then fetched" in g4["note"], g4["note"]
+    assert "the timed remount fetched" in g4["note"], g4["note"]
+    assert not [n for n in result["notes"] if n.startswith("G4")], result["notes"]
 
 
 @pytest.mark.parametrize("only", ["G99", "G1,foo", ","])

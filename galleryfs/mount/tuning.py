@@ -1,7 +1,7 @@
 """Process and kernel settings that the mount daemon's throughput depends on.
 
-Each one was measured with scripts/bench (the group named next to it); the figures live
-in the README's Performance section, not here.
+Each one was measured (scripts/bench, or one-off runs where said); the comments give
+the figures each choice rests on, the README's Performance section the runs behind them.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ SWITCH_INTERVAL = 0.0005
 # faulting one, then read-ahead as the faults move on). Large requests cost fewer round
 # trips per byte, but one tensor read through mmap (safetensors' get_tensor of 0.6 MB,
 # scripts/bench P3) made the kernel ask for 3.6 MiB around it and its header at 1 MiB,
-# 2.0 MiB at 512 KiB, 1.3 MiB at 256 KiB; a cold sequential read at 256 KiB cost the
-# daemon about a tenth more CPU per byte than at 512 KiB or 1 MiB (level with each other).
-# A remount's read of a full disk cache pays for 512 KiB: 9-11% slower than at 1 MiB,
-# with a tenth more daemon CPU per byte (README, Performance: G4).
+# 2.0 MiB at 512 KiB, 1.3 MiB at 256 KiB. 512 KiB is what that costs sequential reads, in
+# one-off runs: a cold read 11-17% slower than at 1 MiB (the daemon hashes every byte on
+# two cores that the registry and the reader share, and it gets twice the requests); a
+# remount's read of a full disk cache 9-11% slower, with a tenth more daemon CPU per byte
+# (README: "Where the rest of G1's and G4's gaps are").
 READ_AHEAD_KB = 512
 # glibc malloc.h
 _M_TRIM_THRESHOLD = -1
