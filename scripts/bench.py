@@ -1120,7 +1120,7 @@ class Bench:
             g4_parts.append(
                 f"a remount over the cache as the cold read left it read "
                 f"{statistics.median(s['g4.as_left']):.0f} MB/s, with "
-                f"{', '.join(f'{x:.1f}' for x in s['g4.as_left_mib'])} MiB from the registry "
+                f"{mib_list(s['g4.as_left_mib'])} MiB from the registry "
                 "(chunks the kernel had dropped before the write-behind, G1's note)")
         if s.get("g4.warmed_mib") or s.get("g4.warm_failed"):
             warm = f"`galleryfs warm` then fetched {mib_list(s.get('g4.warmed_mib', []))} MiB"
